@@ -1,0 +1,1 @@
+"""Region rewards in the SFReward schema (SPEC section 5)."""

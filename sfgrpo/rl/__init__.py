@@ -1,0 +1,1 @@
+"""RL math: region token weights, group advantages, and the clipped policy loss."""
