@@ -1,0 +1,158 @@
+"""The clipped GRPO objective with three credit modes (SPEC section 8).
+
+For one trained sampler step, with rho = exp(logp - logp_old) and s(rho, A) = max(-A rho, -A clip(rho)):
+  'spatial'  token ratio, token advantage:     mean_{i,p} s(rho_i[p], A_i[p])
+  'region'   region ratio, region advantage:   mean_i sum_r omega_r s(rho_{i,r}, A_{i,r}),
+             log rho_{i,r} = sum_p W~_r[p] (logp - logp_old)[p], W~_r = W_r normalised over p,
+             omega_r = region r's share of the image area
+  'scalar'   image ratio, global advantage (Flow-GRPO): mean_i s(exp(mean_p (logp - logp_old)), A_i)
+The caller averages over the trained steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from sfgrpo.rl.regions import area_share
+
+CREDIT_MODES = ("spatial", "region", "scalar")
+
+
+def clipped_surrogate(ratio: jax.Array, adv: jax.Array, clip_range: Sequence[float]) -> jax.Array:
+    """s(rho, A) = max(-A rho, -A clip(rho, 1 - lo, 1 + hi)), elementwise."""
+    lo, hi = clip_range
+    return jnp.maximum(-adv * ratio, -adv * jnp.clip(ratio, 1.0 - lo, 1.0 + hi))
+
+
+def policy_loss(
+    logp: jax.Array,
+    logp_old: jax.Array,
+    adv: jax.Array,
+    *,
+    mode: str,
+    clip_range: Sequence[float],
+    weights: jax.Array | None = None,
+    mask: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The clipped policy loss of one trained step.
+
+    Args:
+      logp: (B, L) float32 token log-probs under the current parameters.
+      logp_old: (B, L) float32 token log-probs recorded at rollout.
+      adv: 'spatial': (B, L) token advantages; 'region': (B, R+1) region advantages; 'scalar': (B,).
+      mode: 'spatial', 'region' or 'scalar'.
+      clip_range: (lo, hi); the ratio is clipped to [1 - lo, 1 + hi].
+      weights: (B, R+1, L) token weights (background last); needed by 'region', and used by the other
+        modes only to split the metrics into edit regions and background.
+      mask: which entries count. 'spatial': (B, L) or (B,) weights; 'region': (B, R+1) or (B,);
+        'scalar': (B,). Masked-out entries leave the loss and its mean's denominator. Default: all count.
+
+    Returns:
+      (loss, metrics): a float32 scalar and a dict of float32 scalars with at least 'clipfrac' and
+      'approx_kl' (and their '/edit' and '/background' splits when weights are given).
+    """
+    if mode not in CREDIT_MODES:
+        raise ValueError(f"policy_loss: mode must be one of {CREDIT_MODES}, got {mode!r}")
+    if logp.shape != logp_old.shape or logp.ndim != 2:
+        raise ValueError(
+            f"policy_loss: logp and logp_old must both be (B, L); got {logp.shape}, {logp_old.shape}"
+        )
+    if len(clip_range) != 2:
+        raise ValueError(f"policy_loss: clip_range must be (lo, hi), got {clip_range!r}")
+    batch, length = logp.shape
+    delta = logp.astype(jnp.float32) - jax.lax.stop_gradient(logp_old.astype(jnp.float32))
+    adv = jax.lax.stop_gradient(adv.astype(jnp.float32))
+    lo, hi = clip_range
+
+    if mode == "spatial":
+        _expect(adv, (batch, length), "adv ('spatial')")
+        token_mask = _mask_as(mask, (batch, length))
+        log_ratio = delta
+        loss = _weighted_mean(clipped_surrogate(jnp.exp(delta), adv, clip_range), token_mask)
+    elif mode == "scalar":
+        _expect(adv, (batch,), "adv ('scalar')")
+        token_mask = _mask_as(mask, (batch, length))
+        log_ratio = delta.mean(axis=1)
+        loss = _weighted_mean(clipped_surrogate(jnp.exp(log_ratio), adv, clip_range), token_mask[:, 0])
+    else:
+        if weights is None:
+            raise ValueError("policy_loss: mode 'region' needs the token weights (B, R+1, L)")
+        regions = weights.shape[1]
+        _expect(weights, (batch, regions, length), "weights")
+        _expect(adv, (batch, regions), "adv ('region')")
+        region_mask = _mask_as(mask, (batch, regions))
+        mass = weights.sum(axis=-1, keepdims=True)
+        normalised = weights / jnp.where(mass > 0, mass, 1.0)
+        log_ratio = jnp.einsum("brl,bl->br", normalised, delta)
+        omega = area_share(weights) * region_mask
+        per_image = (omega * clipped_surrogate(jnp.exp(log_ratio), adv, clip_range)).sum(axis=1)
+        loss = _weighted_mean(per_image, (region_mask.sum(axis=1) > 0).astype(jnp.float32))
+        token_mask = jnp.einsum("br,brl->bl", region_mask, weights)
+
+    metrics = _ratio_metrics(delta, log_ratio, mode, lo, hi, token_mask, weights)
+    metrics["loss"] = loss
+    return loss, metrics
+
+
+def approx_kl(delta: jax.Array) -> jax.Array:
+    """Flow-GRPO's estimate 0.5 (logp - logp_old)^2, elementwise."""
+    return 0.5 * delta**2
+
+
+def _ratio_metrics(
+    delta: jax.Array,
+    log_ratio: jax.Array,
+    mode: str,
+    lo: float,
+    hi: float,
+    token_mask: jax.Array,
+    weights: jax.Array | None,
+) -> dict[str, jax.Array]:
+    """Clip fraction and approximate KL of the ratios the mode clips, plus per-token splits by region."""
+    ratio = jnp.exp(jax.lax.stop_gradient(log_ratio))
+    clipped = ((ratio < 1.0 - lo) | (ratio > 1.0 + hi)).astype(jnp.float32)
+    kl = approx_kl(jax.lax.stop_gradient(log_ratio))
+    if mode == "spatial":
+        entry_mask = token_mask
+    elif mode == "scalar":
+        entry_mask = token_mask[:, 0]
+    else:
+        entry_mask = (weights.sum(axis=-1) > 0).astype(jnp.float32)
+    metrics = {"clipfrac": _weighted_mean(clipped, entry_mask), "approx_kl": _weighted_mean(kl, entry_mask)}
+    if weights is not None:
+        # Token-level view for every mode, split by where the credit goes.
+        token_ratio = jnp.exp(jax.lax.stop_gradient(delta))
+        token_clipped = ((token_ratio < 1.0 - lo) | (token_ratio > 1.0 + hi)).astype(jnp.float32)
+        token_kl = approx_kl(jax.lax.stop_gradient(delta))
+        edit = weights[:, :-1].sum(axis=1) * token_mask
+        background = weights[:, -1] * token_mask
+        for name, part in (("edit", edit), ("background", background)):
+            metrics[f"token_clipfrac/{name}"] = _weighted_mean(token_clipped, part)
+            metrics[f"approx_kl/{name}"] = _weighted_mean(token_kl, part)
+    return metrics
+
+
+def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+    """sum(w * v) / sum(w), 0 when nothing is weighted."""
+    total = weights.sum()
+    return jnp.where(total > 0, (weights * values).sum() / jnp.where(total > 0, total, 1.0), 0.0)
+
+
+def _mask_as(mask: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:
+    """A float32 mask of ``shape`` from None (all ones), a (B,) mask, or one of ``shape`` itself."""
+    if mask is None:
+        return jnp.ones(shape, jnp.float32)
+    mask = mask.astype(jnp.float32)
+    if mask.shape == shape:
+        return mask
+    if mask.shape == shape[:1]:
+        return jnp.broadcast_to(mask.reshape(shape[:1] + (1,) * (len(shape) - 1)), shape)
+    raise ValueError(f"policy_loss: mask must be {shape} or {shape[:1]}, got {mask.shape}")
+
+
+def _expect(x: jax.Array, shape: tuple[int, ...], name: str) -> None:
+    if x.shape != shape:
+        raise ValueError(f"policy_loss: {name} must have shape {shape}, got {x.shape}")

@@ -1,0 +1,58 @@
+"""The FLUX.2 sampling schedule (SPEC section 3): a linear sigma grid with a resolution-dependent time shift.
+
+Matches diffusers' ``Flux2KleinPipeline`` with ``FlowMatchEulerDiscreteScheduler`` (dynamic, exponential
+shifting): sigmas = linspace(1, 1/N, N), shifted by mu = ``compute_empirical_mu(L, N)``, then a final 0.
+Sigmas depend only on static integers (steps, token count), so they are computed once on the host and enter
+jitted code as constants.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# The empirical rule for mu: two lines in image_seq_len, fitted at 10 and at 200 steps, interpolated in N.
+_MU_A10, _MU_B10 = 8.73809524e-05, 1.89833333
+_MU_A200, _MU_B200 = 0.00016927, 0.45666666
+_MU_LONG_SEQUENCE = 4300
+
+
+def empirical_mu(image_seq_len: int, num_steps: int) -> float:
+    """The time-shift parameter mu for ``image_seq_len`` target tokens and ``num_steps`` sampler steps."""
+    _check_positive_int("image_seq_len", image_seq_len)
+    _check_positive_int("num_steps", num_steps)
+    mu_200 = _MU_A200 * image_seq_len + _MU_B200
+    if image_seq_len > _MU_LONG_SEQUENCE:
+        return float(mu_200)
+    mu_10 = _MU_A10 * image_seq_len + _MU_B10
+    slope = (mu_200 - mu_10) / 190.0
+    return float(slope * num_steps + (mu_200 - 200.0 * slope))
+
+
+def time_shift(mu: float, sigmas: np.ndarray) -> np.ndarray:
+    """Exponential time shift: sigma -> e^mu / (e^mu + (1/sigma - 1)). Sigmas must be in (0, 1]."""
+    sigmas = np.asarray(sigmas, dtype=np.float64)
+    if np.any(sigmas <= 0) or np.any(sigmas > 1):
+        raise ValueError(f"time_shift: sigmas must lie in (0, 1], got range [{sigmas.min()}, {sigmas.max()}]")
+    e_mu = np.exp(mu)
+    return e_mu / (e_mu + (1.0 / sigmas - 1.0))
+
+
+def flux2_sigmas(num_steps: int, image_seq_len: int) -> np.ndarray:
+    """The shifted FLUX.2 schedule.
+
+    Args:
+      num_steps: N, the number of sampler steps.
+      image_seq_len: the number of target image tokens L = (H/16)·(W/16).
+
+    Returns:
+      (N + 1,) float32 sigmas, from 1.0 down to a final 0.0; step t goes from sigmas[t] to sigmas[t + 1].
+    """
+    mu = empirical_mu(image_seq_len, num_steps)
+    base = np.linspace(1.0, 1.0 / num_steps, num_steps)
+    shifted = time_shift(mu, base)
+    return np.append(shifted, 0.0).astype(np.float32)
+
+
+def _check_positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

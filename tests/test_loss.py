@@ -1,0 +1,134 @@
+"""The clipped objective (SPEC section 8): on-policy ratio, spatial = scalar gradient, region = scalar."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sfgrpo.rl.advantages import token_advantages
+from sfgrpo.rl.loss import clipped_surrogate, policy_loss
+from sfgrpo.rl.regions import token_weights
+
+B, L = 4, 12
+CLIP = (0.2, 0.28)
+
+
+def _logp(seed=0):
+    return jax.random.normal(jax.random.key(seed), (B, L)) * 3.0 - 100.0
+
+
+def _weights():
+    boxes = jnp.array(
+        [
+            [[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]],
+            [[0.1, 0.2, 0.9, 0.6], [0.0, 0.0, 1.0, 1.0]],
+            [[0.25, 0.0, 0.75, 1.0], [0.0, 0.0, 0.0, 0.0]],
+            [[0.0, 0.0, 1.0, 0.34], [0.3, 0.3, 0.7, 0.7]],
+        ]
+    )
+    valid = jnp.array([[True, True], [True, True], [True, False], [True, True]])
+    return token_weights(boxes, valid, (3, 4))
+
+
+@pytest.mark.parametrize("mode", ["spatial", "region", "scalar"])
+def test_on_policy_ratio_is_one(mode):
+    logp = _logp()
+    weights = _weights()
+    adv = {"spatial": jnp.ones((B, L)), "region": jnp.ones((B, 3)), "scalar": jnp.ones((B,))}[mode]
+    loss, metrics = policy_loss(logp, logp, adv, mode=mode, clip_range=CLIP, weights=weights)
+    assert float(metrics["clipfrac"]) == 0.0
+    assert float(metrics["approx_kl"]) == 0.0
+    # With ratio exactly 1 the surrogate is -A, so the loss is minus the mean advantage.
+    np.testing.assert_allclose(loss, -1.0, rtol=1e-6)
+
+
+def test_spatial_and_scalar_gradients_coincide_with_uniform_region_advantage():
+    logp = _logp(1)
+    weights = _weights()
+    per_image = jnp.array([1.5, -0.7, 0.0, 2.2])
+    region_adv = jnp.broadcast_to(per_image[:, None], (B, 3))
+    token_adv = token_advantages(region_adv, weights)
+
+    def spatial(lp):
+        return policy_loss(lp, logp, token_adv, mode="spatial", clip_range=CLIP)[0]
+
+    def scalar(lp):
+        return policy_loss(lp, logp, per_image, mode="scalar", clip_range=CLIP)[0]
+
+    g_spatial = jax.grad(spatial)(logp)
+    g_scalar = jax.grad(scalar)(logp)
+    np.testing.assert_allclose(g_spatial, g_scalar, atol=1e-6)
+    np.testing.assert_allclose(spatial(logp), scalar(logp), atol=1e-6)
+    assert float(jnp.abs(g_spatial).max()) > 0
+
+
+def test_region_reduces_to_scalar_with_one_full_region():
+    logp_old = _logp(2)
+    logp = logp_old + 0.05 * jax.random.normal(jax.random.key(3), (B, L))
+    boxes = jnp.broadcast_to(jnp.array([0.0, 0.0, 1.0, 1.0]), (B, 1, 4))
+    weights = token_weights(boxes, jnp.ones((B, 1), bool), (3, 4))
+    np.testing.assert_allclose(weights[:, 1], 0.0, atol=1e-7)  # no background left
+    adv = jnp.array([1.0, -2.0, 0.3, 0.8])
+    region_adv = jnp.stack([adv, jnp.zeros(B)], axis=1)
+
+    def region(lp):
+        return policy_loss(lp, logp_old, region_adv, mode="region", clip_range=CLIP, weights=weights)[0]
+
+    def scalar(lp):
+        return policy_loss(lp, logp_old, adv, mode="scalar", clip_range=CLIP)[0]
+
+    np.testing.assert_allclose(region(logp), scalar(logp), rtol=1e-5)
+    np.testing.assert_allclose(jax.grad(region)(logp), jax.grad(scalar)(logp), atol=1e-6)
+
+
+def test_clipping_off_policy():
+    logp_old = jnp.zeros((1, 4))
+    logp = jnp.log(jnp.array([[0.5, 0.9, 1.1, 2.0]]))
+    adv = jnp.array([[1.0, 1.0, -1.0, 1.0]])
+    loss, metrics = policy_loss(logp, logp_old, adv, mode="spatial", clip_range=(0.2, 0.2))
+    s = np.asarray(clipped_surrogate(jnp.exp(logp), adv, (0.2, 0.2)))
+    np.testing.assert_allclose(s, [[-0.5, -0.9, 1.1, -1.2]], rtol=1e-6)
+    np.testing.assert_allclose(loss, s.mean(), rtol=1e-6)
+    np.testing.assert_allclose(metrics["clipfrac"], 0.5)
+    # The clipped entry (ratio 2, A > 0) has no gradient; the unclipped ones do.
+    grad = jax.grad(lambda lp: policy_loss(lp, logp_old, adv, mode="spatial", clip_range=(0.2, 0.2))[0])(logp)
+    assert grad[0, 3] == 0.0 and np.all(np.asarray(grad[0, :3]) != 0)
+
+
+def test_mask_removes_samples_and_tokens():
+    logp_old = _logp(4)
+    logp = logp_old + 0.1
+    adv = jax.random.normal(jax.random.key(5), (B, L))
+    mask = jnp.array([True, False, True, True])
+    masked, _ = policy_loss(logp, logp_old, adv, mode="spatial", clip_range=CLIP, mask=mask)
+    kept, _ = policy_loss(logp[mask], logp_old[mask], adv[mask], mode="spatial", clip_range=CLIP)
+    np.testing.assert_allclose(masked, kept, rtol=1e-6)
+    scalar_adv = adv[:, 0]
+    masked, _ = policy_loss(logp, logp_old, scalar_adv, mode="scalar", clip_range=CLIP, mask=mask)
+    kept, _ = policy_loss(logp[mask], logp_old[mask], scalar_adv[mask], mode="scalar", clip_range=CLIP)
+    np.testing.assert_allclose(masked, kept, rtol=1e-6)
+
+
+def test_region_split_metrics_present():
+    logp_old = _logp(6)
+    logp = logp_old + 0.3 * jax.random.normal(jax.random.key(7), (B, L))
+    _, metrics = policy_loss(
+        logp, logp_old, jnp.ones((B, L)), mode="spatial", clip_range=(0.01, 0.01), weights=_weights()
+    )
+    for key in ("token_clipfrac/edit", "token_clipfrac/background", "approx_kl/edit", "approx_kl/background"):
+        assert key in metrics and np.isfinite(metrics[key])
+    assert float(metrics["token_clipfrac/edit"]) > 0
+
+
+def test_bad_arguments():
+    logp = _logp()
+    with pytest.raises(ValueError, match="mode"):
+        policy_loss(logp, logp, jnp.ones((B, L)), mode="token", clip_range=CLIP)
+    with pytest.raises(ValueError, match=r"adv \('spatial'\)"):
+        policy_loss(logp, logp, jnp.ones((B,)), mode="spatial", clip_range=CLIP)
+    with pytest.raises(ValueError, match="needs the token weights"):
+        policy_loss(logp, logp, jnp.ones((B, 3)), mode="region", clip_range=CLIP)
+    with pytest.raises(ValueError, match="mask"):
+        policy_loss(logp, logp, jnp.ones((B, L)), mode="spatial", clip_range=CLIP, mask=jnp.ones(3))
+    with pytest.raises(ValueError, match="clip_range"):
+        policy_loss(logp, logp, jnp.ones((B, L)), mode="spatial", clip_range=(0.1,))
