@@ -26,6 +26,9 @@ setup(
         "tqdm>=4.66,<5",
         "absl-py>=2.1,<3",
         "numpy>=1.26,<3",
+        # TensorBoard event files and the reward plot without TensorFlow.
+        "tensorboardX>=2.6,<3",
+        "matplotlib>=3.8,<4",
     ],
     extras_require={
         "test": [
