@@ -1,0 +1,197 @@
+"""Building blocks shared by the FLUX.2 transformer: sharded linear layers, norms, RoPE, timestep features.
+
+Parameters carry logical axis names (``runtime.LOGICAL_AXIS_RULES``); a stacked layer (one parameter per
+block, scanned over) carries a leading ``"layers"`` axis. Activations are resharded at a few points with
+:func:`shard`, which is a no-op outside a mesh context, so the same code runs with or without a mesh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from sfgrpo import runtime
+
+
+def _fitting_spec(shape: Sequence[int], logical: Sequence[str | None]) -> PartitionSpec | None:
+    """The spec for ``logical`` on the current mesh, dropping mesh axes that do not divide their dimension.
+
+    Returns None when no mesh is set. Dropping keeps odd sizes (batch 1 on eight devices) running,
+    replicated, instead of failing.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    spec = runtime.logical_to_spec(logical)
+    out = []
+    for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        kept, size = [], 1
+        for a in axes:
+            if dim % (size * mesh.shape[a]) == 0:
+                kept.append(a)
+                size *= mesh.shape[a]
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*out)
+
+
+def mesh_of(x: Any) -> contextlib.AbstractContextManager:
+    """A context with the mesh that ``x`` is sharded on, when no mesh is current (else a no-op).
+
+    Lets a model built on a mesh be called without the caller entering ``runtime.use_mesh``.
+    """
+    if not jax.sharding.get_abstract_mesh().empty:
+        return contextlib.nullcontext()
+    sharding = getattr(x, "sharding", None)
+    if isinstance(getattr(sharding, "mesh", None), jax.sharding.Mesh):
+        return jax.set_mesh(sharding.mesh)
+    mesh = getattr(jax.typeof(x).sharding, "mesh", None)
+    if mesh is not None and not mesh.empty:
+        return jax.sharding.use_abstract_mesh(mesh)
+    return contextlib.nullcontext()
+
+
+def shard(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """Reshards activation ``x`` to its logical axes on the current mesh (no-op without a mesh)."""
+    spec = _fitting_spec(x.shape, logical)
+    if spec is None:
+        return x
+    return jax.sharding.reshard(x, spec)
+
+
+def _spec_of(x: jax.Array) -> tuple:
+    spec = tuple(jax.typeof(x).sharding.spec)
+    return spec + (None,) * (x.ndim - len(spec))
+
+
+def _gather_fsdp(w: jax.Array) -> jax.Array:
+    """All-gathers the ``fsdp`` shards of a weight before use (FSDP); tensor shards stay in place."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return w
+    spec = []
+    for entry in _spec_of(w):
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        axes = tuple(a for a in axes if a != "fsdp")
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return jax.sharding.reshard(w, PartitionSpec(*spec))
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w`` for x (..., I) and w (I, O): the weight is gathered over fsdp, the output keeps x's
+    leading sharding and w's output sharding (explicit meshes ask for it when I is tensor-sharded)."""
+    w = _gather_fsdp(w)
+    if jax.sharding.get_abstract_mesh().empty:
+        return x @ w
+    out = PartitionSpec(*_spec_of(x)[:-1], _spec_of(w)[-1])
+    return jnp.einsum("...i,io->...o", x, w, out_sharding=out)
+
+
+def _stacked(stack: Sequence[int], names: tuple[str | None, ...]) -> tuple[str | None, ...]:
+    return ("layers",) * len(stack) + names
+
+
+class Linear(nnx.Module):
+    """A bias-free linear layer, ``y = x @ kernel`` with kernel (*stack, in, out) in the param dtype.
+
+    ``axes`` are the logical names of (in, out). ``lora`` is None or a ``sfgrpo.models.lora.LoRA``
+    attached later; it adds its low-rank update to the output.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        axes: tuple[str | None, str | None],
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype = jnp.float32,
+        stack: Sequence[int] = (),
+    ) -> None:
+        batch_axis = tuple(range(len(stack)))
+        init = nnx.initializers.variance_scaling(
+            1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=batch_axis
+        )
+        shape = (*stack, in_features, out_features)
+        self.kernel = nnx.Param(init(rngs.params(), shape, dtype), out_sharding=_stacked(stack, axes))
+        self.axes = axes
+        self.lora = nnx.data(None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...]
+        y = matmul(x.astype(kernel.dtype), kernel)
+        if self.lora is not None:
+            y = y + self.lora(x.astype(kernel.dtype)).astype(y.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """RMS norm over the last axis with a learned scale (QK-norm), computed in float32 as torch does."""
+
+    def __init__(
+        self, dim: int, *, eps: float, dtype: jnp.dtype = jnp.float32, stack: Sequence[int] = ()
+    ) -> None:
+        self.weight = nnx.Param(jnp.ones((*stack, dim), dtype), out_sharding=_stacked(stack, ("kv",)))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (xf * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def layer_norm(x: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm without affine parameters over the last axis, in float32, returned in x's dtype."""
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def swiglu(x: jax.Array) -> jax.Array:
+    """SiLU(first half) * second half of the last axis: (..., 2F) -> (..., F)."""
+    gate, lin = jnp.split(x, 2, axis=-1)
+    return jax.nn.silu(gate) * lin
+
+
+def timestep_features(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal features of t (B,) -> (B, dim) float32, cosines first (diffusers ``Timesteps`` with
+    flip_sin_to_cos=True, downscale_freq_shift=0)."""
+    half = dim // 2
+    freqs = jnp.exp(-np.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+def rope(ids: jax.Array, axes_dims: Sequence[int], theta: float) -> tuple[jax.Array, jax.Array]:
+    """Rotary tables for position ids (L, n_axes) -> (cos, sin), each (L, sum(axes_dims)) float32.
+
+    Axis i uses the first axes_dims[i] channels; each frequency is repeated twice (interleaved pairs).
+    Frequencies are computed in float64 on the host, as diffusers does on CPU.
+    """
+    pos = ids.astype(jnp.float32)
+    cos, sin = [], []
+    for i, d in enumerate(axes_dims):
+        freqs = jnp.asarray(1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d), jnp.float32)
+        ang = pos[:, i, None] * freqs[None, :]
+        cos.append(jnp.repeat(jnp.cos(ang), 2, axis=-1))
+        sin.append(jnp.repeat(jnp.sin(ang), 2, axis=-1))
+    return jnp.concatenate(cos, axis=-1), jnp.concatenate(sin, axis=-1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates interleaved channel pairs of x (B, L, N, D) by (cos, sin) (L, D); float32 inside."""
+    xf = x.astype(jnp.float32)
+    pairs = xf.reshape(*x.shape[:-1], -1, 2)
+    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+    out = xf * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+    return out.astype(x.dtype)

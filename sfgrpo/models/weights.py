@@ -1,0 +1,262 @@
+"""Loading a diffusers-format FLUX.2 transformer folder into sharded Flax parameters.
+
+The mapping between diffusers tensor names and our parameter paths is a declarative table
+(:func:`linear_modules`, :func:`param_table`): each of our parameters names the diffusers tensor(s) it
+comes from, whether it is stacked over blocks, and whether it is transposed (torch ``Linear.weight`` is
+(out, in); our ``kernel`` is (in, out)). Tensors are read lazily from memory-mapped safetensors and each
+device's shard is built by ``jax.make_array_from_callback``, so no host or device ever holds the whole
+model unless it is that device's share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from sfgrpo import runtime
+from sfgrpo.models.flux2_config import Flux2Config, config_from_dict
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = WEIGHTS_NAME + ".index.json"
+
+# ---------------------------------------------------------------------------------------------------------
+# The name table. Keys: our module path; values: the diffusers module path ("{i}" = block index).
+_TOP_LINEARS = {
+    "x_embedder": "x_embedder",
+    "context_embedder": "context_embedder",
+    "time_guidance_embed.timestep_embedder.linear_1": "time_guidance_embed.timestep_embedder.linear_1",
+    "time_guidance_embed.timestep_embedder.linear_2": "time_guidance_embed.timestep_embedder.linear_2",
+    "double_stream_modulation_img.linear": "double_stream_modulation_img.linear",
+    "double_stream_modulation_txt.linear": "double_stream_modulation_txt.linear",
+    "single_stream_modulation.linear": "single_stream_modulation.linear",
+    "norm_out.linear": "norm_out.linear",
+    "proj_out": "proj_out",
+}
+_GUIDANCE_LINEARS = {
+    "time_guidance_embed.guidance_embedder.linear_1": "time_guidance_embed.guidance_embedder.linear_1",
+    "time_guidance_embed.guidance_embedder.linear_2": "time_guidance_embed.guidance_embedder.linear_2",
+}
+_DOUBLE_LINEARS = {
+    "attn.to_q": "attn.to_q",
+    "attn.to_k": "attn.to_k",
+    "attn.to_v": "attn.to_v",
+    "attn.to_out": "attn.to_out.0",
+    "attn.add_q_proj": "attn.add_q_proj",
+    "attn.add_k_proj": "attn.add_k_proj",
+    "attn.add_v_proj": "attn.add_v_proj",
+    "attn.to_add_out": "attn.to_add_out",
+    "ff.linear_in": "ff.linear_in",
+    "ff.linear_out": "ff.linear_out",
+    "ff_context.linear_in": "ff_context.linear_in",
+    "ff_context.linear_out": "ff_context.linear_out",
+}
+_DOUBLE_NORMS = {n: n for n in ("attn.norm_q", "attn.norm_k", "attn.norm_added_q", "attn.norm_added_k")}
+_SINGLE_LINEARS = {"attn.to_qkv_mlp_proj": "attn.to_qkv_mlp_proj", "attn.to_out": "attn.to_out"}
+_SINGLE_NORMS = {n: n for n in ("attn.norm_q", "attn.norm_k")}
+_DOUBLE, _SINGLE = "transformer_blocks", "single_transformer_blocks"
+
+
+@dataclasses.dataclass(frozen=True)
+class Module:
+    """One of our modules and its diffusers name; ``layers`` > 0 when stacked (name has ``{i}``)."""
+
+    ours: str
+    theirs: str
+    layers: int = 0
+
+    def names(self) -> list[str]:
+        """The diffusers module names, one per stacked layer."""
+        return [self.theirs.format(i=i) for i in range(self.layers)] if self.layers else [self.theirs]
+
+
+def _modules(cfg: Flux2Config, top: Mapping[str, str], double: Mapping, single: Mapping) -> list[Module]:
+    out = [Module(k, v) for k, v in top.items()]
+    for prefix, table, n in ((_DOUBLE, double, cfg.num_layers), (_SINGLE, single, cfg.num_single_layers)):
+        if n:
+            out += [Module(f"{prefix}.{k}", f"{prefix}.{{i}}.{v}", n) for k, v in table.items()]
+    return out
+
+
+def linear_modules(cfg: Flux2Config) -> list[Module]:
+    """Every linear layer of the model (their params: ``kernel`` <-> transposed ``weight``)."""
+    top = {**_TOP_LINEARS, **(_GUIDANCE_LINEARS if cfg.guidance_embeds else {})}
+    return _modules(cfg, top, _DOUBLE_LINEARS, _SINGLE_LINEARS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """Our parameter <- diffusers tensor(s): ``names`` has one name per layer for a stacked parameter."""
+
+    names: tuple[str, ...]
+    stacked: bool
+    transpose: bool
+
+
+def param_table(cfg: Flux2Config) -> dict[str, Entry]:
+    """Our parameter path ("a.b.kernel") -> its source tensors."""
+    table = {}
+    for m in linear_modules(cfg):
+        table[m.ours + ".kernel"] = Entry(tuple(n + ".weight" for n in m.names()), m.layers > 0, True)
+    for m in _modules(cfg, {}, _DOUBLE_NORMS, _SINGLE_NORMS):
+        table[m.ours + ".weight"] = Entry(tuple(n + ".weight" for n in m.names()), True, False)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Safetensors, read lazily.
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
+
+
+class SafetensorsReader:
+    """Memory-maps the tensors of one or more safetensors files: ``reader[name]`` is a lazy np array."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self._where: dict[str, tuple[Path, str, tuple[int, ...], int]] = {}
+        for file in files:
+            with open(file, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                if info["dtype"] not in _DTYPES:
+                    raise ValueError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']}")
+                self._where[name] = (
+                    file,
+                    info["dtype"],
+                    tuple(info["shape"]),
+                    8 + n + info["data_offsets"][0],
+                )
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._where[name][2]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        file, dtype, shape, offset = self._where[name]
+        return np.memmap(file, dtype=_DTYPES[dtype], mode="r", offset=offset, shape=shape)
+
+
+def resolve_folder(path: str | os.PathLike) -> Path:
+    """The folder holding the transformer's config.json: ``path`` itself or ``path/transformer``."""
+    path = Path(path)
+    for cand in (path / "transformer", path):
+        if (cand / CONFIG_NAME).is_file():
+            return cand
+    raise FileNotFoundError(
+        f"{str(path)!r} is not a diffusers transformer folder: neither {path / 'transformer' / CONFIG_NAME} "
+        f"nor {path / CONFIG_NAME} exists"
+    )
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a model folder: one file, or the shards listed in its index."""
+    if (folder / INDEX_NAME).is_file():
+        index = json.loads((folder / INDEX_NAME).read_text())
+        files = sorted({folder / f for f in index["weight_map"].values()})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{folder / INDEX_NAME} lists shards that do not exist: {missing}")
+        return files
+    if (folder / WEIGHTS_NAME).is_file():
+        return [folder / WEIGHTS_NAME]
+    raise FileNotFoundError(f"{folder} has no {WEIGHTS_NAME} or {INDEX_NAME}")
+
+
+def read_config(folder: Path) -> Flux2Config:
+    file = folder / CONFIG_NAME
+    return config_from_dict(json.loads(file.read_text()), source=str(file))
+
+
+def _callback(reader: SafetensorsReader, entry: Entry, dtype: Any) -> Callable[[tuple], np.ndarray]:
+    """Builds the shard at ``index`` (a tuple of slices into our parameter) from the source tensors."""
+
+    def read(name: str, index: tuple) -> np.ndarray:
+        if entry.transpose:  # ours (in, out)[i, o] == theirs (out, in)[o, i]
+            return np.asarray(reader[name][index[1], index[0]]).T
+        return np.asarray(reader[name][index])
+
+    def cb(index: tuple) -> np.ndarray:
+        if entry.stacked:
+            layers = range(len(entry.names))[index[0]]
+            out = np.stack([read(entry.names[i], index[1:]) for i in layers])
+        else:
+            out = read(entry.names[0], index)
+        return out.astype(dtype)
+
+    return cb
+
+
+def load_state(
+    reader: SafetensorsReader, abstract_state: nnx.State, mesh: Mesh, cfg: Flux2Config
+) -> nnx.State:
+    """Fills an abstract state (from ``nnx.eval_shape``) with the reader's tensors, each placed with the
+    sharding of its logical axes on ``mesh``. Missing, unexpected or mis-shaped tensors raise one
+    ``ValueError`` naming them all."""
+    table = param_table(cfg)
+    shardings = nnx.to_flat_state(runtime.state_shardings(abstract_state, mesh))
+    available = set(reader.keys())
+    missing, wrong, used = [], [], set()
+    flat = nnx.to_flat_state(abstract_state)
+    for (path, var), (_, sharding) in zip(flat, shardings, strict=True):
+        key = ".".join(map(str, path))
+        entry = table.get(key)
+        if entry is None:
+            raise ValueError(f"parameter {key!r} has no entry in the Flux2 name table")
+        aval = var.get_value()
+        per_layer = aval.shape[1:] if entry.stacked else aval.shape
+        want = tuple(reversed(per_layer)) if entry.transpose else tuple(per_layer)
+        for name in entry.names:
+            used.add(name)
+            if name not in available:
+                missing.append(name)
+            elif reader.shape(name) != want:
+                wrong.append(f"{name}: file {reader.shape(name)}, expected {want}")
+        if not (set(entry.names) <= available) or any(reader.shape(n) != want for n in entry.names):
+            continue
+        value = jax.make_array_from_callback(
+            aval.shape, sharding.get_value(), _callback(reader, entry, aval.dtype)
+        )
+        var.set_value(value)
+    unexpected = sorted(available - used)
+    if missing or unexpected or wrong:
+        parts = [
+            f"{label} ({len(names)}): {names}"
+            for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if names
+        ]
+        raise ValueError("Flux2 checkpoint does not match its config: " + "; ".join(parts))
+    return nnx.from_flat_state(flat)
+
+
+def load_flux2(
+    path: str | os.PathLike,
+    build: Callable[[Flux2Config], nnx.Module],
+    *,
+    mesh: Mesh | None = None,
+) -> Any:
+    """Reads config and weights of a diffusers FLUX.2 transformer folder into ``build(config)``'s
+    structure (its param dtype), sharded on ``mesh`` (default: one device)."""
+    folder = resolve_folder(path)
+    cfg = read_config(folder)
+    reader = SafetensorsReader(weight_files(folder))
+    mesh = mesh if mesh is not None else runtime.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    with runtime.use_mesh(mesh):
+        abstract = nnx.eval_shape(lambda: build(cfg))
+        graphdef, abstract_state = nnx.split(abstract)
+        state = load_state(reader, abstract_state, mesh, cfg)
+        return nnx.merge(graphdef, state)
