@@ -98,6 +98,12 @@ def test_two_hosts_disjoint_complete_and_equal_to_one_host():
     assert first != second  # reshuffled per epoch
 
 
+def test_unshuffled_order_for_evaluation():
+    cfg = _cfg(shuffle=False, group_size=1, batch_size=4, num_epochs=1)
+    batches = list(pipeline.make_iterator(SRC, cfg, process_index=0, process_count=1))
+    assert np.concatenate([b["example_index"] for b in batches]).tolist() == list(range(N))
+
+
 def test_dropped_tail_and_too_small_dataset():
     cfg = _cfg(batch_size=15, group_size=3, num_epochs=1)  # 5 groups per step: 12 -> 2 steps, 2 dropped
     assert pipeline.steps_per_epoch(N, cfg) == 2

@@ -28,12 +28,12 @@ key                 shape               dtype    meaning
 The object (string) fields cannot become jax arrays: ``numeric_fields(batch)`` drops them before
 ``host_local_to_global``.
 
-Order: epoch ``e`` is a permutation of the split drawn from (seed, e), identical on every host. Each epoch
-is ``steps_per_epoch = N // (process_count * groups_per_host)`` global steps; global step ``s`` of the epoch
-takes permutation positions ``[s*P*g, (s+1)*P*g)`` and host ``p`` the ``p``-th run of ``g`` of them. The
-``N mod (P*g)`` leftover examples of each epoch are skipped (different ones each epoch). So an example is
-in at most one group per epoch, hosts are disjoint, and the global batches do not depend on the number of
-hosts or of worker processes.
+Order: epoch ``e`` is a permutation of the split drawn from (seed, e) (index order with ``shuffle=False``),
+the same on every host. An epoch is ``steps_per_epoch = N // (P * g)`` global steps (P hosts, g groups per
+host); global step ``s`` of the epoch takes permutation positions ``[s*P*g, (s+1)*P*g)``, and host ``p`` the
+``p``-th run of ``g`` of them. The ``N mod (P*g)`` leftover examples of each epoch are skipped (different
+ones each epoch). So an example is in at most one group per epoch, hosts are disjoint, and for a given
+global batch size the global batches depend neither on the number of hosts nor on worker processes.
 
 The iterator is a ``grain.DatasetIterator``: ``get_state()`` is a small JSON-serialisable dict and
 ``set_state(state)`` resumes at exactly the next batch (orbax can store it with
@@ -74,6 +74,7 @@ class PipelineConfig:
     r_max: int = 8
     seed: int = 0
     num_epochs: int | None = None  # None: repeat forever
+    shuffle: bool = True  # False: every epoch in index order (fixed evaluation inputs)
     resize_mode: str = "resize"
     with_masks: bool = True
     num_workers: int = 0  # grain worker processes; 0 runs in this process
@@ -203,14 +204,19 @@ class _MakeBatch(grain.transforms.Map):
         self.process_count = process_count
         self.num_examples = len(source)
         self.steps_per_epoch = steps_per_epoch(self.num_examples, config, process_count)
-        self._epoch, self._order = -1, np.zeros((0,), np.int64)
+        self._cache: tuple[int, np.ndarray] = (-1, np.zeros((0,), np.int64))
 
     def _permutation(self, epoch: int) -> np.ndarray:
         # One permutation per epoch, from (seed, epoch) alone: every host and worker draws the same one.
-        if epoch != self._epoch:
-            rng = np.random.default_rng([self.config.seed, epoch])
-            self._epoch, self._order = epoch, rng.permutation(self.num_examples)
-        return self._order
+        # The cache is one attribute, swapped whole, because reader threads share this object.
+        cached_epoch, order = self._cache
+        if cached_epoch != epoch:
+            if self.config.shuffle:
+                order = np.random.default_rng([self.config.seed, epoch]).permutation(self.num_examples)
+            else:
+                order = np.arange(self.num_examples)
+            self._cache = (epoch, order)
+        return order
 
     def map(self, step: int) -> dict[str, np.ndarray]:
         cfg, gph = self.config, self.config.groups_per_host
