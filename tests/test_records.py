@@ -69,6 +69,10 @@ def test_validate_record():
         validate_record(_record(regions=(Region((0, 0, 1, 1)),) * 2), r_max=1)
     with pytest.raises(RecordError, match="target"):
         validate_record(_record(target=np.zeros((4, 8, 3), np.uint8)))
+    with pytest.raises(RecordError, match=r"regions\[0\].box.*4 numbers"):
+        validate_record(_record(regions=(Region((0, 0, 1)),)))
+    with pytest.raises(RecordError, match=r"regions\[0\].box.*outside"):
+        validate_record(_record(regions=(Region((0, 0, 1.5, 1)),)))
     with pytest.raises(RecordError, match=r"regions\[0\].mask"):
         validate_record(_record(regions=(Region((0, 0, 1, 1), mask=np.zeros((3, 3), bool)),)))
 

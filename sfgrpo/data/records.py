@@ -91,8 +91,6 @@ def to_unit_box(
         x1, y1, x2, y2 = (float(v) for v in box)
     except (TypeError, ValueError):
         raise RecordError(record, field, f"expected 4 numbers (x1, y1, x2, y2), got {box!r}") from None
-    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-        raise RecordError(record, field, f"non-finite coordinate in {box!r}")
     sx, sy = {"pixel": (width, height), "unit": (1.0, 1.0), "qwen1000": (1000.0, 1000.0)}[box_format]
     unit = (x1 / sx, y1 / sy, x2 / sx, y2 / sy)
     return check_unit_box(unit, record=record, field=field, shown=f"{box!r} ({box_format})")
@@ -102,16 +100,21 @@ def check_unit_box(
     box: Sequence[float], *, record: str = "?", field: str = "box", shown: str | None = None
 ) -> tuple[float, float, float, float]:
     """Validates a [0, 1] box: inside the image, x1 < x2 and y1 < y2. Returns it as a float tuple."""
-    x1, y1, x2, y2 = (float(v) for v in box)
+    try:
+        x1, y1, x2, y2 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise RecordError(record, field, f"expected 4 numbers (x1, y1, x2, y2), got {box!r}") from None
     shown = shown or repr(tuple(box))
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        raise RecordError(record, field, f"non-finite coordinate in {shown}")
     # A hair of tolerance: pixel boxes divided by the size can land a rounding error past 1.
     eps = 1e-6
     if any(v < -eps or v > 1 + eps for v in (x1, y1, x2, y2)):
         raise RecordError(record, field, f"box {shown} lies outside the image")
     if x2 <= x1 or y2 <= y1:
         raise RecordError(record, field, f"box {shown} has zero area (needs x1 < x2 and y1 < y2)")
-    clip = lambda v: min(max(v, 0.0), 1.0)  # noqa: E731
-    return (clip(x1), clip(y1), clip(x2), clip(y2))
+    x1, y1, x2, y2 = (min(max(v, 0.0), 1.0) for v in (x1, y1, x2, y2))
+    return (x1, y1, x2, y2)
 
 
 def validate_record(record: EditRecord, r_max: int | None = None) -> EditRecord:
