@@ -133,9 +133,11 @@ def test_worker_process_gives_the_same_batches():
     for want, got in zip(base, _take(it, 3), strict=True):
         assert _equal(want, got)
     state = json.loads(json.dumps(it.get_state()))
+    it.close()
     resumed = pipeline.make_iterator(SRC, _cfg(num_workers=1), process_index=0, process_count=1, state=state)
     want = _take(pipeline.make_iterator(SRC, _cfg(), process_index=0, process_count=1), 4)[3]
     assert _equal(want, next(resumed))
+    resumed.close()
 
 
 def _covers(box, mask, slack=1, hug=2):
