@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--threads", type=int, default=1, help="read threads per worker process")
+    p.add_argument("--no-repeat", action="store_true", help="one row per group (repeat_groups=False)")
     p.add_argument("--r-max", type=int, default=8, help="region slots per row (masks are R_max x H x W)")
     args = p.parse_args()
 
@@ -57,12 +58,13 @@ def main() -> None:
                 num_threads=args.threads,
                 prefetch=4,
                 r_max=args.r_max,
+                repeat_groups=not args.no_repeat,
             )
             rates = [_one_run(src, cfg, args.batches) for _ in range(args.repeats)]
             med = statistics.median(rates)
             print(
                 f"workers={workers} threads={args.threads} {args.image_size}->{args.resolution}px "
-                f"G={args.group_size} R_max={args.r_max}: {med:.1f} examples/s "
+                f"G={args.group_size} R_max={args.r_max} repeat={not args.no_repeat}: {med:.1f} examples/s "
                 f"({med * args.group_size:.1f} rows/s), "
                 f"median of {args.repeats}: {', '.join(f'{r:.1f}' for r in rates)}"
             )

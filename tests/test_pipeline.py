@@ -225,6 +225,15 @@ def test_config_and_record_errors():
         next(pipeline.make_iterator(big, _cfg(r_max=2, num_threads=0), process_index=0, process_count=1))
 
 
+def test_one_row_per_group_without_repeat():
+    repeated = _take(pipeline.make_iterator(SRC, _cfg(), process_index=1, process_count=2), 2)
+    cfg = _cfg(repeat_groups=False)
+    single = _take(pipeline.make_iterator(SRC, cfg, process_index=1, process_count=2), 2)
+    for r, s in zip(repeated, single, strict=True):
+        assert s["source"].shape[0] == 2 and s["group_id"].tolist() == [2, 3]
+        assert all(np.array_equal(r[k][::3], s[k]) for k in r)
+
+
 def test_without_masks():
     (batch,) = _take(pipeline.make_iterator(SRC, _cfg(with_masks=False), process_index=0, process_count=1), 1)
     assert "region_masks" not in batch and batch["has_masks"].all()

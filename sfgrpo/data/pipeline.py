@@ -25,6 +25,8 @@ key                 shape               dtype    meaning
 ``region_labels``   (B, R)              object   region labels (str); "" in padded slots
 ==================  ==================  =======  ==========================================================
 
+With ``repeat_groups=False`` each group is one row instead (B = groups_per_host); nothing else changes.
+
 The object (string) fields cannot become jax arrays: ``numeric_fields(batch)`` drops them before
 ``host_local_to_global``.
 
@@ -77,6 +79,9 @@ class PipelineConfig:
     shuffle: bool = True  # False: every epoch in index order (fixed evaluation inputs)
     resize_mode: str = "resize"
     with_masks: bool = True
+    # False: one row per group (B = groups_per_host), for a trainer that repeats on device and so moves
+    # G times fewer bytes from host to device.
+    repeat_groups: bool = True
     num_workers: int = 0  # grain worker processes; 0 runs in this process
     num_threads: int = 2  # threads per process, each assembling whole batches
     prefetch: int = 4  # batches buffered per process
@@ -291,7 +296,7 @@ def make_dataset(
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))
-    return ids.map(_RepeatGroups(config.group_size))
+    return ids.map(_RepeatGroups(config.group_size)) if config.repeat_groups else ids
 
 
 def make_iterator(
