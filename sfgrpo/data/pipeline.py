@@ -115,6 +115,8 @@ class PipelineConfig:
             raise ValueError(f"num_epochs must be >= 1 or None, got {self.num_epochs}")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        if min(self.num_workers, self.num_threads) < 0 or self.prefetch < 1:
+            raise ValueError("num_workers and num_threads must be >= 0 and prefetch >= 1")
         return self
 
 
