@@ -179,6 +179,8 @@ def test_mismatched_model_shape_is_a_clear_error(tmp_path):
     assert "... and 4 more" in msg and msg.count("saved (4, 4)") == 10
 
 
+# Reading a deliberately damaged checkpoint, TensorStore may answer after Orbax closed its event loop.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_missing_and_corrupt_checkpoints(tmp_path):
     state = {"x": jnp.arange(4.0), "y": jnp.ones((2, 2))}
     with ck.Checkpointer(tmp_path / "empty", save_every=1, keep=5) as c:
