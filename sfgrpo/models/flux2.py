@@ -266,8 +266,12 @@ class Flux2Transformer(nnx.Module):
         cls, config: str | Mapping[str, Any] | Flux2Config, *, rngs: nnx.Rngs, dtype: Any = jnp.float32
     ) -> Flux2Transformer:
         """A randomly initialised model from a config name (``CONFIGS``), a diffusers config dict, or a
-        ``Flux2Config``. Create it under ``runtime.use_mesh(mesh)`` to shard it."""
-        return cls(get_config(config), rngs=rngs, dtype=dtype)
+        ``Flux2Config``. Create it under ``runtime.use_mesh(mesh)`` to shard it.
+
+        Initialisation runs as one jitted program (one compile instead of one per parameter shape).
+        """
+        cfg = get_config(config)
+        return nnx.jit(lambda r: cls(cfg, rngs=r, dtype=dtype))(rngs)
 
     def _check(self, hidden: jax.Array, enc: jax.Array, img_ids: jax.Array, txt_ids: jax.Array) -> None:
         cfg, problems = self.config, []
@@ -356,12 +360,13 @@ def make_position_ids(
     text_len: int,
     refs: Sequence[tuple[int, int]] = (),
     batch: int | None = None,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[np.ndarray, np.ndarray]:
     """Position ids as ``Flux2KleinPipeline`` builds them, for a (height, width) token grid.
 
     Target tokens get (0, h, w, 0), row-major; reference image k (grid refs[k]) gets (10·(k+1), h, w, 0)
     and follows the target; text token l gets (0, 0, 0, l).
-    Returns (img_ids, txt_ids) int32 of shape (Li, 4) and (Lt, 4), or ([B, ...]) with ``batch``.
+    Returns host (numpy) int32 arrays (img_ids, txt_ids) of shape (Li, 4) and (Lt, 4), or (B, ...) with
+    ``batch``; being host constants, they bind to no mesh.
     """
     grids = [(0, height, width)] + [(10 * (k + 1), h, w) for k, (h, w) in enumerate(refs)]
     parts = []
@@ -370,9 +375,9 @@ def make_position_ids(
         parts.append(np.stack([np.full(h * w, t), hh.ravel(), ww.ravel(), np.zeros(h * w)], -1))
     img = np.concatenate(parts, axis=0).astype(np.int32)
     txt = np.stack([np.zeros(text_len), np.zeros(text_len), np.zeros(text_len), np.arange(text_len)], -1)
-    img, txt = jnp.asarray(img), jnp.asarray(txt.astype(np.int32))
+    txt = txt.astype(np.int32)
     if batch is not None:
-        img, txt = (jnp.broadcast_to(a, (batch, *a.shape)) for a in (img, txt))
+        img, txt = (np.broadcast_to(a, (batch, *a.shape)) for a in (img, txt))
     return img, txt
 
 

@@ -35,7 +35,8 @@ def _fitting_spec(shape: Sequence[int], logical: Sequence[str | None]) -> Partit
         axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
         kept, size = [], 1
         for a in axes:
-            if dim % (size * mesh.shape[a]) == 0:
+            # Size-1 dims stay unsharded: broadcasting drops their sharding, and types must agree.
+            if dim > 1 and dim % (size * mesh.shape[a]) == 0:
                 kept.append(a)
                 size *= mesh.shape[a]
         out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))

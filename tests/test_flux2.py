@@ -1,0 +1,250 @@
+"""FLUX.2 transformer: parity with diffusers, position ids, parameter counts, sharding, input checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import Flux2KleinPipeline
+from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
+from flax import nnx
+
+from sfgrpo import runtime
+from sfgrpo.models import flux2, lora
+from sfgrpo.models.flux2_config import CONFIGS, Flux2Config, config_from_dict
+
+TINY = dict(
+    patch_size=1,
+    in_channels=16,
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=24,
+    timestep_guidance_channels=32,
+    axes_dims_rope=(4, 4, 4, 4),
+)
+
+
+# Tests compile many small programs; skipping LLVM's optimisations halves CPU compile time.
+FAST = {"xla_backend_optimization_level": 0}
+
+
+def jit_call(model, *args, **kwargs):
+    """model(*args, **kwargs) through split/merge under a (fast-compiling) jax.jit."""
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda st, a, kw: nnx.merge(graphdef, st)(*a, **kw), compiler_options=FAST)(
+        state, args, kwargs
+    )
+
+
+def save_random_diffusers(folder, seed=0, **overrides):
+    """A random diffusers transformer (norm weights perturbed too) saved to folder; returns the model."""
+    torch.manual_seed(seed)
+    model = Flux2Transformer2DModel(**{**TINY, **overrides}).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return model
+
+
+def diffusers_forward(model, x, e, t, img_ids, txt_ids, guidance=None):
+    with torch.no_grad():
+        out = model(
+            hidden_states=torch.tensor(x),
+            encoder_hidden_states=torch.tensor(e),
+            timestep=torch.tensor(t),
+            img_ids=torch.tensor(np.asarray(img_ids)),
+            txt_ids=torch.tensor(np.asarray(txt_ids)),
+            guidance=None if guidance is None else torch.tensor(guidance),
+            return_dict=False,
+        )[0]
+    return out.numpy()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(diffusers, ours) pairs for a config without and with the guidance embedding."""
+    out = {}
+    for guidance in (False, True):
+        folder = tmp_path_factory.mktemp(f"flux2_g{int(guidance)}")
+        ref = save_random_diffusers(folder, seed=int(guidance), guidance_embeds=guidance)
+        out[guidance] = (ref, flux2.from_pretrained(folder))
+    return out
+
+
+# (guidance embedding, guidance value given, batch, target grid, reference grids, text length)
+CASES = [
+    (False, False, 2, (3, 5), [(2, 4)], 7),
+    (False, False, 2, (4, 2), [(3, 3), (2, 2)], 3),
+    (False, False, 1, (2, 3), [], 9),
+    (True, True, 2, (3, 5), [(2, 4)], 7),
+    (True, False, 2, (2, 4), [(4, 4), (1, 3)], 5),
+]
+
+
+@pytest.mark.parametrize("has_guidance,give_guidance,batch,grid,refs,text_len", CASES)
+def test_parity_with_diffusers(models, has_guidance, give_guidance, batch, grid, refs, text_len):
+    ref_model, ours = models[has_guidance]
+    img_ids, txt_ids = flux2.make_position_ids(*grid, text_len, refs, batch=batch)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, img_ids.shape[1], 16), np.float32)
+    e = rng.standard_normal((batch, text_len, 24), np.float32)
+    t = rng.uniform(size=batch).astype(np.float32)
+    g = rng.uniform(1, 5, size=batch).astype(np.float32) if give_guidance else None
+    want = diffusers_forward(ref_model, x, e, t, img_ids, txt_ids, g)
+    args = (
+        jnp.asarray(x),
+        jnp.asarray(e),
+        jnp.asarray(t),
+        img_ids,
+        txt_ids,
+        None if g is None else jnp.asarray(g),
+    )
+    got = jit_call(ours, *args)
+    assert got.shape == want.shape == (batch, img_ids.shape[1], 16)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
+    # The output is not trivially small: the comparison has teeth.
+    assert np.abs(want).max() > 0.5
+
+
+def test_position_ids_match_klein_pipeline():
+    batch, (h, w), refs, text_len = 2, (3, 5), [(2, 4), (3, 3)], 6
+    img_ids, txt_ids = flux2.make_position_ids(h, w, text_len, refs, batch=batch)
+    target = Flux2KleinPipeline._prepare_latent_ids(torch.zeros(batch, 128, h, w))
+    ref = Flux2KleinPipeline._prepare_image_ids([torch.zeros(1, 128, rh, rw) for rh, rw in refs])
+    want_img = torch.cat([target, ref.repeat(batch, 1, 1)], dim=1).numpy()
+    want_txt = Flux2KleinPipeline._prepare_text_ids(torch.zeros(batch, text_len, 8)).numpy()
+    np.testing.assert_array_equal(np.asarray(img_ids), want_img)
+    np.testing.assert_array_equal(np.asarray(txt_ids), want_txt)
+    # Reference k sits at T = 10 (k + 1).
+    assert set(np.asarray(img_ids)[0, h * w :, 0].tolist()) == {10, 20}
+
+
+@pytest.mark.parametrize(
+    "name,billions", [("klein-4b", 3.88), ("klein-9b", 9.08), ("dev", 32.2), ("flux2-dev", 32.2)]
+)
+def test_param_counts_from_abstract_shapes(name, billions):
+    with runtime.use_mesh(runtime.make_mesh(1, 1, 1, devices=jax.devices()[:1])):
+        abstract = nnx.eval_shape(lambda: flux2.Flux2Transformer.from_config(name, rngs=nnx.Rngs(0)))
+    leaves = jax.tree.leaves(nnx.state(abstract))
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)  # nothing allocated
+    count = sum(int(np.prod(x.shape)) for x in leaves)
+    assert abs(count / 1e9 - billions) < 0.005 * billions, count
+
+
+def test_real_configs_match_spec():
+    k4, k9, dev = CONFIGS["klein-4b"], CONFIGS["klein-9b"], CONFIGS["dev"]
+    assert (k4.num_layers, k4.num_single_layers, k4.num_attention_heads, k4.joint_attention_dim) == (
+        5,
+        20,
+        24,
+        7680,
+    )
+    assert (k9.num_layers, k9.num_single_layers, k9.num_attention_heads, k9.joint_attention_dim) == (
+        8,
+        24,
+        32,
+        12288,
+    )
+    assert (dev.num_layers, dev.num_single_layers, dev.num_attention_heads, dev.guidance_embeds) == (
+        8,
+        48,
+        48,
+        True,
+    )
+    for cfg in (k4, k9, dev):
+        assert cfg.axes_dims_rope == (32, 32, 32, 32) and cfg.rope_theta == 2000 and cfg.mlp_ratio == 3.0
+    assert not k4.guidance_embeds and not k9.guidance_embeds
+
+
+def _inputs(batch, grid=(2, 3), refs=((2, 2),), text_len=4, seed=0):
+    img_ids, txt_ids = flux2.make_position_ids(*grid, text_len, list(refs))
+    rng = np.random.default_rng(seed)
+    return dict(
+        hidden_states=jnp.asarray(rng.standard_normal((batch, img_ids.shape[0], 16), np.float32)),
+        encoder_hidden_states=jnp.asarray(rng.standard_normal((batch, text_len, 24), np.float32)),
+        timestep=jnp.asarray(rng.uniform(size=batch).astype(np.float32)),
+        img_ids=img_ids,
+        txt_ids=txt_ids,
+    )
+
+
+def _sgd_step(graphdef, state, inputs):
+    """Loss, output and one SGD step on all parameters (LoRA included), inside jit."""
+
+    def loss_fn(params):
+        out = nnx.merge(graphdef, params)(**inputs)
+        return jnp.mean(jnp.square(out)), out
+
+    (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state)
+    new = jax.tree.map(lambda p, g: p - 0.1 * g, state, grads)
+    return loss, out, new
+
+
+def test_sharded_forward_and_grad_step_match_one_device(models):
+    """One device without remat vs 8 devices on a data x fsdp mesh (remat 'dots') and on a
+    data x fsdp x tensor mesh (remat 'full'): same loss, output and updated parameters, LoRA included."""
+    model = nnx.clone(models[False][1])  # loaded on one device
+    with runtime.use_mesh(runtime.make_mesh(1, 1, 1, devices=jax.devices()[:1])):
+        lora.apply_lora(model, lora.LoRAConfig(rank=2, alpha=4.0), rngs=nnx.Rngs(1))
+        graphdef, state = nnx.split(model)
+        # Non-zero B so that the LoRA path carries gradient into A too.
+        state = jax.tree.map(lambda x: x + 0.01, state)
+        inputs = _inputs(batch=8)
+        loss1, out1, new1 = jax.jit(_sgd_step, static_argnums=0, compiler_options=FAST)(
+            graphdef, state, inputs
+        )
+    host_state = jax.tree.map(np.asarray, state)
+
+    for mesh_shape, remat in (((2, 4, 1), "dots"), ((2, 2, 2), "full")):
+        mesh = runtime.make_mesh(*mesh_shape)
+        model.config = model.config.replace(remat=remat)
+        graphdef = nnx.graphdef(model)
+        sharded_state = jax.device_put(host_state, runtime.state_shardings(state, mesh))
+        with runtime.use_mesh(mesh):
+            batch_inputs = {
+                k: v
+                if k.endswith("_ids")
+                else jax.device_put(np.asarray(v), runtime.batch_sharding(mesh, v.ndim))
+                for k, v in inputs.items()
+            }
+            step = jax.jit(_sgd_step, static_argnums=0, compiler_options=FAST)
+            loss8, out8, new8 = step(graphdef, sharded_state, batch_inputs)
+        # Parameters really are sharded over fsdp (and tensor), and stay so after the step.
+        q = new8["transformer_blocks"]["attn"]["to_q"]["kernel"].get_value()
+        assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+        assert len({s.data.shape for s in q.addressable_shards}) == 1
+        assert q.addressable_shards[0].data.shape[1] == q.shape[1] // mesh_shape[1]
+        assert out8.sharding.spec[0] == ("data", "fsdp")
+        np.testing.assert_allclose(float(loss8), float(loss1), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(out8), np.asarray(out1), atol=1e-5)
+        for a, b in zip(jax.tree.leaves(new8), jax.tree.leaves(new1), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_ids_and_shapes_that_do_not_match_the_tokens_are_rejected(models):
+    model = models[False][1]
+    good = _inputs(batch=2)
+    bad_img = dict(good, img_ids=good["img_ids"][:-1])
+    with pytest.raises(ValueError, match=r"img_ids \(9, 4\)"):
+        model(**bad_img)
+    with pytest.raises(ValueError, match="txt_ids"):
+        model(**dict(good, txt_ids=good["txt_ids"][:, :3]))
+    with pytest.raises(ValueError, match="hidden_states"):
+        model(**dict(good, hidden_states=good["hidden_states"][..., :8]))
+
+
+def test_unsupported_configs_are_rejected_by_name():
+    with pytest.raises(ValueError, match="unknown Flux2 config name 'klein-5b'"):
+        flux2.Flux2Transformer.from_config("klein-5b", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="patch_size=2"):
+        config_from_dict({**TINY, "patch_size": 2})
+    with pytest.raises(ValueError, match=r"fields \['rope_type'\]"):
+        config_from_dict({**TINY, "rope_type": "yarn"})
+    with pytest.raises(ValueError, match="FluxTransformer2DModel"):
+        config_from_dict({**TINY, "_class_name": "FluxTransformer2DModel"})
+    with pytest.raises(ValueError, match="remat"):
+        Flux2Config(remat="sometimes")
