@@ -52,7 +52,10 @@ def mesh_of(x: Any) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
     sharding = getattr(x, "sharding", None)
     if isinstance(getattr(sharding, "mesh", None), jax.sharding.Mesh):
-        return jax.set_mesh(sharding.mesh)
+        try:
+            return jax.set_mesh(sharding.mesh)
+        except ValueError:  # inside a trace (a concrete array closed over): the abstract mesh will do
+            pass
     mesh = getattr(jax.typeof(x).sharding, "mesh", None)
     if mesh is not None and not mesh.empty:
         return jax.sharding.use_abstract_mesh(mesh)

@@ -1,0 +1,160 @@
+"""LoRA: zero-init identity, pattern selection, the training filter, and export that diffusers loads."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import Flux2KleinPipeline
+from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
+from flax import nnx
+from safetensors import safe_open
+
+from sfgrpo import runtime
+from sfgrpo.models import flux2, lora
+
+TINY = dict(
+    patch_size=1,
+    in_channels=16,
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=24,
+    timestep_guidance_channels=32,
+    axes_dims_rope=(4, 4, 4, 4),
+    guidance_embeds=False,
+)
+FAST = {"xla_backend_optimization_level": 0}
+DEFAULT_TARGETS = [
+    "single_transformer_blocks.attn.to_out",
+    "single_transformer_blocks.attn.to_qkv_mlp_proj",
+    *(
+        f"transformer_blocks.attn.{n}"
+        for n in ("add_k_proj", "add_q_proj", "add_v_proj", "to_add_out", "to_k", "to_out", "to_q", "to_v")
+    ),
+    *(f"transformer_blocks.{ff}.{n}" for ff in ("ff", "ff_context") for n in ("linear_in", "linear_out")),
+]
+
+
+def _inputs(batch=2, seed=0):
+    img_ids, txt_ids = flux2.make_position_ids(3, 2, 5, [(2, 2)])
+    rng = np.random.default_rng(seed)
+    return (
+        rng.standard_normal((batch, img_ids.shape[0], 16), np.float32),
+        rng.standard_normal((batch, 5, 24), np.float32),
+        rng.uniform(size=batch).astype(np.float32),
+        img_ids,
+        txt_ids,
+    )
+
+
+def _forward(model, inputs):
+    graphdef, state = nnx.split(model)
+    fwd = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a), compiler_options=FAST)
+    return np.asarray(fwd(state, *(jnp.asarray(a) for a in inputs)))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    with runtime.use_mesh(runtime.make_mesh(1, 1, 1, devices=jax.devices()[:1])):
+        return flux2.Flux2Transformer.from_config("tiny", rngs=nnx.Rngs(0))
+
+
+def test_fresh_lora_leaves_the_output_unchanged_and_only_lora_is_selected(tiny):
+    model = nnx.clone(tiny)
+    inputs = _inputs()
+    base = _forward(model, inputs)
+    paths = lora.apply_lora(model, lora.LoRAConfig(rank=4, alpha=8.0), rngs=nnx.Rngs(1))
+    assert paths == sorted(DEFAULT_TARGETS)
+    np.testing.assert_allclose(_forward(model, inputs), base, atol=1e-6)
+
+    adapter = nnx.to_flat_state(nnx.state(model, lora.LORA))
+    names = {".".join(map(str, p)) for p, _ in adapter}
+    assert names == {f"{t}.lora.{f}" for t in DEFAULT_TARGETS for f in ("a", "b")}
+    q_a = nnx.state(model, lora.LORA)["transformer_blocks"]["attn"]["to_q"]["lora"]["a"].get_value()
+    assert q_a.shape == (2, 32, 4)  # stacked over the 2 double blocks
+    base_names = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, lora.BASE))}
+    assert not base_names & names and len(base_names) == len(nnx.to_flat_state(nnx.state(tiny)))
+
+    # Gradients through the LoRA filter: only adapter leaves, B gets signal (A does not while B = 0).
+    graphdef, params, rest = nnx.split(model, lora.LORA, ...)
+    x, e, t, img_ids, txt_ids = (jnp.asarray(a) for a in inputs)
+
+    def loss(p):
+        return jnp.mean(jnp.square(nnx.merge(graphdef, p, rest)(x, e, t, img_ids, txt_ids)))
+
+    grads = jax.jit(jax.grad(loss), compiler_options=FAST)(params)
+    g = grads["transformer_blocks"]["attn"]["to_q"]["lora"]
+    assert float(jnp.abs(g["b"].get_value()).max()) > 0
+    assert float(jnp.abs(g["a"].get_value()).max()) == 0
+
+
+def test_patterns_select_layers_and_bad_input_is_rejected(tiny):
+    model = nnx.clone(tiny)
+    got = lora.apply_lora(
+        model, lora.LoRAConfig(rank=2, alpha=2.0, patterns=(r"attn\.to_(q|v)$",)), rngs=nnx.Rngs(0)
+    )
+    assert got == ["transformer_blocks.attn.to_q", "transformer_blocks.attn.to_v"]
+    with pytest.raises(ValueError, match="match no linear layer"):
+        lora.apply_lora(nnx.clone(tiny), lora.LoRAConfig(patterns=("to_qq",)), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="no LoRA attached"):
+        lora.export_lora(nnx.clone(tiny), "/nonexistent/never_written.safetensors")
+    with pytest.raises(ValueError, match="rank"):
+        lora.LoRAConfig(rank=0)
+
+
+def test_exported_adapter_loads_in_diffusers_with_the_same_output(tmp_path):
+    torch.manual_seed(0)
+    reference = Flux2Transformer2DModel(**TINY).eval()
+    reference.save_pretrained(tmp_path / "model")
+    model = flux2.from_pretrained(tmp_path / "model")
+    lora.apply_lora(model, lora.LoRAConfig(rank=4, alpha=12.0), rngs=nnx.Rngs(1))
+    # Train-like, non-zero adapter: random A and B.
+    adapter = nnx.state(model, lora.LORA)
+    leaves, treedef = jax.tree.flatten(adapter)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    nnx.update(
+        model,
+        jax.tree.unflatten(
+            treedef, [0.1 * jax.random.normal(k, v.shape) for k, v in zip(keys, leaves, strict=True)]
+        ),
+    )
+    inputs = _inputs()
+    ours = _forward(model, inputs)
+
+    file = tmp_path / "adapter.safetensors"
+    lora.export_lora(model, file)
+    with safe_open(file, "np") as f:
+        assert "transformer.transformer_blocks.1.attn.to_out.0.lora_A.weight" in f.keys()
+        assert f.get_tensor(
+            "transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj.lora_B.weight"
+        ).shape == (
+            3 * 32 + 2 * 96,
+            4,
+        )
+    # The pipeline's own path: load_lora_weights = lora_state_dict + load_lora_into_transformer.
+    state_dict, metadata = Flux2KleinPipeline.lora_state_dict(str(file), return_lora_metadata=True)
+    assert metadata["transformer.r"] == 4 and metadata["transformer.lora_alpha"] == 12.0
+    Flux2KleinPipeline.load_lora_into_transformer(state_dict, transformer=reference, metadata=metadata)
+    x, e, t, img_ids, txt_ids = inputs
+    with torch.no_grad():
+        want = reference(
+            hidden_states=torch.tensor(x),
+            encoder_hidden_states=torch.tensor(e),
+            timestep=torch.tensor(t),
+            img_ids=torch.tensor(img_ids),
+            txt_ids=torch.tensor(txt_ids),
+            return_dict=False,
+        )[0].numpy()
+        reference.disable_lora()
+        base = reference(
+            hidden_states=torch.tensor(x),
+            encoder_hidden_states=torch.tensor(e),
+            timestep=torch.tensor(t),
+            img_ids=torch.tensor(img_ids),
+            txt_ids=torch.tensor(txt_ids),
+            return_dict=False,
+        )[0].numpy()
+    assert np.abs(want - base).max() > 0.05  # the adapter matters
+    np.testing.assert_allclose(ours, want, atol=1e-4, rtol=0)
