@@ -38,6 +38,8 @@ setup(
             # The PyTorch references for the parity tests. 2.13.0 is the CPU wheel served locally.
             "torch==2.13.0",
             "diffusers>=0.37,<0.43",
+            # diffusers loads LoRA adapters through PEFT (tests/test_lora.py loads our export there).
+            "peft>=0.17,<0.22",
         ],
     },
 )
