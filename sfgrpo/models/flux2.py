@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 
 from sfgrpo.models.flux2_config import CONFIGS, Flux2Config, get_config
 from sfgrpo.models.layers import (
+    PROJECTION,
     Linear,
     RMSNorm,
     apply_rope,
@@ -223,9 +224,10 @@ def _remat(fn: Any, policy: str) -> Any:
         return fn
     if policy == "full":
         return jax.checkpoint(fn, prevent_cse=False)
-    return jax.checkpoint(
-        fn, prevent_cse=False, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    )
+    # 'dots': keep each linear layer's output (base + LoRA, see layers.PROJECTION); recompute the rest,
+    # attention scores included.
+    policy = jax.checkpoint_policies.save_only_these_names(PROJECTION)
+    return jax.checkpoint(fn, prevent_cse=False, policy=policy)
 
 
 def _scan_blocks(blocks: nnx.Module, carry: Any, step: Any, remat: str) -> Any:

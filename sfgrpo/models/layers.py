@@ -15,9 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
 from sfgrpo import runtime
+
+PROJECTION = "projection"  # checkpoint name of every Linear output
 
 
 def _fitting_spec(shape: Sequence[int], logical: Sequence[str | None]) -> PartitionSpec | None:
@@ -132,7 +135,8 @@ class Linear(nnx.Module):
         y = matmul(x.astype(kernel.dtype), kernel)
         if self.lora is not None:
             y = y + self.lora(x.astype(kernel.dtype)).astype(y.dtype)
-        return y
+        # The remat policy 'dots' saves these outputs (one per layer, LoRA update included).
+        return checkpoint_name(y, PROJECTION)
 
 
 class RMSNorm(nnx.Module):
