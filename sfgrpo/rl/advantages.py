@@ -76,23 +76,32 @@ def group_statistics(
     r = jnp.where(v, r, 0.0)
     # (B, B) same-group matrix: batches are a few hundred samples, so this beats a segment reduction's
     # need for a static group count.
-    same = (group_ids[:, None] == group_ids[None, :]).astype(jnp.float32)
-    member = same[:, :, None] * v[None, :, :]  # (B, B, K): j is a valid member of i's group
+    # Row i stays where sample i lives; the "every j" side is replicated (a few hundred scalars).
+    ids_all, r_all, v_all = _replicated(group_ids), _replicated(r), _replicated(v)
+    same = (group_ids[:, None] == ids_all[None, :]).astype(jnp.float32)
+    member = same[:, :, None] * v_all[None, :, :]  # (B, B, K): j is a valid member of i's group
     count = member.sum(axis=1)
-    mean = (member * r[None]).sum(axis=1) / jnp.maximum(count, 1.0)
+    mean = (member * r_all[None]).sum(axis=1) / jnp.maximum(count, 1.0)
     if std == "group":
-        var = (member * (r[None] - mean[:, None]) ** 2).sum(axis=1) / jnp.maximum(count, 1.0)
+        var = (member * (r_all[None] - mean[:, None]) ** 2).sum(axis=1) / jnp.maximum(count, 1.0)
     else:
         n_all = jnp.maximum(v.sum(axis=0), 1)
         mean_all = r.sum(axis=0) / n_all
         var_all = (jnp.where(v, (r - mean_all) ** 2, 0.0)).sum(axis=0) / n_all
         var = jnp.broadcast_to(var_all, r.shape)
     big = jnp.finfo(jnp.float32).max
-    gmax = jnp.where(member > 0, r[None], -big).max(axis=1)
-    gmin = jnp.where(member > 0, r[None], big).min(axis=1)
+    gmax = jnp.where(member > 0, r_all[None], -big).max(axis=1)
+    gmin = jnp.where(member > 0, r_all[None], big).min(axis=1)
     zero_spread = (count < 2) | (gmax <= gmin)
     out = (mean, jnp.sqrt(var), zero_spread)
     return tuple(x[:, 0] for x in out) if squeeze else out
+
+
+def _replicated(x: jax.Array) -> jax.Array:
+    """``x`` replicated over the current mesh (a no-op without one)."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.sharding.reshard(x, jax.P())
 
 
 def group_advantages(
