@@ -1,0 +1,114 @@
+"""A programmatic region reward for the synthetic shapes task, in JAX (SPEC section 5 schema).
+
+The shapes task knows the exact target and each region's pixel mask, so every SFReward field has a
+measurable counterpart. Errors are mean absolute differences of [0, 1] RGB values, mapped linearly onto
+0..C and saturating at a tolerance:
+  success_r      the edited shape's pixels (its mask) against the target;
+  preserve_r     the pixels of the region's box outside the shape against the source;
+  background     the pixels outside every box against the source;
+  naturalness    how close the edited image's total variation is to the target's (blur and noise both
+                 move it away);
+  artifacts      how much of the decoded signal lies outside the valid [0, 1] range;
+  overall_*      success over the union of the shapes, preservation over everything else.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from sfgrpo.rewards.base import SCORE_SCALE, RegionScores
+
+
+def shapes_scores(
+    edited: jax.Array,
+    source: jax.Array,
+    target: jax.Array,
+    masks: jax.Array,
+    boxes: jax.Array,
+    region_valid: jax.Array,
+    *,
+    scale: float = SCORE_SCALE,
+    success_tol: float = 0.25,
+    preserve_tol: float = 0.25,
+    artifact_tol: float = 0.1,
+) -> RegionScores:
+    """Scores of B edited images.
+
+    Args:
+      edited: (B, H, W, 3) float decoded images, nominally in [0, 1] (not clipped: overshoot is an artifact).
+      source, target: (B, H, W, 3) uint8 or float in [0, 1].
+      masks: (B, R, H, W) bool, each region's shape pixels.
+      boxes: (B, R, 4) float (x1, y1, x2, y2) in [0, 1].
+      region_valid: (B, R) bool.
+      scale: C. success_tol, preserve_tol: the mean absolute error that scores 0; artifact_tol: the mean
+        out-of-range overshoot that scores 0.
+
+    Returns:
+      RegionScores on 0..scale; ``valid`` is False where the edited image is not finite.
+    """
+    edited = edited.astype(jnp.float32)
+    clipped = jnp.clip(edited, 0.0, 1.0)
+    source, target = _unit(source), _unit(target)
+    b, h, w, _ = edited.shape
+    masks = masks.astype(bool) & region_valid[:, :, None, None]
+    box_px = _box_pixels(boxes, (h, w)) & region_valid[:, :, None, None]
+
+    err_target = jnp.abs(clipped - target).mean(-1)  # (B, H, W)
+    err_source = jnp.abs(clipped - source).mean(-1)
+
+    def score(err: jax.Array, region: jax.Array, tol: float) -> jax.Array:
+        """Score of the mean error over ``region`` (..., H, W); a region with no pixels scores C."""
+        n = region.sum(axis=(-2, -1))
+        mean = (err * region).sum(axis=(-2, -1)) / jnp.maximum(n, 1)
+        return jnp.where(n > 0, scale * (1.0 - jnp.minimum(mean / tol, 1.0)), scale)
+
+    success = score(err_target[:, None], masks, success_tol)
+    preserve = score(err_source[:, None], box_px & ~masks, preserve_tol)
+    outside = ~jnp.any(box_px, axis=1)
+    background = score(err_source, outside, preserve_tol)
+    shapes = jnp.any(masks, axis=1)
+    overall_success = score(err_target, shapes, success_tol)
+    overall_preserve = score(err_source, ~shapes, preserve_tol)
+
+    tv_edit = _total_variation(clipped)
+    tv_target = _total_variation(target)
+    naturalness = scale * jnp.exp(-jnp.abs(jnp.log((tv_edit + 1e-3) / (tv_target + 1e-3))))
+    overshoot = jnp.abs(edited - clipped).mean(axis=(1, 2, 3))
+    artifacts = scale * (1.0 - jnp.minimum(overshoot / artifact_tol, 1.0))
+
+    valid = jnp.all(jnp.isfinite(edited), axis=(1, 2, 3))
+    return RegionScores(
+        success=success,
+        preserve=preserve,
+        background=background,
+        naturalness=naturalness,
+        artifacts=artifacts,
+        overall_success=overall_success,
+        overall_preserve=overall_preserve,
+        valid=valid,
+    )
+
+
+def _unit(image: jax.Array) -> jax.Array:
+    """uint8 images to float32 [0, 1]; float images pass through as float32."""
+    if image.dtype == jnp.uint8:
+        return image.astype(jnp.float32) / 255.0
+    return image.astype(jnp.float32)
+
+
+def _box_pixels(boxes: jax.Array, hw: tuple[int, int]) -> jax.Array:
+    """(B, R, H, W) bool: pixels whose centres lie inside each box."""
+    h, w = hw
+    ys = (jnp.arange(h, dtype=jnp.float32) + 0.5) / h
+    xs = (jnp.arange(w, dtype=jnp.float32) + 0.5) / w
+    inside_y = (ys >= boxes[..., 1, None]) & (ys <= boxes[..., 3, None])  # (B, R, H)
+    inside_x = (xs >= boxes[..., 0, None]) & (xs <= boxes[..., 2, None])  # (B, R, W)
+    return inside_y[..., :, None] & inside_x[..., None, :]
+
+
+def _total_variation(image: jax.Array) -> jax.Array:
+    """(B,) mean absolute difference between neighbouring pixels."""
+    dy = jnp.abs(jnp.diff(image, axis=1)).mean(axis=(1, 2, 3))
+    dx = jnp.abs(jnp.diff(image, axis=2)).mean(axis=(1, 2, 3))
+    return dx + dy

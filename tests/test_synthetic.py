@@ -1,0 +1,84 @@
+"""The programmatic shapes reward: each SFReward field measures what it should."""
+
+import jax.numpy as jnp
+import numpy as np
+
+from sfgrpo.data.shapes import ShapesConfig, generate
+from sfgrpo.rewards.base import score_rewards
+from sfgrpo.rewards.synthetic import shapes_scores
+
+
+def _example(index=0, r_max=3):
+    rec = generate(index, split="train", seed=3, config=ShapesConfig(image_size=64))
+    r = len(rec.regions)
+    boxes = np.zeros((1, r_max, 4), np.float32)
+    masks = np.zeros((1, r_max, 64, 64), bool)
+    valid = np.zeros((1, r_max), bool)
+    for k, region in enumerate(rec.regions):
+        boxes[0, k], masks[0, k], valid[0, k] = region.box, region.mask, True
+    assert r >= 1
+    return rec.source[None], rec.target[None], masks, boxes, valid
+
+
+def _scores(edited, example):
+    source, target, masks, boxes, valid = example
+    return shapes_scores(jnp.asarray(edited), source, target, masks, boxes, valid)
+
+
+def test_perfect_edit_scores_full_marks():
+    ex = _example()
+    s = _scores(ex[1].astype(np.float32) / 255.0, ex)
+    valid = ex[4][0]
+    np.testing.assert_allclose(np.asarray(s.success)[0, valid], 25.0)
+    np.testing.assert_allclose(np.asarray(s.preserve)[0, valid], 25.0)
+    for field in (s.background, s.naturalness, s.artifacts, s.overall_success, s.overall_preserve):
+        np.testing.assert_allclose(field, 25.0, rtol=1e-5)
+    rewards = score_rewards(s, jnp.asarray(valid)[None])
+    np.testing.assert_allclose(np.asarray(rewards.region)[0, :-1][valid], 1.0, rtol=1e-5)
+    np.testing.assert_allclose(rewards.image, 1.0, rtol=1e-5)
+
+
+def test_unedited_image_fails_success_but_preserves():
+    ex = _example(1)
+    s = _scores(ex[0].astype(np.float32) / 255.0, ex)
+    valid = ex[4][0]
+    assert np.all(np.asarray(s.success)[0, valid] < 12.5)
+    np.testing.assert_allclose(s.background, 25.0)
+    np.testing.assert_allclose(np.asarray(s.preserve)[0, valid], 25.0)
+
+
+def test_region_credit_is_local():
+    # Fix region 0 only: its success rises; the other regions' scores do not move.
+    ex = _example(2)
+    source, target, masks, _, valid = ex
+    if valid[0].sum() < 2:
+        ex = _example(5)
+        source, target, masks, _, valid = ex
+    assert valid[0].sum() >= 2
+    edited = source.astype(np.float32) / 255.0
+    fixed = edited.copy()
+    fixed[0][masks[0, 0]] = target[0][masks[0, 0]] / 255.0
+    before, after = _scores(edited, ex), _scores(fixed, ex)
+    assert float(after.success[0, 0]) == 25.0 > float(before.success[0, 0])
+    np.testing.assert_allclose(after.success[0, 1:], before.success[0, 1:])
+
+
+def test_background_damage_and_artifacts():
+    ex = _example(3)
+    source = ex[0].astype(np.float32) / 255.0
+    noisy = source + np.random.default_rng(0).normal(0, 0.2, source.shape).astype(np.float32)
+    s_clean, s_noisy = _scores(source, ex), _scores(noisy, ex)
+    assert float(s_noisy.background[0]) < float(s_clean.background[0])
+    assert float(s_noisy.artifacts[0]) < 25.0  # values pushed outside [0, 1]
+    assert float(s_noisy.naturalness[0]) < float(s_clean.naturalness[0])
+
+
+def test_non_finite_image_is_a_failure():
+    ex = _example(4)
+    edited = ex[1].astype(np.float32) / 255.0
+    edited[0, 3, 3, 0] = np.nan
+    s = _scores(edited, ex)
+    assert not bool(s.valid[0])
+    rewards = score_rewards(s, jnp.asarray(ex[4]))
+    assert not np.any(np.asarray(rewards.region_valid)) and not bool(rewards.image_valid[0])
+    assert np.all(np.isfinite(np.asarray(rewards.region)))
