@@ -1,0 +1,285 @@
+"""From an ml-collections config to the run's parts: checked settings, the policy, the data, the optimizer.
+
+Every check of the config happens here, on the host, before anything compiles: a bad config ends the run
+with a ``ConfigError`` that names the key and the problem.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from sfgrpo.data import pipeline, shapes
+from sfgrpo.models import lora
+from sfgrpo.models.flux2 import Flux2Transformer
+from sfgrpo.models.policy import EditPolicy
+from sfgrpo.models.tiny import PixelAutoencoder, WordTextEncoder
+from sfgrpo.rl.loss import CREDIT_MODES
+from sfgrpo.rl.step import GRPOSettings
+from sfgrpo.sampling.rollout import window_size
+from sfgrpo.sampling.sde import STEP_KINDS
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+def _require(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(f"config.{key}: {problem}")
+
+
+def batch_shards(config: ml_collections.ConfigDict) -> int:
+    """How many ways the batch is split: the mesh's data x fsdp size on this run's devices."""
+    m = config.mesh
+    n = jax.device_count()
+    sizes = [m.data, m.fsdp, m.tensor]
+    fixed = int(np.prod([s for s in sizes if s != -1]))
+    data = n // fixed if m.data == -1 else m.data
+    fsdp = n // fixed if m.fsdp == -1 else m.fsdp
+    return int(data * fsdp)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks the config against itself and the devices; raises ConfigError."""
+    rl, s, d, m = config.rl, config.sampler, config.data, config.model
+    _require(rl.credit in CREDIT_MODES, "rl.credit", f"must be one of {CREDIT_MODES}, got {rl.credit!r}")
+    _require(rl.group_size >= 2, "rl.group_size", f"a group needs at least 2 rollouts, got {rl.group_size}")
+    _require(
+        rl.batch_size >= rl.group_size and rl.batch_size % rl.group_size == 0,
+        "rl.batch_size",
+        f"the per-host batch {rl.batch_size} must be a multiple of the group size rl.group_size="
+        f"{rl.group_size}, so that every group stays whole",
+    )
+    global_batch = rl.batch_size * jax.process_count()
+    shards = batch_shards(config)
+    _require(
+        rl.micro_batch >= shards and rl.micro_batch % shards == 0 and global_batch % rl.micro_batch == 0,
+        "rl.micro_batch",
+        f"{rl.micro_batch} must divide the global batch {global_batch} and be a multiple of the {shards} "
+        "devices the batch is split over",
+    )
+    micro_count = global_batch // rl.micro_batch
+    _require(
+        rl.grad_accum >= 1 and micro_count % rl.grad_accum == 0,
+        "rl.grad_accum",
+        f"{rl.grad_accum} must divide the {micro_count} micro-batches of a batch",
+    )
+    _require(rl.inner_epochs >= 1, "rl.inner_epochs", f"must be >= 1, got {rl.inner_epochs}")
+    for mode in CREDIT_MODES:
+        lo, hi = getattr(rl, f"clip_range_{mode}")
+        _require(
+            0 < lo < 1 and hi > 0, f"rl.clip_range_{mode}", f"(lo, hi) needs 0 < lo < 1, hi > 0: {(lo, hi)}"
+        )
+    _require(rl.adv_std in ("group", "global"), "rl.adv_std", f"'group' or 'global', got {rl.adv_std!r}")
+    _require(
+        rl.kl_form in ("exact", "flow_grpo"), "rl.kl_form", f"'exact' or 'flow_grpo', got {rl.kl_form!r}"
+    )
+    _require(rl.kl_beta >= 0, "rl.kl_beta", f"must be >= 0, got {rl.kl_beta}")
+    _require(0 <= rl.mix_lambda <= 1, "rl.mix_lambda", f"must lie in [0, 1], got {rl.mix_lambda}")
+    _require(
+        s.kind in STEP_KINDS and s.kind != "ode",
+        "sampler.kind",
+        f"'sde' or 'cps' for training, got {s.kind!r}",
+    )
+    _require(s.num_steps >= 1, "sampler.num_steps", f"must be >= 1, got {s.num_steps}")
+    _require(s.eval_steps >= 1, "sampler.eval_steps", f"must be >= 1, got {s.eval_steps}")
+    _require(s.eta > 0, "sampler.eta", f"training needs noise: eta must be > 0, got {s.eta}")
+    try:
+        w = window_size(s.num_steps, s.window, s.window_size)
+    except ValueError as err:
+        raise ConfigError(f"config.sampler.window: {err}") from None
+    if s.window == "random":
+        _require(
+            0 <= s.window_lo < s.window_hi and s.window_hi - 1 + w <= s.num_steps,
+            "sampler.window_hi",
+            f"a window of {w} steps starting in [{s.window_lo}, {s.window_hi}) does not fit in "
+            f"{s.num_steps} steps",
+        )
+    _require(d.source in ("shapes", "tfds"), "data.source", f"'shapes' or 'tfds', got {d.source!r}")
+    _require(
+        d.resolution % 16 == 0 and d.resolution > 0, "data.resolution", f"multiple of 16: {d.resolution}"
+    )
+    if d.source == "tfds":
+        _require(bool(d.tfds_dir), "data.tfds_dir", "data.source='tfds' needs the dataset directory")
+    _require(m.name == "tiny", "model.name", f"only 'tiny' is supported by this trainer yet, got {m.name!r}")
+    _require(m.dtype in DTYPES, "model.dtype", f"one of {tuple(DTYPES)}, got {m.dtype!r}")
+    _require(
+        m.transformer.joint_attention_dim == m.text_dim,
+        "model.text_dim",
+        f"{m.text_dim} must equal model.transformer.joint_attention_dim={m.transformer.joint_attention_dim}",
+    )
+    _require(
+        m.pixel_pool >= 1 and 16 % m.pixel_pool == 0, "model.pixel_pool", f"1, 2, 4, 8 or 16: {m.pixel_pool}"
+    )
+    channels = make_autoencoder(config).latent_channels
+    _require(
+        m.transformer.in_channels == channels,
+        "model.transformer.in_channels",
+        f"{m.transformer.in_channels}, but the pixel autoencoder (pool {m.pixel_pool}) makes "
+        f"{channels}-channel tokens",
+    )
+    _require(m.lora_rank >= 0, "model.lora_rank", f"must be >= 0, got {m.lora_rank}")
+    _require(config.reward.kind == "shapes", "reward.kind", f"only 'shapes' yet, got {config.reward.kind!r}")
+    _require(config.train.steps >= 1, "train.steps", f"must be >= 1, got {config.train.steps}")
+    for key in ("eval_every", "checkpoint_every", "keep_checkpoints", "log_every"):
+        _require(config.train[key] >= 1, f"train.{key}", f"must be >= 1, got {config.train[key]}")
+    _require(config.warmstart.steps >= 0, "warmstart.steps", "must be >= 0")
+    _require(
+        config.warmstart.batch_size % shards == 0,
+        "warmstart.batch_size",
+        f"{config.warmstart.batch_size} must be a multiple of the {shards} batch devices",
+    )
+
+
+def grpo_settings(config: ml_collections.ConfigDict) -> GRPOSettings:
+    """The static settings of the compiled GRPO iteration."""
+    rl, s = config.rl, config.sampler
+    return GRPOSettings(
+        credit=rl.credit,
+        clip_range=tuple(float(x) for x in rl[f"clip_range_{rl.credit}"]),
+        adv_clip=float(rl.adv_clip),
+        adv_std=rl.adv_std,
+        adv_eps=float(rl.adv_eps),
+        mix_lambda=float(rl.mix_lambda),
+        kl_beta=float(rl.kl_beta),
+        kl_form=rl.kl_form,
+        eta=float(s.eta),
+        sde_kind=s.kind,
+        window_mode=s.window,
+        window=window_size(s.num_steps, s.window, s.window_size),
+        window_lo=int(s.window_lo),
+        window_hi=int(s.window_hi),
+        inner_epochs=int(rl.inner_epochs),
+        micro_batch=int(rl.micro_batch),
+        grad_accum=int(rl.grad_accum),
+        batch_shards=batch_shards(config),
+        score_scale=float(config.reward.scale),
+        cfg_scale=float(s.cfg_scale),
+    )
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    from sfgrpo import runtime  # noqa: PLC0415
+
+    m = config.mesh
+    try:
+        return runtime.make_mesh(m.data, m.fsdp, m.tensor)
+    except ValueError as err:
+        raise ConfigError(f"config.mesh: {err}") from None
+
+
+# --- model --------------------------------------------------------------------------------------------
+
+
+def make_autoencoder(config: ml_collections.ConfigDict) -> PixelAutoencoder:
+    """The demo's weightless pixel autoencoder."""
+    return PixelAutoencoder(pool=config.model.pixel_pool)
+
+
+def text_length(config: ml_collections.ConfigDict) -> int:
+    return shapes.max_words(shapes_config(config))
+
+
+def build_policy(config: ml_collections.ConfigDict, seed: int) -> EditPolicy:
+    """The tiny policy, randomly initialised; call under ``runtime.use_mesh`` to shard it."""
+    m = config.model
+    rngs = nnx.Rngs(seed)
+    transformer = Flux2Transformer.from_config(dict(m.transformer), rngs=rngs, dtype=DTYPES[m.dtype])
+    text = WordTextEncoder(len(shapes.VOCAB), m.text_dim, text_length(config), rngs=rngs)
+    return EditPolicy(transformer, text)
+
+
+def add_lora(policy: EditPolicy, config: ml_collections.ConfigDict, seed: int) -> list[str]:
+    """Attaches LoRA adapters to the transformer when model.lora_rank > 0; returns the adapted paths."""
+    m = config.model
+    if m.lora_rank == 0:
+        return []
+    alpha = float(m.lora_alpha) if m.lora_alpha > 0 else 2.0 * m.lora_rank
+    patterns = tuple(lora_patterns(m.lora_targets)) or lora.DEFAULT_PATTERNS
+    try:
+        return lora.apply_lora(
+            policy.transformer, lora.LoRAConfig(m.lora_rank, alpha, patterns), rngs=nnx.Rngs(seed)
+        )
+    except ValueError as err:
+        raise ConfigError(f"config.model.lora_targets: {err}") from None
+
+
+def grpo_filter(config: ml_collections.ConfigDict) -> Any:
+    """What GRPO trains: the LoRA parameters, or every transformer parameter when lora_rank is 0."""
+    if config.model.lora_rank > 0:
+        return lora.LoRAParam
+    return nnx.All(nnx.Param, nnx.PathContains("transformer"))
+
+
+def make_optimizer(lr: float, weight_decay: float, max_grad_norm: float) -> optax.GradientTransformation:
+    """AdamW at a constant rate after a global grad-norm clip (SPEC section 9)."""
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adamw(lr, weight_decay=weight_decay))
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+
+def shapes_config(config: ml_collections.ConfigDict) -> shapes.ShapesConfig:
+    return shapes.ShapesConfig(image_size=config.data.resolution, max_edits=min(3, config.data.r_max))
+
+
+def data_source(config: ml_collections.ConfigDict, split: str) -> Sequence[Any]:
+    """A random-access source of records for 'train' or the held-out 'test' split."""
+    d = config.data
+    if d.source == "shapes":
+        n = d.shapes_train if split == "train" else d.shapes_eval
+        return shapes.ShapesSource(n, split=split, seed=config.seed, config=shapes_config(config))
+    from sfgrpo.data.tfds_builder import load_split  # noqa: PLC0415
+
+    return load_split(d.tfds_dir, split)
+
+
+def pipeline_config(
+    config: ml_collections.ConfigDict, *, batch_size: int, group_size: int, seed: int
+) -> pipeline.PipelineConfig:
+    d = config.data
+    return pipeline.PipelineConfig(
+        resolution=d.resolution,
+        group_size=group_size,
+        batch_size=batch_size,
+        r_max=d.r_max,
+        seed=seed,
+        num_workers=d.num_workers,
+    )
+
+
+def tokenize(instructions: np.ndarray, max_len: int) -> np.ndarray:
+    """(B,) instruction strings -> (B, max_len) int32 word ids of the shapes vocabulary."""
+    return np.stack([shapes.tokenize(str(t), max_len) for t in instructions])
+
+
+def device_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh, max_len: int) -> dict[str, jax.Array]:
+    """A host batch as global arrays: numeric fields plus ``text_ids``, sharded along the batch."""
+    from sfgrpo import runtime  # noqa: PLC0415
+
+    arrays = pipeline.numeric_fields(batch)
+    arrays["text_ids"] = tokenize(batch["instruction"], max_len)
+    keep = ("source", "target", "boxes", "region_valid", "region_masks", "group_id", "text_ids")
+    return runtime.host_local_to_global({k: arrays[k] for k in keep}, mesh)
+
+
+def lora_patterns(targets: str) -> Sequence[str]:
+    """The comma-separated regexes of model.lora_targets, each checked to compile."""
+    out = [t.strip() for t in targets.split(",") if t.strip()]
+    for t in out:
+        try:
+            re.compile(t)
+        except re.error as err:
+            raise ConfigError(f"config.model.lora_targets: bad pattern {t!r}: {err}") from None
+    return out

@@ -1,0 +1,251 @@
+"""The compiled programs of a run: rollout, reward + credit, update, their fusion, and evaluation.
+
+Each program is a pure function of device arrays, compiled once ahead of time (``compile_all``) for the
+run's fixed shapes and logged with its compile time; calling a compiled program with other shapes is an
+error rather than a silent recompilation. With the in-graph shapes reward, ``iteration`` fuses rollout,
+reward, credit and update into one sharded step; ``train.fuse_step=False`` runs the three stages as
+separate programs instead, so that each can be timed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sfgrpo.models.flux2 import make_position_ids
+from sfgrpo.models.policy import Conditioning
+from sfgrpo.models.tiny import PixelAutoencoder
+from sfgrpo.rewards.base import score_rewards
+from sfgrpo.rewards.synthetic import shapes_scores
+from sfgrpo.rl import regions
+from sfgrpo.rl.step import (
+    Credit,
+    GRPOSettings,
+    PolicyParts,
+    merge,
+    reward_metrics,
+    sample,
+    score_and_credit,
+    update,
+)
+from sfgrpo.sampling.rollout import Trajectory, rollout
+from sfgrpo.sampling.schedule import flux2_sigmas
+
+_log = logging.getLogger(__name__)
+
+
+class RolloutOut(NamedTuple):
+    """The rollout stage's results: the trajectory, its conditioning, decoded images (B, H, W, 3) float32
+    and the token weights (B, R+1, L)."""
+
+    traj: Trajectory
+    cond: Conditioning
+    edited: jax.Array
+    weights: jax.Array
+
+
+class Conditioner:
+    """Turns a batch into the policy's conditioning: text features, the source's reference tokens and the
+    position ids, for images of ``image_hw`` pixels and instructions of ``text_len`` tokens."""
+
+    def __init__(self, autoencoder: PixelAutoencoder, image_hw: tuple[int, int], text_len: int) -> None:
+        self.autoencoder = autoencoder
+        self.grid = self.autoencoder.grid(*image_hw)
+        self.text_len = text_len
+
+    def __call__(self, policy: Any, batch: dict[str, jax.Array]) -> Conditioning:
+        h, w = self.grid
+        img_ids, txt_ids = make_position_ids(h, w, self.text_len, refs=[(h, w)])
+        text = policy.encode_text(batch["text_ids"])
+        return Conditioning(text, self.autoencoder.encode(batch["source"]), img_ids, txt_ids)
+
+
+class Programs:
+    """The run's jitted functions, closed over the static policy graph, settings and shapes.
+
+    Args:
+      graphdef: the policy's nnx graph.
+      optimizer: the GRPO optimizer.
+      settings: static GRPO settings.
+      condition: the batch -> conditioning map (it holds the autoencoder and the token grid).
+      num_steps / eval_steps: sampler steps for training and evaluation.
+      token_weights: 'boxes' (exact box-cell overlap) or 'masks' (average-pooled region masks).
+    """
+
+    def __init__(
+        self,
+        graphdef: Any,
+        optimizer: optax.GradientTransformation,
+        settings: GRPOSettings,
+        condition: Conditioner,
+        *,
+        num_steps: int,
+        eval_steps: int,
+        token_weights: str = "boxes",
+    ) -> None:
+        if token_weights not in ("boxes", "masks"):
+            raise ValueError(f"token_weights must be 'boxes' or 'masks', got {token_weights!r}")
+        self.graphdef, self.optimizer, self.settings = graphdef, optimizer, settings
+        self.condition = condition
+        self.autoencoder = self.condition.autoencoder
+        self.grid = self.condition.grid
+        self.token_weights = token_weights
+        seq = self.grid[0] * self.grid[1]
+        self.sigmas = flux2_sigmas(num_steps, seq)
+        self.eval_sigmas = flux2_sigmas(eval_steps, seq)
+        self.compiled: dict[str, Any] = {}
+        self.compile_seconds: dict[str, float] = {}
+        on_cpu = jax.default_backend() == "cpu"  # CPU buffers cannot be donated; don't ask
+        self._jit = {
+            "rollout": jax.jit(self.rollout),
+            "reward": jax.jit(self.reward),
+            "update": jax.jit(self.update, donate_argnums=() if on_cpu else (0, 2)),
+            "iteration": jax.jit(self.iteration, donate_argnums=() if on_cpu else (0, 2)),
+            "evaluate": jax.jit(self.evaluate),
+        }
+
+    # --- the stages, traced -------------------------------------------------------------------------
+
+    def conditioning(self, params: Any, frozen: Any, batch: dict[str, jax.Array]) -> Conditioning:
+        return self.condition(merge(PolicyParts(self.graphdef, params, frozen)), batch)
+
+    def weights(self, batch: dict[str, jax.Array]) -> jax.Array:
+        """(B, R+1, L) token weights of the batch's regions (SPEC section 6)."""
+        if self.token_weights == "masks":
+            return regions.mask_token_weights(batch["region_masks"], batch["region_valid"], self.grid)
+        return regions.token_weights(batch["boxes"], batch["region_valid"], self.grid)
+
+    def _noise(self, key: jax.Array, batch: dict[str, jax.Array], ref: jax.Array) -> jax.Array:
+        b = batch["source"].shape[0]
+        shape = (b, self.grid[0] * self.grid[1], self.autoencoder.latent_channels)
+        return jax.random.normal(key, shape, jnp.float32, out_sharding=jax.typeof(ref).sharding.spec)
+
+    def rollout(self, params: Any, frozen: Any, batch: dict[str, jax.Array], key: jax.Array) -> RolloutOut:
+        cond = self.conditioning(params, frozen, batch)
+        noise_key, sample_key = jax.random.split(key)
+        noise = self._noise(noise_key, batch, cond.reference)
+        parts = PolicyParts(self.graphdef, params, frozen)
+        traj = sample(parts, cond, noise, sample_key, self.sigmas, self.settings)
+        edited = self.autoencoder.decode(traj.final, self.grid)
+        return RolloutOut(traj, cond, edited, self.weights(batch))
+
+    def reward(
+        self, edited: jax.Array, batch: dict[str, jax.Array], weights: jax.Array
+    ) -> tuple[Credit, dict[str, jax.Array]]:
+        scores = self._scores(edited, batch)
+        _, credit_, metrics = score_and_credit(
+            scores, batch["region_valid"], weights, batch["group_id"], self.settings
+        )
+        return credit_, metrics
+
+    def _scores(self, edited: jax.Array, batch: dict[str, jax.Array]) -> Any:
+        # Judge against what the autoencoder can express: a lossy (pooled) autoencoder cannot reproduce
+        # fine texture, and the policy should not be scored on it.
+        ae, grid = self.autoencoder, self.grid
+        source = ae.decode(ae.encode(batch["source"]), grid)
+        target = ae.decode(ae.encode(batch["target"]), grid)
+        return shapes_scores(
+            edited,
+            source,
+            target,
+            batch["region_masks"],
+            batch["boxes"],
+            batch["region_valid"],
+            scale=self.settings.score_scale,
+        )
+
+    def update(
+        self,
+        params: Any,
+        frozen: Any,
+        opt_state: Any,
+        ref_params: Any,
+        out: RolloutOut,
+        credit_: Credit,
+        key: jax.Array,
+    ) -> tuple[Any, Any, dict[str, jax.Array]]:
+        parts = PolicyParts(self.graphdef, params, frozen)
+        sigma_max = jnp.asarray(self.sigmas[1])
+        return update(
+            parts,
+            opt_state,
+            self.optimizer,
+            ref_params,
+            out.traj,
+            out.cond,
+            credit_,
+            key,
+            sigma_max,
+            self.settings,
+        )
+
+    def iteration(
+        self,
+        params: Any,
+        frozen: Any,
+        opt_state: Any,
+        ref_params: Any,
+        batch: dict[str, jax.Array],
+        key: jax.Array,
+    ) -> tuple[Any, Any, dict[str, jax.Array]]:
+        """Rollout, reward, credit and update as one program."""
+        rollout_key, update_key = jax.random.split(key)
+        out = self.rollout(params, frozen, batch, rollout_key)
+        credit_, metrics = self.reward(out.edited, batch, out.weights)
+        params, opt_state, update_metrics = self.update(
+            params, frozen, opt_state, ref_params, out, credit_, update_key
+        )
+        return params, opt_state, {**metrics, **update_metrics}
+
+    def evaluate(
+        self, params: Any, frozen: Any, batch: dict[str, jax.Array], key: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Deterministic (ODE) edits of a fixed batch and their rewards; returns (edited, metrics)."""
+        cond = self.conditioning(params, frozen, batch)
+        noise = self._noise(key, batch, cond.reference)
+        policy = merge(PolicyParts(self.graphdef, params, frozen))
+        traj = rollout(
+            lambda x, s: policy.velocity(x, s, cond),
+            noise,
+            self.eval_sigmas,
+            key,
+            eta=0.0,
+            kind="ode",
+            window_start=jnp.zeros((), jnp.int32),
+            window=1,
+        )
+        edited = self.autoencoder.decode(traj.final, self.grid)
+        scores = self._scores(edited, batch)
+        rewards = score_rewards(scores, batch["region_valid"], self.settings.score_scale)
+        metrics = reward_metrics(scores, rewards, self.settings.score_scale)
+        return edited, {f"eval/{k}": v for k, v in metrics.items()}
+
+    # --- compilation --------------------------------------------------------------------------------
+
+    def compile(self, name: str, *args: Any) -> Callable[..., Any]:
+        """Compiles program ``name`` for ``args``' shapes once and logs the time it took."""
+        if name not in self.compiled:
+            start = time.perf_counter()
+            self.compiled[name] = self._jit[name].lower(*args).compile()
+            self.compile_seconds[name] = time.perf_counter() - start
+            _log.info(
+                "compiled %s in %.1f s (once: its shapes are fixed for the run)",
+                name,
+                self.compile_seconds[name],
+            )
+        return self.compiled[name]
+
+    def __call__(self, name: str, *args: Any) -> Any:
+        return self.compile(name, *args)(*args)
+
+
+def host_numpy(tree: Any) -> Any:
+    """Fetches a pytree of (global) arrays to the host as numpy."""
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)

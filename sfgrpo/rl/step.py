@@ -1,0 +1,398 @@
+"""The GRPO iteration as pure functions: rollout, reward, credit and the clipped update (SPEC sections 7-9).
+
+Every function here is traced inside ``jax.jit``. The policy travels as (graphdef, trainable params, frozen
+state) and is rebuilt with ``nnx.merge`` inside the trace. With a JAX reward the four stages compose into
+one compiled step (``iteration``); the trainer may also compile them separately to time each stage.
+
+Batch arrays are sharded along their leading (batch) axis over the mesh axes ("data", "fsdp"). Micro-batches
+are cut from each shard locally, so a micro-batch is spread over every device and no sample crosses one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from sfgrpo.models.policy import Conditioning, EditPolicy
+from sfgrpo.rewards.base import RegionScores, Rewards, score_rewards
+from sfgrpo.rl.advantages import (
+    group_advantages,
+    group_statistics,
+    mix_global,
+    token_advantages,
+    token_validity,
+)
+from sfgrpo.rl.loss import policy_loss
+from sfgrpo.sampling.rollout import Trajectory, draw_window_start, rollout
+from sfgrpo.sampling.sde import gaussian_kl, sde_step
+
+BATCH_AXES = ("data", "fsdp")  # the mesh axes the batch is split over (runtime.LOGICAL_AXIS_RULES)
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOSettings:
+    """Static settings of one GRPO iteration (hashable: they select what is compiled)."""
+
+    credit: str  # 'spatial', 'region' or 'scalar'
+    clip_range: tuple[float, float]
+    adv_clip: float
+    adv_std: str  # 'group' or 'global'
+    adv_eps: float
+    mix_lambda: float
+    kl_beta: float
+    kl_form: str  # 'exact' or 'flow_grpo'
+    eta: float
+    sde_kind: str  # 'sde' or 'cps'
+    window_mode: str
+    window: int  # W, the number of trained steps
+    window_lo: int
+    window_hi: int
+    inner_epochs: int
+    micro_batch: int  # samples per micro-batch, over all devices
+    grad_accum: int  # micro-batches per optimizer step
+    batch_shards: int  # devices the batch is split over: mesh data x fsdp
+    score_scale: float = 25.0
+    cfg_scale: float = 1.0
+
+
+class Credit(NamedTuple):
+    """Advantages in the shape the credit mode needs, with the loss mask and the token weights.
+
+    adv: 'spatial' (B, L), 'region' (B, R+1), 'scalar' (B,).  mask: the same shape, float in [0, 1].
+    weights: (B, R+1, L) token weights (background last).
+    """
+
+    adv: jax.Array
+    mask: jax.Array
+    weights: jax.Array
+
+
+class PolicyParts(NamedTuple):
+    """The policy split for a functional update: the graph, its trainable params and everything else."""
+
+    graphdef: Any
+    params: Any
+    frozen: Any
+
+
+def merge(parts: PolicyParts, params: Any = None) -> EditPolicy:
+    """The policy with ``params`` (default: its own) as its trainable part."""
+    return nnx.merge(parts.graphdef, parts.params if params is None else params, parts.frozen)
+
+
+def velocity_fn(policy: EditPolicy, cond: Conditioning) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """The policy's velocity as a function of (x (B, L, C), sigma (B,)), its conditioning closed over."""
+    return lambda x, sigma: policy.velocity(x, sigma, cond)
+
+
+# --- rollout ------------------------------------------------------------------------------------------
+
+
+def sample(
+    parts: PolicyParts,
+    cond: Conditioning,
+    noise: jax.Array,
+    key: jax.Array,
+    sigmas: np.ndarray,
+    settings: GRPOSettings,
+) -> Trajectory:
+    """Rolls the policy out from ``noise`` (B, L, C) with the settings' SDE window; see ``rollout``."""
+    window_key, step_key = jax.random.split(key)
+    num_steps = len(sigmas) - 1
+    start = draw_window_start(
+        window_key, settings.window_mode, settings.window_lo, settings.window_hi, num_steps, settings.window
+    )
+    policy = merge(parts)
+    return rollout(
+        velocity_fn(policy, cond),
+        noise,
+        sigmas,
+        step_key,
+        eta=settings.eta,
+        kind=settings.sde_kind,
+        window_start=start,
+        window=settings.window,
+    )
+
+
+# --- credit -------------------------------------------------------------------------------------------
+
+
+def credit(
+    rewards: Rewards, weights: jax.Array, group_ids: jax.Array, settings: GRPOSettings
+) -> tuple[Credit, dict[str, jax.Array]]:
+    """Group advantages for the credit mode (SPEC section 7) and their statistics.
+
+    Args:
+      rewards: region rewards (B, R+1) and global rewards (B,) with validity.
+      weights: (B, R+1, L) token weights.
+      group_ids: (B,) int group of each sample.
+    """
+    kw = dict(std=settings.adv_std, clip=settings.adv_clip, eps=settings.adv_eps)
+    region_adv = group_advantages(rewards.region, rewards.region_valid, group_ids, **kw)
+    image_adv = group_advantages(rewards.image, rewards.image_valid, group_ids, **kw)
+    if settings.credit == "spatial":
+        adv = token_advantages(region_adv, weights)
+        if settings.mix_lambda != 1.0:
+            adv = mix_global(adv, image_adv, settings.mix_lambda)
+        mask = token_validity(rewards.region_valid, weights)
+        stats_rewards, stats_valid = rewards.region, rewards.region_valid
+    elif settings.credit == "region":
+        adv, mask = region_adv, rewards.region_valid.astype(jnp.float32)
+        stats_rewards, stats_valid = rewards.region, rewards.region_valid
+    else:
+        adv, mask = image_adv, rewards.image_valid.astype(jnp.float32)
+        stats_rewards, stats_valid = rewards.image, rewards.image_valid
+    _, spread, zero = group_statistics(stats_rewards, stats_valid, group_ids, std=settings.adv_std)
+    valid_f = stats_valid.astype(jnp.float32)
+    n_valid = jnp.maximum(valid_f.sum(), 1.0)
+    metrics = {
+        "adv/abs_mean": jnp.abs(adv * mask).sum() / jnp.maximum(mask.sum(), 1.0),
+        "adv/spread_mean": (spread * valid_f).sum() / n_valid,
+        "adv/zero_spread_frac": (zero * valid_f).sum() / n_valid,
+    }
+    return Credit(adv, mask, weights), metrics
+
+
+def reward_metrics(scores: RegionScores, rewards: Rewards, scale: float) -> dict[str, jax.Array]:
+    """Means of the rewards over valid entries, split into edit regions and background, and failures."""
+    valid = rewards.region_valid.astype(jnp.float32)
+
+    def mean(x: jax.Array, w: jax.Array) -> jax.Array:
+        return (x * w).sum() / jnp.maximum(w.sum(), 1.0)
+
+    return {
+        "reward/mean": mean(rewards.image, rewards.image_valid.astype(jnp.float32)),
+        "reward/region_mean": mean(rewards.region[:, :-1], valid[:, :-1]),
+        "reward/background_mean": mean(rewards.region[:, -1], valid[:, -1]),
+        "reward/aes_mean": mean(jnp.minimum(scores.naturalness, scores.artifacts), valid[:, -1]) / scale,
+        "reward/failures": (~scores.valid).sum().astype(jnp.float32),
+    }
+
+
+# --- update -------------------------------------------------------------------------------------------
+
+
+def _per_sample(traj: Trajectory, cond: Conditioning, credit_: Credit) -> dict[str, jax.Array]:
+    """Everything the update slices by sample, batch axis first."""
+    return {
+        "x": jnp.moveaxis(traj.x, 0, 1),  # (B, W, L, C)
+        "x_next": jnp.moveaxis(traj.x_next, 0, 1),
+        "logp_old": jnp.moveaxis(traj.logp, 0, 1),  # (B, W, L)
+        "text": cond.text,
+        "reference": cond.reference,
+        "adv": credit_.adv,
+        "mask": credit_.mask,
+        "weights": credit_.weights,
+    }
+
+
+def _micro_batches(
+    tree: dict[str, jax.Array], key: jax.Array, settings: GRPOSettings
+) -> dict[str, jax.Array]:
+    """Shuffles each device's samples and cuts (M, micro_batch, ...) micro-batches, each spread over all
+    devices: on every device, row m holds local samples m*b..(m+1)*b-1 of its shuffled order."""
+    shards = settings.batch_shards
+    local = next(iter(tree.values())).shape[0] // shards
+    micro_local = settings.micro_batch // shards
+    count = local // micro_local
+
+    def cut_local(block: dict[str, jax.Array], key: jax.Array, index: jax.Array) -> dict[str, jax.Array]:
+        perm = jax.random.permutation(jax.random.fold_in(key, index), local)
+        return {
+            k: jnp.take(v, perm, axis=0).reshape(count, micro_local, *v.shape[1:]) for k, v in block.items()
+        }
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return cut_local(tree, key, jnp.zeros((), jnp.int32))
+    # The shuffle stays on each device: a shard_map body sees only its own samples.
+    tree = {k: jax.sharding.reshard(v, jax.P(BATCH_AXES)) for k, v in tree.items()}
+    return jax.shard_map(
+        lambda block, k: cut_local(block, k, jax.lax.axis_index(BATCH_AXES)),
+        in_specs=(jax.P(BATCH_AXES), jax.P()),
+        out_specs=jax.P(None, BATCH_AXES),
+    )(tree, key)
+
+
+def _step_loss(
+    params: Any,
+    parts: PolicyParts,
+    ref_params: Any,
+    mb: dict[str, jax.Array],
+    t: jax.Array,
+    sigma: jax.Array,
+    sigma_next: jax.Array,
+    sigma_max: jax.Array,
+    ids: tuple[jax.Array, jax.Array],
+    settings: GRPOSettings,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Loss of one micro-batch at window step t: the clipped objective plus beta * KL."""
+    cond = Conditioning(mb["text"], mb["reference"], *ids)
+    x, x_next, logp_old = mb["x"][:, t], mb["x_next"][:, t], mb["logp_old"][:, t]
+
+    def step(p: Any) -> Any:
+        v = merge(parts, p).velocity(x, jnp.full((x.shape[0],), sigma), cond)
+        return sde_step(
+            v,
+            x,
+            sigma,
+            sigma_next,
+            settings.eta,
+            x_next,
+            kind=settings.sde_kind,
+            sigma_max=sigma_max,
+            next_sample=x_next,
+        )
+
+    out = step(params)
+    loss, metrics = policy_loss(
+        out.token_logp,
+        logp_old,
+        mb["adv"],
+        mode=settings.credit,
+        clip_range=settings.clip_range,
+        weights=mb["weights"],
+        mask=mb["mask"],
+    )
+    if settings.kl_beta > 0:
+        ref = step(jax.lax.stop_gradient(ref_params))
+        token_kl = gaussian_kl(
+            out.mean, jax.lax.stop_gradient(ref.mean), out.std, dt=sigma_next - sigma, form=settings.kl_form
+        )
+        kl = token_kl.mean()
+        loss = loss + settings.kl_beta * kl
+        weights = mb["weights"]
+        metrics["kl/edit"] = (token_kl * weights[:, :-1].sum(1)).sum() / jnp.maximum(
+            weights[:, :-1].sum(), 1.0
+        )
+        metrics["kl/background"] = (token_kl * weights[:, -1]).sum() / jnp.maximum(weights[:, -1].sum(), 1.0)
+    else:
+        kl = jnp.zeros((), jnp.float32)
+    metrics["kl"] = kl
+    metrics["total_loss"] = loss
+    return loss, metrics
+
+
+def update(
+    parts: PolicyParts,
+    opt_state: Any,
+    optimizer: optax.GradientTransformation,
+    ref_params: Any,
+    traj: Trajectory,
+    cond: Conditioning,
+    credit_: Credit,
+    key: jax.Array,
+    sigma_max: jax.Array,
+    settings: GRPOSettings,
+) -> tuple[Any, Any, dict[str, jax.Array]]:
+    """Inner epochs of clipped-GRPO updates on one rollout batch (SPEC section 9, step 5).
+
+    Each epoch shuffles the samples, cuts micro-batches, and for each micro-batch averages the gradient over
+    the W window steps; every ``grad_accum`` micro-batches make one optimizer step (AdamW after a global
+    grad-norm clip, in ``optimizer``). A step whose loss or gradient is not finite is skipped and counted.
+
+    Returns:
+      (params, opt_state, metrics): metrics are means over all (micro-batch, window step) pairs, plus
+      'skipped_updates' and 'grad_norm'.
+    """
+    ids = (cond.img_ids, cond.txt_ids)
+    window = traj.sigma.shape[0]
+    per_sample = _per_sample(traj, cond, credit_)
+    grad_fn = jax.grad(_step_loss, has_aux=True)
+
+    def micro_grad(params: Any, mb: dict[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
+        def over_steps(acc: Any, t: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
+            g, m = grad_fn(
+                params, parts, ref_params, mb, t, traj.sigma[t], traj.sigma_next[t], sigma_max, ids, settings
+            )
+            return jax.tree.map(jnp.add, acc, g), m
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        total, metrics = jax.lax.scan(over_steps, zeros, jnp.arange(window))
+        return jax.tree.map(lambda g: g / window, total), jax.tree.map(jnp.mean, metrics)
+
+    def optimizer_step(carry: Any, group: dict[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
+        params, opt_state = carry
+
+        def accumulate(acc: Any, mb: dict[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
+            g, m = micro_grad(params, mb)
+            return jax.tree.map(jnp.add, acc, g), m
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, metrics = jax.lax.scan(accumulate, zeros, group)
+        grads = jax.tree.map(lambda g: g / settings.grad_accum, grads)
+        metrics = jax.tree.map(jnp.mean, metrics)
+        grad_norm = optax.global_norm(grads)
+        updates, new_opt = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        finite = (
+            jnp.isfinite(grad_norm)
+            & jnp.isfinite(metrics["total_loss"])
+            & jnp.isfinite(optax.global_norm(updates))
+        )
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        metrics["grad_norm"] = grad_norm
+        metrics["skipped_updates"] = (~finite).astype(jnp.float32)
+        return (keep(new_params, params), keep(new_opt, opt_state)), metrics
+
+    params = parts.params
+    all_metrics = []
+    for epoch_key in jax.random.split(key, settings.inner_epochs):
+        mbs = _micro_batches(per_sample, epoch_key, settings)
+        steps = next(iter(mbs.values())).shape[0] // settings.grad_accum
+        groups = jax.tree.map(lambda x, n=steps: x.reshape(n, settings.grad_accum, *x.shape[1:]), mbs)
+        (params, opt_state), metrics = jax.lax.scan(optimizer_step, (params, opt_state), groups)
+        all_metrics.append(metrics)
+    stacked = jax.tree.map(lambda *m: jnp.concatenate(m), *all_metrics)
+    out = jax.tree.map(jnp.mean, stacked)
+    out["skipped_updates"] = stacked["skipped_updates"].sum()
+    out["optimizer_steps"] = jnp.asarray(stacked["skipped_updates"].shape[0], jnp.float32)
+    return params, opt_state, out
+
+
+def rescore(
+    parts: PolicyParts,
+    traj: Trajectory,
+    cond: Conditioning,
+    sigma_max: jax.Array,
+    settings: GRPOSettings,
+) -> jax.Array:
+    """(W, B, L) token log-probs of the recorded trajectory under the policy's current params."""
+
+    def one(x: jax.Array, x_next: jax.Array, s: jax.Array, s_next: jax.Array) -> jax.Array:
+        v = merge(parts).velocity(x, jnp.full((x.shape[0],), s), cond)
+        return sde_step(
+            v,
+            x,
+            s,
+            s_next,
+            settings.eta,
+            x_next,
+            kind=settings.sde_kind,
+            sigma_max=sigma_max,
+            next_sample=x_next,
+        ).token_logp
+
+    return jax.lax.map(lambda a: one(*a), (traj.x, traj.x_next, traj.sigma, traj.sigma_next))
+
+
+def score_and_credit(
+    scores: RegionScores,
+    region_valid: jax.Array,
+    weights: jax.Array,
+    group_ids: jax.Array,
+    settings: GRPOSettings,
+) -> tuple[Rewards, Credit, dict[str, jax.Array]]:
+    """Eq. 3 rewards from the judge's scores, then credit; returns (rewards, credit, metrics)."""
+    rewards = score_rewards(scores, region_valid, settings.score_scale)
+    credit_, metrics = credit(rewards, weights, group_ids, settings)
+    metrics.update(reward_metrics(scores, rewards, settings.score_scale))
+    return rewards, credit_, metrics

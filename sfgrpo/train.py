@@ -1,0 +1,245 @@
+"""The training loop: a supervised warm start, then SpatialFlow-GRPO (SPEC section 9), read top to bottom.
+
+Outputs in the workdir: ``metrics.jsonl`` and TensorBoard events (``tb/``), ``warmstart/`` (the cached warm
+start), ``checkpoints/`` (Orbax: trainable params, optimizer, step, RNG, data position), evaluation grids
+``eval_grid_step<N>.png`` and the reward plot ``rewards.png``. Rerunning with the same workdir resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+from flax import nnx
+
+from sfgrpo import builders, checkpoint, metrics, runtime, warmstart
+from sfgrpo.data import pipeline
+from sfgrpo.iteration import Conditioner, Programs, host_numpy
+from sfgrpo.models.tiny import images_to_uint8
+
+_log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example, repeated non-finite updates); the message says why."""
+
+
+def _signature(tree: Any) -> str:
+    """A short hash of a pytree's paths, shapes and dtypes: names the model shape in checkpoint metadata."""
+    layout = checkpoint.tree_layout(tree)
+    return hashlib.sha1(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, float]:
+    """Runs the configured training in ``workdir`` (resuming if it holds a checkpoint).
+
+    ``on_step(step, metrics)`` is called after each GRPO iteration (for tools and tests).
+    Returns the final evaluation metrics.
+    """
+    # --- Set-up: config checks, mesh, outputs --------------------------------------------------------
+    builders.validate(config)
+    settings = builders.grpo_settings(config)
+    mesh = builders.make_mesh(config)
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    _log.info("mesh %s on %d devices (%s)", dict(mesh.shape), jax.device_count(), jax.default_backend())
+    hw = (config.data.resolution, config.data.resolution)
+    text_len = builders.text_length(config)
+    condition = Conditioner(builders.make_autoencoder(config), hw, text_len)
+
+    ckpt = checkpoint.Checkpointer(
+        workdir / "checkpoints", save_every=config.train.checkpoint_every, keep=config.train.keep_checkpoints
+    )
+    resume_step = ckpt.latest_step()
+    writer = metrics.MetricsWriter(workdir)
+    if resume_step is not None:
+        dropped = writer.truncate_after(resume_step, stage=("grpo", "eval", "compile"))
+        _log.info("resuming from step %d (dropped %d metric lines written after it)", resume_step, dropped)
+
+    def batches(source: Any, batch_size: int, group_size: int, seed: int, state: Any = None) -> Any:
+        pcfg = builders.pipeline_config(config, batch_size=batch_size, group_size=group_size, seed=seed)
+        it = pipeline.make_iterator(source, pcfg, state=state)
+        return it, (builders.device_batch(b, mesh, text_len) for b in it)
+
+    with runtime.use_mesh(mesh):
+        # --- The policy, and its supervised warm start (cached) ---------------------------------------
+        policy = builders.build_policy(config, config.seed)
+        per_host = config.warmstart.batch_size // jax.process_count()
+        _, warm_batches = batches(builders.data_source(config, "train"), per_host, 1, config.seed + 1)
+        warmstart.run(
+            policy,
+            condition,
+            warm_batches,
+            steps=config.warmstart.steps,
+            lr=config.warmstart.lr,
+            seed=config.seed,
+            cache_dir=workdir / "warmstart",
+            log_metrics=lambda step, m: writer.write(step, "warmstart", m),
+        )
+
+        # --- GRPO state: what trains, the reference, the optimizer --------------------------------------
+        adapted = builders.add_lora(policy, config, config.seed + 2)
+        graphdef, params, frozen = nnx.split(policy, builders.grpo_filter(config), ...)
+        n_train = sum(x.size for x in jax.tree.leaves(params))
+        _log.info(
+            "GRPO trains %d parameters (%s)", n_train, f"LoRA on {len(adapted)} layers" if adapted else "full"
+        )
+        if config.rl.kl_beta > 0:
+            # The reference is the base model: LoRA off (zero adapters) or a frozen copy of the weights.
+            ref_params = jax.tree.map(lambda x: x * 0 if adapted else x.copy(), params)
+        else:
+            ref_params = {}
+        optimizer = builders.make_optimizer(config.rl.lr, config.rl.weight_decay, config.rl.max_grad_norm)
+        opt_state = optimizer.init(params)
+        programs = Programs(
+            graphdef,
+            optimizer,
+            settings,
+            condition,
+            num_steps=config.sampler.num_steps,
+            eval_steps=config.sampler.eval_steps,
+            token_weights=config.rl.token_weights,
+        )
+        base_key = jax.random.key(config.seed)
+        state = {"params": params, "opt_state": opt_state, "step": 0, "rng": base_key}
+        meta = {"model": _signature(params), "credit": settings.credit}
+
+        # --- Data, and the resume point ------------------------------------------------------------------
+        data_state = None
+        if resume_step is not None:
+            # Raises CheckpointMismatchError, listing the paths, when the workdir holds another model shape.
+            state, data_state, _ = ckpt.restore(abstract_train_state=state)
+        train_iter, train_batches = batches(
+            builders.data_source(config, "train"),
+            config.rl.batch_size,
+            config.rl.group_size,
+            config.seed,
+            data_state,
+        )
+        eval_source = builders.data_source(config, "test")
+        n_eval = len(eval_source) // jax.process_count()
+        _, eval_batches = batches(eval_source, n_eval, 1, config.seed)
+        eval_batch = next(eval_batches)  # fixed held-out inputs, evaluated with ODE sampling
+        eval_key = jax.random.key(config.seed + 10_000)
+
+        def evaluate(step: int, grid_name: str | None) -> dict[str, float]:
+            edited, m = programs("evaluate", state["params"], frozen, eval_batch, eval_key)
+            m = {k: float(v) for k, v in host_numpy(m).items()}
+            if grid_name is not None and jax.process_index() == 0:
+                rows = config.train.grid_rows
+                b = host_numpy({k: eval_batch[k] for k in ("source", "target", "boxes", "region_valid")})
+                grid = metrics.eval_grid(
+                    b["source"][:rows],
+                    images_to_uint8(host_numpy(edited)[:rows]),
+                    b["target"][:rows],
+                    b["boxes"][:rows],
+                    b["region_valid"][:rows],
+                )
+                metrics.save_png(workdir / grid_name, grid)
+                writer.write_images(step, "eval", "grid", grid)
+            _log.info("eval at step %d: reward %.4f", step, m["eval/reward/mean"])
+            return m
+
+        # --- The GRPO loop ---------------------------------------------------------------------------------
+        start = int(state["step"])
+        if start == 0:
+            writer.write(0, "eval", evaluate(0, "eval_grid_step0.png"))
+        skipped_in_a_row = 0
+        last_eval: dict[str, float] = {}
+        for step in tqdm.trange(
+            start + 1,
+            config.train.steps + 1,
+            desc="GRPO",
+            initial=start,
+            total=config.train.steps,
+            disable=jax.process_index() != 0,
+        ):
+            batch = next(train_batches)
+            key = jax.random.fold_in(state["rng"], step)
+            t0 = time.perf_counter()
+            if config.train.fuse_step:
+                params, opt_state, m = programs(
+                    "iteration", state["params"], frozen, state["opt_state"], ref_params, batch, key
+                )
+                jax.block_until_ready(params)
+                times = {"time/iteration_s": time.perf_counter() - t0}
+            else:
+                rollout_key, update_key = jax.random.split(key)
+                out = jax.block_until_ready(programs("rollout", state["params"], frozen, batch, rollout_key))
+                t1 = time.perf_counter()
+                credit, m_reward = jax.block_until_ready(programs("reward", out.edited, batch, out.weights))
+                t2 = time.perf_counter()
+                params, opt_state, m_update = programs(
+                    "update", state["params"], frozen, state["opt_state"], ref_params, out, credit, update_key
+                )
+                jax.block_until_ready(params)
+                t3 = time.perf_counter()
+                m = {**m_reward, **m_update}
+                times = {
+                    "time/rollout_s": t1 - t0,
+                    "time/reward_s": t2 - t1,
+                    "time/update_s": t3 - t2,
+                    "time/iteration_s": t3 - t0,
+                }
+            state = {**state, "params": params, "opt_state": opt_state, "step": step}
+            m = {k: float(v) for k, v in host_numpy(m).items()} | times
+
+            # Non-finite updates were skipped inside the step; stop if they keep coming.
+            skipped_in_a_row = skipped_in_a_row + 1 if m["skipped_updates"] > 0 else 0
+            if skipped_in_a_row >= config.rl.max_consecutive_skips:
+                raise TrainingError(
+                    f"step {step}: non-finite loss or gradient in {skipped_in_a_row} iterations in a row "
+                    f"(rl.max_consecutive_skips={config.rl.max_consecutive_skips}); the last checkpoint is "
+                    f"at step {ckpt.latest_step()}"
+                )
+            if step % config.train.eval_every == 0 or step == config.train.steps:
+                grid = f"eval_grid_step{step}.png" if step == config.train.steps else None
+                last_eval = evaluate(step, grid)
+                m |= last_eval
+            if step % config.train.log_every == 0 or step == config.train.steps:
+                writer.write(step, "grpo", m)
+            ckpt.save(step, state, train_iter.get_state(), meta, force=step == config.train.steps)
+            if on_step is not None:
+                on_step(step, m)
+
+        # --- Wrap-up --------------------------------------------------------------------------------------
+        ckpt.wait()
+        ckpt.close()
+        compile_times = {f"time/compile_{k}_s": v for k, v in programs.compile_seconds.items()}
+        if compile_times:
+            writer.write(config.train.steps, "compile", compile_times)
+        writer.close()
+        if jax.process_index() == 0:
+            metrics.plot_rewards(workdir / metrics.METRICS_FILE, workdir / "rewards.png")
+        if not last_eval:
+            last_eval = evaluate(int(state["step"]), None)
+        return last_eval
+
+
+def final_params(workdir: str | Path) -> dict[str, np.ndarray]:
+    """The trainable parameters of the newest checkpoint in ``workdir``, as numpy (for comparisons)."""
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+
+    directory = Path(workdir).absolute() / "checkpoints"
+    with ocp.CheckpointManager(directory) as manager:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {directory}")
+        restored = manager.restore(step, args=ocp.args.Composite(train_state=ocp.args.StandardRestore()))
+    return jax.tree.map(np.asarray, restored["train_state"]["params"])

@@ -1,0 +1,192 @@
+"""The training loop end to end at test size: exact resume, no recompilation, sharding, and bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from helpers import ROOT, tiny_config
+
+from sfgrpo import builders, checkpoint, metrics, train
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_compiles: list[str] = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kw: _compiles.append(event) if event == COMPILE_EVENT else None
+)
+
+
+def _config(steps):
+    c = tiny_config()
+    c.train.steps = steps
+    c.train.fuse_step = True
+    return c
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """Four GRPO iterations in one go, recording backend compilations after each iteration."""
+    workdir = tmp_path_factory.mktemp("full")
+    counts = {}
+    train.train(_config(4), workdir, on_step=lambda step, m: counts.__setitem__(step, len(_compiles)))
+    return workdir, counts
+
+
+def _with_warm_start(src, dst):
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src / "warmstart", dst / "warmstart")
+    return dst
+
+
+def _assert_same_params(a, b, **tol):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b) > 0
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        if tol:
+            np.testing.assert_allclose(x, y, **tol)
+        else:
+            np.testing.assert_array_equal(x, y)
+
+
+def test_outputs_and_no_recompilation(full_run):
+    workdir, counts = full_run
+    # Nothing compiles after the first iteration: every program was compiled once, ahead of time.
+    assert counts[4] == counts[1], f"compilations after iteration 1: {counts}"
+    records = metrics.read_metrics(workdir / "metrics.jsonl")
+    grpo = [r for r in records if r["stage"] == "grpo"]
+    assert [r["step"] for r in grpo] == [1, 2, 3, 4]
+    for key in ("loss", "clipfrac", "kl", "reward/mean", "time/iteration_s"):
+        assert all(key in r for r in grpo), key
+    assert "eval/reward/mean" in grpo[-1]
+    assert any(r["stage"] == "eval" and r["step"] == 0 for r in records)
+    for name in ("eval_grid_step0.png", "eval_grid_step4.png", "rewards.png", "config.json"):
+        assert (workdir / name).exists(), name
+    assert (workdir / "tb").is_dir() and (workdir / "warmstart").is_dir()
+
+
+def test_split_stages_log_their_times(full_run, tmp_path):
+    c = _config(1)
+    c.train.fuse_step = False
+    workdir = _with_warm_start(full_run[0], tmp_path / "split")
+    train.train(c, workdir)
+    (line,) = [r for r in metrics.read_metrics(workdir / "metrics.jsonl") if r["stage"] == "grpo"]
+    assert line["time/rollout_s"] > 0 and line["time/update_s"] > 0 and line["time/reward_s"] > 0
+
+
+def test_resume_is_bitwise_exact(full_run, tmp_path):
+    workdir = _with_warm_start(full_run[0], tmp_path / "resumed")
+    train.train(_config(2), workdir)  # stopped after 2 iterations ...
+    train.train(_config(4), workdir)  # ... and resumed for 2 more
+    _assert_same_params(train.final_params(workdir), train.final_params(full_run[0]))
+    steps = [r["step"] for r in metrics.read_metrics(workdir / "metrics.jsonl") if r["stage"] == "grpo"]
+    assert steps == [1, 2, 3, 4]
+
+
+_ONE_DEVICE = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, sys.argv[2])
+    from helpers import tiny_config
+    from sfgrpo import train
+    c = tiny_config()
+    c.train.steps = 1
+    c.train.fuse_step = True
+    import jax
+    print("devices", jax.device_count())
+    train.train(c, sys.argv[1])
+    """
+)
+
+
+def test_eight_devices_match_one_device(full_run, tmp_path):
+    eight = _with_warm_start(full_run[0], tmp_path / "eight")
+    one = _with_warm_start(full_run[0], tmp_path / "one")
+    train.train(_config(1), eight)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    done = subprocess.run(
+        [sys.executable, "-c", _ONE_DEVICE, str(one), str(ROOT / "tests")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "devices 1" in done.stdout
+    _assert_same_params(train.final_params(one), train.final_params(eight), rtol=1e-4, atol=1e-6)
+
+
+def test_checkpoint_of_another_model_shape_is_refused(full_run, tmp_path):
+    workdir = tmp_path / "other"
+    shutil.copytree(full_run[0], workdir)
+    c = _config(5)
+    c.model.transformer.num_single_layers = 2
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="single_transformer_blocks"):
+        train.train(c, workdir)
+
+
+def test_non_finite_updates_are_skipped_then_stop(full_run, tmp_path):
+    c = _config(5)
+    c.rl.lr = float("nan")
+    c.rl.max_consecutive_skips = 2
+    workdir = _with_warm_start(full_run[0], tmp_path / "nan")
+    with pytest.raises(train.TrainingError, match="non-finite .* 2 iterations in a row"):
+        train.train(c, workdir)
+    lines = [r for r in metrics.read_metrics(workdir / "metrics.jsonl") if r["stage"] == "grpo"]
+    assert [r["skipped_updates"] for r in lines] == [1.0]
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("rl.group_size", 5, "multiple of the group size"),
+        ("sampler.window_size", 9, "window"),
+        ("rl.micro_batch", 12, "micro_batch"),
+        ("rl.credit", "pixel", "rl.credit"),
+        ("model.text_dim", 7, "joint_attention_dim"),
+    ],
+)
+def test_incompatible_configs(key, value, message):
+    c = tiny_config()
+    if key == "sampler.window_size":
+        c.sampler.window = "random"
+    section, name = key.split(".")
+    c[section][name] = value
+    with pytest.raises(builders.ConfigError, match=message):
+        builders.validate(c)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config.rl.no_such_key=1"], "unknown config key"),
+        (["--config.rl.group_size=5"], "multiple of the group size"),
+        (["--config.rl.group_size=abc"], "group_size"),
+    ],
+)
+def test_main_reports_bad_config_without_traceback(tmp_path, args, message):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sfgrpo.main",
+            f"--config={ROOT / 'configs' / 'default.py'}",
+            f"--workdir={tmp_path}",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+def test_config_json_round_trips(full_run):
+    saved = json.loads((full_run[0] / "config.json").read_text())
+    assert saved["rl"]["credit"] == "spatial" and saved["train"]["steps"] == 4
