@@ -246,8 +246,9 @@ def data_source(config: ml_collections.ConfigDict, split: str) -> Sequence[Any]:
 
 
 def pipeline_config(
-    config: ml_collections.ConfigDict, *, batch_size: int, group_size: int, seed: int
+    config: ml_collections.ConfigDict, *, batch_size: int, group_size: int, seed: int, shuffle: bool = True
 ) -> pipeline.PipelineConfig:
+    """The pipeline's settings; ``shuffle=False`` keeps the split's order (fixed evaluation inputs)."""
     d = config.data
     return pipeline.PipelineConfig(
         resolution=d.resolution,
@@ -255,6 +256,7 @@ def pipeline_config(
         batch_size=batch_size,
         r_max=d.r_max,
         seed=seed,
+        shuffle=shuffle,
         num_workers=d.num_workers,
     )
 

@@ -72,8 +72,12 @@ def train(
         dropped = writer.truncate_after(resume_step, stage=("grpo", "eval", "compile"))
         _log.info("resuming from step %d (dropped %d metric lines written after it)", resume_step, dropped)
 
-    def batches(source: Any, batch_size: int, group_size: int, seed: int, state: Any = None) -> Any:
-        pcfg = builders.pipeline_config(config, batch_size=batch_size, group_size=group_size, seed=seed)
+    def batches(
+        source: Any, batch_size: int, group_size: int, seed: int, state: Any = None, shuffle: bool = True
+    ) -> Any:
+        pcfg = builders.pipeline_config(
+            config, batch_size=batch_size, group_size=group_size, seed=seed, shuffle=shuffle
+        )
         it = pipeline.make_iterator(source, pcfg, state=state)
         return it, (builders.device_batch(b, mesh, text_len) for b in it)
 
@@ -134,7 +138,7 @@ def train(
         )
         eval_source = builders.data_source(config, "test")
         n_eval = len(eval_source) // jax.process_count()
-        _, eval_batches = batches(eval_source, n_eval, 1, config.seed)
+        _, eval_batches = batches(eval_source, n_eval, 1, config.seed, shuffle=False)
         eval_batch = next(eval_batches)  # fixed held-out inputs, evaluated with ODE sampling
         eval_key = jax.random.key(config.seed + 10_000)
 

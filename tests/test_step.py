@@ -8,7 +8,7 @@ from helpers import Setup, tiny_config
 
 from sfgrpo import builders, runtime
 from sfgrpo.rewards.base import Rewards
-from sfgrpo.rl.step import GRPOSettings, _micro_batches, credit
+from sfgrpo.rl.step import GRPOSettings, PolicyParts, _micro_batches, credit, rescore
 
 
 def spatial_settings() -> GRPOSettings:
@@ -122,3 +122,22 @@ def test_micro_batches_shuffle_within_each_device(spatial):
     # Device d holds samples 2d and 2d+1; its column of the micro-batches is a permutation of them.
     for d in range(8):
         assert sorted(x[:, d].tolist()) == [2 * d, 2 * d + 1]
+
+
+def test_update_raises_the_likelihood_of_advantaged_tokens(spatial):
+    """The sign, end to end: after an update, sum(A * (logp_new - logp_old)) > 0 on the same trajectory."""
+    s = spatial
+    out = s("rollout", s.params, s.frozen, s.batch, s.key(11))
+    credit, _ = s("reward", out.edited, s.batch, out.weights)
+    credit = credit._replace(
+        adv=jax.random.normal(s.key(12), credit.adv.shape), mask=jnp.ones_like(credit.mask)
+    )
+    params, _, _ = s("update", s.params, s.frozen, s.opt_state, {}, out, credit, s.key(13))
+    sigma_max = jnp.asarray(s.programs.sigmas[1])
+    with runtime.use_mesh(s.mesh):
+        parts = PolicyParts(s.graphdef, params, s.frozen)
+        logp_new = jax.jit(lambda p, o: rescore(p, o.traj, o.cond, sigma_max, s.programs.settings))(
+            parts, out
+        )
+    gain = (np.asarray(credit.adv)[None] * (np.asarray(logp_new) - np.asarray(out.traj.logp))).sum()
+    assert gain > 0
