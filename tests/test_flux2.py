@@ -205,11 +205,13 @@ def test_sharded_forward_and_grad_step_match_one_device(models):
         graphdef = nnx.graphdef(model)
         sharded_state = jax.device_put(host_state, runtime.state_shardings(state, mesh))
         with runtime.use_mesh(mesh):
+            # Every input batch-sharded, ids included (batched as the pipeline passes them).
+            batched = {
+                k: np.broadcast_to(v, (8, *v.shape)) if k.endswith("_ids") else v for k, v in inputs.items()
+            }
             batch_inputs = {
-                k: v
-                if k.endswith("_ids")
-                else jax.device_put(np.asarray(v), runtime.batch_sharding(mesh, v.ndim))
-                for k, v in inputs.items()
+                k: jax.device_put(np.asarray(v), runtime.batch_sharding(mesh, v.ndim))
+                for k, v in batched.items()
             }
             step = jax.jit(_sgd_step, static_argnums=0, compiler_options=FAST)
             loss8, out8, new8 = step(graphdef, sharded_state, batch_inputs)

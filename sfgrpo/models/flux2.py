@@ -323,8 +323,9 @@ class Flux2Transformer(nnx.Module):
     ) -> jax.Array:
         cfg, dtype = self.config, self.dtype
         batch = hidden_states.shape[0]
-        img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
-        txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
+        # Batched ids may arrive batch-sharded: replicate before taking row 0.
+        img_ids = shard(img_ids, (None,) * img_ids.ndim)[0] if img_ids.ndim == 3 else img_ids
+        txt_ids = shard(txt_ids, (None,) * txt_ids.ndim)[0] if txt_ids.ndim == 3 else txt_ids
 
         t = jnp.broadcast_to(jnp.asarray(timestep).astype(dtype), (batch,)) * 1000
         g = (
