@@ -250,3 +250,18 @@ def test_unsupported_configs_are_rejected_by_name():
         config_from_dict({**TINY, "_class_name": "FluxTransformer2DModel"})
     with pytest.raises(ValueError, match="remat"):
         Flux2Config(remat="sometimes")
+
+
+def test_program_size_does_not_grow_with_depth():
+    """Blocks run in a scan: the lowered program has the same ops for 1 or 4 blocks of each kind."""
+    inputs = _inputs(batch=2)
+    sizes = []
+    for depth in (1, 4):
+        cfg = CONFIGS["tiny"].replace(num_layers=depth, num_single_layers=depth)
+        with runtime.use_mesh(runtime.make_mesh(1, 1, 1, devices=jax.devices()[:1])):
+            abstract = nnx.eval_shape(lambda cfg=cfg: flux2.Flux2Transformer(cfg, rngs=nnx.Rngs(0)))
+            graphdef, state = nnx.split(abstract)
+            fwd = jax.jit(lambda st, i, gd=graphdef: nnx.merge(gd, st)(**i))
+            text = fwd.lower(state, inputs).as_text()
+        sizes.append((text.count("dot_general"), text.count("stablehlo.while")))
+    assert sizes[0] == sizes[1] and sizes[0][1] == 2 and sizes[0][0] > 20, sizes
