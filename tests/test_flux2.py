@@ -63,34 +63,57 @@ def diffusers_forward(model, x, e, t, img_ids, txt_ids, guidance=None):
     return out.numpy()
 
 
+# Tiny diffusers configs: without and with the guidance embedding, and one with other head, RoPE, MLP and
+# channel sizes (out_channels != in_channels).
+PARITY_CONFIGS = {
+    "plain": dict(guidance_embeds=False),
+    "guidance": dict(guidance_embeds=True),
+    "odd": dict(
+        guidance_embeds=False,
+        in_channels=12,
+        out_channels=8,
+        num_layers=1,
+        num_single_layers=3,
+        attention_head_dim=12,
+        num_attention_heads=3,
+        joint_attention_dim=20,
+        mlp_ratio=2.0,
+        axes_dims_rope=(2, 4, 4, 2),
+        rope_theta=500,
+    ),
+}
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """(diffusers, ours) pairs for a config without and with the guidance embedding."""
+    """name -> (diffusers model, ours loaded from its saved folder)."""
     out = {}
-    for guidance in (False, True):
-        folder = tmp_path_factory.mktemp(f"flux2_g{int(guidance)}")
-        ref = save_random_diffusers(folder, seed=int(guidance), guidance_embeds=guidance)
-        out[guidance] = (ref, flux2.from_pretrained(folder))
+    for seed, (name, overrides) in enumerate(PARITY_CONFIGS.items()):
+        folder = tmp_path_factory.mktemp(f"flux2_{name}")
+        ref = save_random_diffusers(folder, seed=seed, **overrides)
+        out[name] = (ref, flux2.from_pretrained(folder))
     return out
 
 
-# (guidance embedding, guidance value given, batch, target grid, reference grids, text length)
+# (config, guidance value given, batch, target grid, reference grids, text length)
 CASES = [
-    (False, False, 2, (3, 5), [(2, 4)], 7),
-    (False, False, 2, (4, 2), [(3, 3), (2, 2)], 3),
-    (False, False, 1, (2, 3), [], 9),
-    (True, True, 2, (3, 5), [(2, 4)], 7),
-    (True, False, 2, (2, 4), [(4, 4), (1, 3)], 5),
+    ("plain", False, 2, (3, 5), [(2, 4)], 7),
+    ("plain", False, 2, (4, 2), [(3, 3), (2, 2)], 3),
+    ("plain", False, 1, (2, 3), [], 9),
+    ("guidance", True, 2, (3, 5), [(2, 4)], 7),
+    ("guidance", False, 2, (2, 4), [(4, 4), (1, 3)], 5),
+    ("odd", False, 2, (5, 3), [(2, 2)], 6),
 ]
 
 
-@pytest.mark.parametrize("has_guidance,give_guidance,batch,grid,refs,text_len", CASES)
-def test_parity_with_diffusers(models, has_guidance, give_guidance, batch, grid, refs, text_len):
-    ref_model, ours = models[has_guidance]
+@pytest.mark.parametrize("name,give_guidance,batch,grid,refs,text_len", CASES)
+def test_parity_with_diffusers(models, name, give_guidance, batch, grid, refs, text_len):
+    ref_model, ours = models[name]
+    cfg = ours.config
     img_ids, txt_ids = flux2.make_position_ids(*grid, text_len, refs, batch=batch)
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((batch, img_ids.shape[1], 16), np.float32)
-    e = rng.standard_normal((batch, text_len, 24), np.float32)
+    x = rng.standard_normal((batch, img_ids.shape[1], cfg.in_channels), np.float32)
+    e = rng.standard_normal((batch, text_len, cfg.joint_attention_dim), np.float32)
     t = rng.uniform(size=batch).astype(np.float32)
     g = rng.uniform(1, 5, size=batch).astype(np.float32) if give_guidance else None
     want = diffusers_forward(ref_model, x, e, t, img_ids, txt_ids, g)
@@ -103,7 +126,7 @@ def test_parity_with_diffusers(models, has_guidance, give_guidance, batch, grid,
         None if g is None else jnp.asarray(g),
     )
     got = jit_call(ours, *args)
-    assert got.shape == want.shape == (batch, img_ids.shape[1], 16)
+    assert got.shape == want.shape == (batch, img_ids.shape[1], cfg.out_dim)
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
     # The output is not trivially small: the comparison has teeth.
@@ -187,7 +210,7 @@ def _sgd_step(graphdef, state, inputs):
 def test_sharded_forward_and_grad_step_match_one_device(models):
     """One device without remat vs 8 devices on a data x fsdp mesh (remat 'dots') and on a
     data x fsdp x tensor mesh (remat 'full'): same loss, output and updated parameters, LoRA included."""
-    model = nnx.clone(models[False][1])  # loaded on one device
+    model = nnx.clone(models["plain"][1])  # loaded on one device
     with runtime.use_mesh(runtime.make_mesh(1, 1, 1, devices=jax.devices()[:1])):
         lora.apply_lora(model, lora.LoRAConfig(rank=2, alpha=4.0), rngs=nnx.Rngs(1))
         graphdef, state = nnx.split(model)
@@ -228,7 +251,7 @@ def test_sharded_forward_and_grad_step_match_one_device(models):
 
 
 def test_ids_and_shapes_that_do_not_match_the_tokens_are_rejected(models):
-    model = models[False][1]
+    model = models["plain"][1]
     good = _inputs(batch=2)
     bad_img = dict(good, img_ids=good["img_ids"][:-1])
     with pytest.raises(ValueError, match=r"img_ids \(9, 4\)"):
