@@ -23,6 +23,7 @@ parser.add_argument("--text-len", type=int, default=512)
 parser.add_argument("--rank", type=int, default=32)
 parser.add_argument("--remat", default="dots", choices=["none", "full", "dots"])
 parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+parser.add_argument("--attention", default="xla", choices=["xla", "cudnn"], help="cudnn needs a GPU")
 parser.add_argument("--devices", type=int, default=1, help="simulated CPU devices")
 parser.add_argument("--fsdp", type=int, default=1, help="fsdp mesh size (data takes the rest)")
 args = parser.parse_args()
@@ -45,7 +46,7 @@ from sfgrpo.models import flux2, lora  # noqa: E402
 
 def main():
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    cfg = flux2.CONFIGS["klein-4b"].replace(remat=args.remat, attention="xla")
+    cfg = flux2.CONFIGS["klein-4b"].replace(remat=args.remat, attention=args.attention)
     mesh = runtime.make_mesh(data=-1, fsdp=args.fsdp, tensor=1)
     grid = args.size // 16
     target_len, image_len = grid * grid, 2 * grid * grid  # target then one reference image
@@ -87,9 +88,8 @@ def main():
     print(f"model            FLUX.2-klein-4B, {count(base) / 1e9:.3f}B base params ({args.dtype})")
     print(f"LoRA             rank {args.rank}, {count(adapter) / 1e6:.1f}M params")
     print(f"tokens           {target_len} target + {image_len - target_len} reference + {args.text_len} text")
-    print(
-        f"batch, remat     {args.batch}, {args.remat}; mesh {dict(mesh.shape)} on {jax.devices()[0].platform}"
-    )
+    print(f"batch, remat     {args.batch}, {args.remat}; attention {args.attention}")
+    print(f"mesh             {dict(mesh.shape)} on {jax.devices()[0].device_kind}")
     print(f"lower            {t1 - t0:8.1f} s")
     print(f"compile          {t2 - t1:8.1f} s")
     mem = compiled.memory_analysis()
