@@ -117,7 +117,19 @@ def test_eight_devices_match_one_device(full_run, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "devices 1" in done.stdout
-    _assert_same_params(train.final_params(one), train.final_params(eight), rtol=1e-4, atol=1e-6)
+    # The iteration's sums agree to float precision ...
+    (m1,) = [r for r in metrics.read_metrics(one / "metrics.jsonl") if r["stage"] == "grpo"]
+    (m8,) = [r for r in metrics.read_metrics(eight / "metrics.jsonl") if r["stage"] == "grpo"]
+    for key in ("reward/mean", "reward/region_mean", "loss", "grad_norm", "adv/abs_mean"):
+        np.testing.assert_allclose(m1[key], m8[key], rtol=1e-4, atol=1e-7, err_msg=key)
+    # ... and so do the parameters, except where Adam's first step, lr * g / (|g| + eps), flips sign on a
+    # gradient that is zero up to rounding: those few entries may differ by up to 2 lr.
+    lr = tiny_config().rl.lr
+    a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(train.final_params(one))])
+    b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(train.final_params(eight))])
+    diff = np.abs(a - b)
+    assert np.all(diff <= 2 * lr + 1e-6)
+    assert np.mean(diff > 1e-5) < 1e-3, f"{np.sum(diff > 1e-5)} of {diff.size} parameters differ"
 
 
 def test_checkpoint_of_another_model_shape_is_refused(full_run, tmp_path):
