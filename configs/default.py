@@ -53,7 +53,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.dtype = "float32"
     c.model.text_dim = 64
     # LoRA on the transformer's linear layers; rank 0 trains the whole transformer instead.
-    c.model.lora_rank = 0
+    # 8: GRPO's score-function gradient is mostly sampler noise; under Adam a full fine-tune (1.2M
+    # parameters) random-walks every weight at the full learning rate and the held-out (ODE) reward falls
+    # even at lr 2e-5. LoRA confines the update to a few thousand directions.
+    c.model.lora_rank = 8
     c.model.lora_alpha = 0.0  # 0: 2 x rank
     c.model.lora_targets = ""  # comma-separated regexes over module paths; "": attention and MLP projections
 
@@ -85,15 +88,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rl.clip_range_scalar = (0.2, 0.2)
     c.rl.adv_clip = 5.0
     c.rl.adv_std = "group"  # or 'global'
-    c.rl.adv_eps = 1e-4
+    # 0.05 (rewards lie in [0, 1]): a region whose rewards differ within the group only by sampler noise
+    # (std << 0.05) gets a small advantage instead of one inflated to unit size by the normalisation.
+    c.rl.adv_eps = 0.05
     c.rl.token_weights = "boxes"  # 'boxes' (exact box-cell overlap) or 'masks' (pooled region masks)
-    c.rl.mix_lambda = 1.0  # weight of the token advantage against the global one
+    # Weight of the token advantage against the global one. 0.5 on this demo: with 16 tokens of 16x16 px a
+    # shape covers parts of a few tokens (mean region weight 0.36 there), and pure token credit (1.0)
+    # raises the SDE rollouts' reward while the held-out ODE reward stays flat or falls; mixing in the
+    # global advantage makes the ODE reward rise (0.318 -> 0.377 in 40 iterations at seed 0; 0.75 gives
+    # 0.355). Larger images, with finer tokens, are where 1.0 (SPEC's default) is meant to run.
+    c.rl.mix_lambda = 0.5
     c.rl.kl_beta = 0.0
     c.rl.kl_form = "exact"  # or 'flow_grpo' (drops the -dt factor of the variance)
     c.rl.inner_epochs = 1
     c.rl.micro_batch = 16  # samples per micro-batch over all devices
     c.rl.grad_accum = 2  # micro-batches per optimizer step
-    c.rl.lr = 3e-4
+    c.rl.lr = 5e-4  # for the LoRA adapters (3e-4 learns at half the pace; 1e-3 overshoots after 30 steps)
     c.rl.weight_decay = 0.0
     c.rl.max_grad_norm = 1.0
     c.rl.max_consecutive_skips = 3  # stop after this many non-finite updates in a row

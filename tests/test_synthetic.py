@@ -82,3 +82,24 @@ def test_non_finite_image_is_a_failure():
     rewards = score_rewards(s, jnp.asarray(ex[4]))
     assert not np.any(np.asarray(rewards.region_valid)) and not bool(rewards.image_valid[0])
     assert np.all(np.isfinite(np.asarray(rewards.region)))
+
+
+def test_preservation_floor_and_naturalness_band():
+    """Residue below the preservation floor, and total variation within the band, score full marks; past
+    them the scores fall, so sampler-noise differences between preserved images carry no advantage."""
+    ex = _example(3)
+    source = ex[0].astype(np.float32) / 255.0
+    rng = np.random.default_rng(1)
+    slight = np.clip(source + rng.uniform(-0.04, 0.04, source.shape).astype(np.float32), 0.0, 1.0)
+    s = _scores(slight, ex)
+    assert float(s.background[0]) == 25.0 and float(s.overall_preserve[0]) == 25.0
+    strict = shapes_scores(jnp.asarray(slight), *ex, preserve_floor=0.0, tv_tol=0.0)
+    assert float(strict.background[0]) < 25.0
+    heavy = np.clip(source + rng.uniform(-0.3, 0.3, source.shape).astype(np.float32), 0.0, 1.0)
+    s_heavy = _scores(heavy, ex)
+    assert float(s_heavy.background[0]) < 25.0 and float(s_heavy.naturalness[0]) < 25.0
+    # A quarter more total variation than the target is inside the band; a tripling is not.
+    target = ex[1].astype(np.float32) / 255.0
+    mean = target.mean(axis=(1, 2), keepdims=True)
+    assert float(_scores(mean + 1.2 * (target - mean), ex).naturalness[0]) == 25.0
+    assert float(_scores(np.clip(mean + 3.0 * (target - mean), 0, 1), ex).naturalness[0]) < 25.0

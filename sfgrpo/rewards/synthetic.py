@@ -5,9 +5,10 @@ measurable counterpart. Errors are mean absolute differences of [0, 1] RGB value
 0..C and saturating at a tolerance:
   success_r      the edited shape's pixels (its mask) against the target;
   preserve_r     the pixels of the region's box outside the shape against the source;
-  background     the pixels outside every box against the source;
+  background     the pixels outside every box against the source (preservation errors below a small floor
+                 score full marks);
   naturalness    how close the edited image's total variation is to the target's (blur and noise both
-                 move it away);
+                 move it away), with a tolerance band;
   artifacts      how much of the decoded signal lies outside the valid [0, 1] range;
   overall_*      success over the union of the shapes, preservation over everything else.
 """
@@ -32,6 +33,8 @@ def shapes_scores(
     success_tol: float = 0.25,
     preserve_tol: float = 0.25,
     artifact_tol: float = 0.1,
+    preserve_floor: float = 0.06,
+    tv_tol: float = 0.25,
 ) -> RegionScores:
     """Scores of B edited images.
 
@@ -43,6 +46,12 @@ def shapes_scores(
       region_valid: (B, R) bool.
       scale: C. success_tol, preserve_tol: the mean absolute error that scores 0; artifact_tol: the mean
         out-of-range overshoot that scores 0.
+      preserve_floor: the mean absolute error against the source that still scores C (preserve,
+        background, overall_preserve): the residue that the lossy autoencoder and the sampler leave in
+        untouched pixels. Without it, regions that are in fact preserved get rewards that differ only by
+        sampler noise, which group normalisation inflates into full-size advantages.
+      tv_tol: the |log| ratio of total variations (edited / target) that still scores full naturalness
+        (0.25: within about 28 percent); beyond it naturalness decays as exp(-(|log ratio| - tv_tol)).
 
     Returns:
       RegionScores on 0..scale; ``valid`` is False where the edited image is not finite.
@@ -57,23 +66,25 @@ def shapes_scores(
     err_target = jnp.abs(clipped - target).mean(-1)  # (B, H, W)
     err_source = jnp.abs(clipped - source).mean(-1)
 
-    def score(err: jax.Array, region: jax.Array, tol: float) -> jax.Array:
+    def score(err: jax.Array, region: jax.Array, tol: float, floor: float = 0.0) -> jax.Array:
         """Score of the mean error over ``region`` (..., H, W); a region with no pixels scores C."""
         n = region.sum(axis=(-2, -1))
         mean = (err * region).sum(axis=(-2, -1)) / jnp.maximum(n, 1)
-        return jnp.where(n > 0, scale * (1.0 - jnp.minimum(mean / tol, 1.0)), scale)
+        frac = jnp.clip((mean - floor) / (tol - floor), 0.0, 1.0)
+        return jnp.where(n > 0, scale * (1.0 - frac), scale)
 
     success = score(err_target[:, None], masks, success_tol)
-    preserve = score(err_source[:, None], box_px & ~masks, preserve_tol)
+    preserve = score(err_source[:, None], box_px & ~masks, preserve_tol, preserve_floor)
     outside = ~jnp.any(box_px, axis=1)
-    background = score(err_source, outside, preserve_tol)
+    background = score(err_source, outside, preserve_tol, preserve_floor)
     shapes = jnp.any(masks, axis=1)
     overall_success = score(err_target, shapes, success_tol)
-    overall_preserve = score(err_source, ~shapes, preserve_tol)
+    overall_preserve = score(err_source, ~shapes, preserve_tol, preserve_floor)
 
     tv_edit = _total_variation(clipped)
     tv_target = _total_variation(target)
-    naturalness = scale * jnp.exp(-jnp.abs(jnp.log((tv_edit + 1e-3) / (tv_target + 1e-3))))
+    tv_dev = jnp.abs(jnp.log((tv_edit + 1e-3) / (tv_target + 1e-3)))
+    naturalness = scale * jnp.exp(-jnp.maximum(tv_dev - tv_tol, 0.0))
     overshoot = jnp.abs(edited - clipped).mean(axis=(1, 2, 3))
     artifacts = scale * (1.0 - jnp.minimum(overshoot / artifact_tol, 1.0))
 
