@@ -94,6 +94,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
     _require(s.num_steps >= 1, "sampler.num_steps", f"must be >= 1, got {s.num_steps}")
     _require(s.eval_steps >= 1, "sampler.eval_steps", f"must be >= 1, got {s.eval_steps}")
+    _require(s.cfg_scale > 0, "sampler.cfg_scale", f"must be > 0 (1 = no guidance), got {s.cfg_scale}")
     _require(s.eta > 0, "sampler.eta", f"training needs noise: eta must be > 0, got {s.eta}")
     try:
         w = window_size(s.num_steps, s.window, s.window_size)

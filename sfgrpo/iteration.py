@@ -34,6 +34,7 @@ from sfgrpo.rl.step import (
     sample,
     score_and_credit,
     update,
+    velocity_fn,
 )
 from sfgrpo.sampling.rollout import Trajectory, rollout
 from sfgrpo.sampling.schedule import flux2_sigmas
@@ -55,8 +56,11 @@ class Conditioner:
     """Turns a batch into the policy's conditioning: text features, the source's reference tokens and the
     position ids, for images of ``image_hw`` pixels and instructions of ``text_len`` tokens."""
 
-    def __init__(self, autoencoder: PixelAutoencoder, image_hw: tuple[int, int], text_len: int) -> None:
+    def __init__(
+        self, autoencoder: PixelAutoencoder, image_hw: tuple[int, int], text_len: int, *, uncond: bool = False
+    ) -> None:
         self.autoencoder = autoencoder
+        self.uncond = uncond  # also encode the empty instruction, for true CFG
         self.grid = self.autoencoder.grid(*image_hw)
         self.text_len = text_len
 
@@ -64,7 +68,9 @@ class Conditioner:
         h, w = self.grid
         img_ids, txt_ids = make_position_ids(h, w, self.text_len, refs=[(h, w)])
         text = policy.encode_text(batch["text_ids"])
-        return Conditioning(text, self.autoencoder.encode(batch["source"]), img_ids, txt_ids)
+        # The empty instruction is all padding (word id 0).
+        text_uncond = policy.encode_text(jnp.zeros_like(batch["text_ids"])) if self.uncond else None
+        return Conditioning(text, self.autoencoder.encode(batch["source"]), img_ids, txt_ids, text_uncond)
 
 
 class Programs:
@@ -212,7 +218,7 @@ class Programs:
         noise = self._noise(key, batch, cond.reference)
         policy = merge(PolicyParts(self.graphdef, params, frozen))
         traj = rollout(
-            lambda x, s: policy.velocity(x, s, cond),
+            velocity_fn(policy, cond, self.settings.cfg_scale),
             noise,
             self.eval_sigmas,
             key,

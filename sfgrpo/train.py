@@ -61,7 +61,9 @@ def train(
     _log.info("mesh %s on %d devices (%s)", dict(mesh.shape), jax.device_count(), jax.default_backend())
     hw = (config.data.resolution, config.data.resolution)
     text_len = builders.text_length(config)
-    condition = Conditioner(builders.make_autoencoder(config), hw, text_len)
+    condition = Conditioner(
+        builders.make_autoencoder(config), hw, text_len, uncond=config.sampler.cfg_scale != 1.0
+    )
 
     ckpt = checkpoint.Checkpointer(
         workdir / "checkpoints", save_every=config.train.checkpoint_every, keep=config.train.keep_checkpoints

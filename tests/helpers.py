@@ -62,7 +62,9 @@ class Setup:
         self.mesh = builders.make_mesh(config)
         hw = (config.data.resolution,) * 2
         text_len = builders.text_length(config)
-        self.condition = Conditioner(builders.make_autoencoder(config), hw, text_len)
+        self.condition = Conditioner(
+            builders.make_autoencoder(config), hw, text_len, uncond=config.sampler.cfg_scale != 1.0
+        )
         with runtime.use_mesh(self.mesh):
             self.policy = builders.build_policy(config, config.seed)
             self.adapted = builders.add_lora(self.policy, config, config.seed + 2)

@@ -141,3 +141,22 @@ def test_update_raises_the_likelihood_of_advantaged_tokens(spatial):
         )
     gain = (np.asarray(credit.adv)[None] * (np.asarray(logp_new) - np.asarray(out.traj.logp))).sum()
     assert gain > 0
+
+
+def test_true_cfg_is_the_policy_in_rollout_and_update():
+    c = tiny_config()
+    c.sampler.cfg_scale = 3.0
+    s = Setup(c)
+    out = s("rollout", s.params, s.frozen, s.batch, s.key(21))
+    assert out.cond.text_uncond is not None and out.cond.text_uncond.shape == out.cond.text.shape
+    credit, _ = s("reward", out.edited, s.batch, out.weights)
+    credit = credit._replace(
+        adv=jax.random.normal(s.key(22), credit.adv.shape), mask=jnp.ones_like(credit.mask)
+    )
+    _, _, m = s("update", s.params, s.frozen, s.opt_state, {}, out, credit, s.key(23))
+    # The update re-scores with the same guided velocity that sampled: on-policy, nothing is clipped.
+    assert float(m["clipfrac"]) == 0.0 and float(m["approx_kl"]) < 1e-8
+    # And guidance changes the samples: the unguided policy draws other images from the same noise.
+    plain = Setup(tiny_config())
+    out_plain = plain("rollout", s.params, s.frozen, plain.batch, s.key(21))
+    assert not np.allclose(np.asarray(out_plain.edited), np.asarray(out.edited))

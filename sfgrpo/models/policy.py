@@ -22,12 +22,14 @@ class Conditioning(NamedTuple):
     reference:  (B, Lr, C) the source image's tokens.
     img_ids:    (L + Lr, 4) int32 position ids of target then reference tokens.
     txt_ids:    (T, 4) int32 position ids of the text tokens.
+    text_uncond: (B, T, D) text features of the empty instruction, for true CFG; None without CFG.
     """
 
     text: jax.Array
     reference: jax.Array
     img_ids: jax.Array
     txt_ids: jax.Array
+    text_uncond: jax.Array | None = None
 
 
 class EditPolicy(nnx.Module):

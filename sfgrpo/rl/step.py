@@ -30,7 +30,7 @@ from sfgrpo.rl.advantages import (
     token_validity,
 )
 from sfgrpo.rl.loss import policy_loss
-from sfgrpo.sampling.rollout import Trajectory, draw_window_start, rollout
+from sfgrpo.sampling.rollout import Trajectory, draw_window_start, guided, rollout
 from sfgrpo.sampling.sde import gaussian_kl, sde_step
 
 BATCH_AXES = ("data", "fsdp")  # the mesh axes the batch is split over (runtime.LOGICAL_AXIS_RULES)
@@ -87,9 +87,24 @@ def merge(parts: PolicyParts, params: Any = None) -> EditPolicy:
     return nnx.merge(parts.graphdef, parts.params if params is None else params, parts.frozen)
 
 
-def velocity_fn(policy: EditPolicy, cond: Conditioning) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """The policy's velocity as a function of (x (B, L, C), sigma (B,)), its conditioning closed over."""
-    return lambda x, sigma: policy.velocity(x, sigma, cond)
+def velocity_fn(
+    policy: EditPolicy, cond: Conditioning, cfg_scale: float = 1.0
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """The policy's velocity as a function of (x (B, L, C), sigma (B,)), its conditioning closed over.
+
+    With cfg_scale != 1 it is true classifier-free guidance against ``cond.text_uncond``; the guided
+    velocity is then the policy, in the rollout and in the update alike.
+    """
+
+    def conditional(x: jax.Array, sigma: jax.Array) -> jax.Array:
+        return policy.velocity(x, sigma, cond)
+
+    if cfg_scale == 1.0:
+        return conditional
+    if cond.text_uncond is None:
+        raise ValueError("cfg_scale != 1 needs the unconditional text features (Conditioning.text_uncond)")
+    uncond = cond._replace(text=cond.text_uncond)
+    return guided(conditional, lambda x, sigma: policy.velocity(x, sigma, uncond), cfg_scale)
 
 
 # --- rollout ------------------------------------------------------------------------------------------
@@ -111,7 +126,7 @@ def sample(
     )
     policy = merge(parts)
     return rollout(
-        velocity_fn(policy, cond),
+        velocity_fn(policy, cond, settings.cfg_scale),
         noise,
         sigmas,
         step_key,
@@ -182,7 +197,8 @@ def reward_metrics(scores: RegionScores, rewards: Rewards, scale: float) -> dict
 
 def _per_sample(traj: Trajectory, cond: Conditioning, credit_: Credit) -> dict[str, jax.Array]:
     """Everything the update slices by sample, batch axis first."""
-    return {
+    extra = {} if cond.text_uncond is None else {"text_uncond": cond.text_uncond}
+    return extra | {
         "x": jnp.moveaxis(traj.x, 0, 1),  # (B, W, L, C)
         "x_next": jnp.moveaxis(traj.x_next, 0, 1),
         "logp_old": jnp.moveaxis(traj.logp, 0, 1),  # (B, W, L)
@@ -235,11 +251,11 @@ def _step_loss(
     settings: GRPOSettings,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Loss of one micro-batch at window step t: the clipped objective plus beta * KL."""
-    cond = Conditioning(mb["text"], mb["reference"], *ids)
+    cond = Conditioning(mb["text"], mb["reference"], *ids, mb.get("text_uncond"))
     x, x_next, logp_old = mb["x"][:, t], mb["x_next"][:, t], mb["logp_old"][:, t]
 
     def step(p: Any) -> Any:
-        v = merge(parts, p).velocity(x, jnp.full((x.shape[0],), sigma), cond)
+        v = velocity_fn(merge(parts, p), cond, settings.cfg_scale)(x, jnp.full((x.shape[0],), sigma))
         return sde_step(
             v,
             x,
@@ -368,7 +384,7 @@ def rescore(
     """(W, B, L) token log-probs of the recorded trajectory under the policy's current params."""
 
     def one(x: jax.Array, x_next: jax.Array, s: jax.Array, s_next: jax.Array) -> jax.Array:
-        v = merge(parts).velocity(x, jnp.full((x.shape[0],), s), cond)
+        v = velocity_fn(merge(parts), cond, settings.cfg_scale)(x, jnp.full((x.shape[0],), s))
         return sde_step(
             v,
             x,
