@@ -22,12 +22,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.source = "shapes"
     c.data.tfds_dir = ""
-    c.data.tfds_name = ""
     c.data.resolution = 64  # pixels; a multiple of 16 (one token = 16x16 px)
     c.data.r_max = 3  # region slots; the shapes task edits 1 to 3 shapes
     c.data.shapes_train = 4096  # examples in the shapes train split
     c.data.shapes_eval = 32  # held-out examples evaluated with ODE sampling
-    c.data.skip_bad_records = False
     c.data.num_workers = 0
 
     # The policy: a tiny FLUX.2 transformer on pixel tokens, a word-level text encoder for the shapes
