@@ -8,34 +8,22 @@ import torch
 from diffusers import Flux2KleinPipeline
 from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
 from flax import nnx
+from tiny_flux2 import TINY_DIFFUSERS
 
 from sfgrpo import runtime
 from sfgrpo.models import flux2, lora
 from sfgrpo.models.flux2_config import CONFIGS, Flux2Config, config_from_dict
 
-TINY = dict(
-    patch_size=1,
-    in_channels=16,
-    num_layers=2,
-    num_single_layers=2,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=24,
-    timestep_guidance_channels=32,
-    axes_dims_rope=(4, 4, 4, 4),
-)
+TINY = TINY_DIFFUSERS
 
 
 # Tests compile many small programs; skipping LLVM's optimisations halves CPU compile time.
-FAST = {"xla_backend_optimization_level": 0}
 
 
 def jit_call(model, *args, **kwargs):
     """model(*args, **kwargs) through split/merge under a (fast-compiling) jax.jit."""
     graphdef, state = nnx.split(model)
-    return jax.jit(lambda st, a, kw: nnx.merge(graphdef, st)(*a, **kw), compiler_options=FAST)(
-        state, args, kwargs
-    )
+    return jax.jit(lambda st, a, kw: nnx.merge(graphdef, st)(*a, **kw))(state, args, kwargs)
 
 
 def save_random_diffusers(folder, seed=0, **overrides):
@@ -217,9 +205,7 @@ def test_sharded_forward_and_grad_step_match_one_device(models):
         # Non-zero B so that the LoRA path carries gradient into A too.
         state = jax.tree.map(lambda x: x + 0.01, state)
         inputs = _inputs(batch=8)
-        loss1, out1, new1 = jax.jit(_sgd_step, static_argnums=0, compiler_options=FAST)(
-            graphdef, state, inputs
-        )
+        loss1, out1, new1 = jax.jit(_sgd_step, static_argnums=0)(graphdef, state, inputs)
     host_state = jax.tree.map(np.asarray, state)
 
     for mesh_shape, remat in (((2, 4, 1), "dots"), ((2, 2, 2), "full")):
@@ -236,7 +222,7 @@ def test_sharded_forward_and_grad_step_match_one_device(models):
                 k: jax.device_put(np.asarray(v), runtime.batch_sharding(mesh, v.ndim))
                 for k, v in batched.items()
             }
-            step = jax.jit(_sgd_step, static_argnums=0, compiler_options=FAST)
+            step = jax.jit(_sgd_step, static_argnums=0)
             loss8, out8, new8 = step(graphdef, sharded_state, batch_inputs)
         # Parameters really are sharded over fsdp (and tensor), and stay so after the step.
         q = new8["transformer_blocks"]["attn"]["to_q"]["kernel"].get_value()

@@ -12,23 +12,12 @@ import torch
 from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
 from flax import nnx
 from safetensors.torch import load_file, save_file
+from tiny_flux2 import TINY_DIFFUSERS
 
 from sfgrpo import runtime
 from sfgrpo.models import flux2, weights
 
-TINY = dict(
-    patch_size=1,
-    in_channels=16,
-    num_layers=2,
-    num_single_layers=1,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=24,
-    timestep_guidance_channels=32,
-    axes_dims_rope=(4, 4, 4, 4),
-    guidance_embeds=True,
-)
-FAST = {"xla_backend_optimization_level": 0}
+TINY = {**TINY_DIFFUSERS, "num_single_layers": 1, "guidance_embeds": True}
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +98,7 @@ def test_bfloat16_checkpoint_from_a_pipeline_folder(reference):
             return_dict=False,
         )[0].numpy()
     graphdef, state = nnx.split(bf16)
-    fwd = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a), compiler_options=FAST)
+    fwd = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a))
     out = fwd(state, jnp.asarray(x), jnp.asarray(e), jnp.asarray(t), img_ids, txt_ids, jnp.asarray(g))
     assert out.dtype == jnp.bfloat16
     err = np.abs(np.asarray(out, np.float32) - want_out).max()

@@ -104,19 +104,9 @@ CONFIGS: dict[str, Flux2Config] = {
         axes_dims_rope=(4, 4, 4, 4),
         guidance_embeds=False,
     ),
-    "tiny-guidance": Flux2Config(
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=24,
-        timestep_guidance_channels=32,
-        axes_dims_rope=(4, 4, 4, 4),
-        guidance_embeds=True,
-    ),
 }
 CONFIGS["flux2-dev"] = CONFIGS["dev"]
+CONFIGS["tiny-guidance"] = CONFIGS["tiny"].replace(num_layers=1, guidance_embeds=True)
 
 _FIELDS = {f.name for f in dataclasses.fields(Flux2Config)}
 
