@@ -67,9 +67,11 @@ class Conditioner:
     def __call__(self, policy: Any, batch: dict[str, jax.Array]) -> Conditioning:
         h, w = self.grid
         img_ids, txt_ids = make_position_ids(h, w, self.text_len, refs=[(h, w)])
-        text = policy.encode_text(batch["text_ids"])
+        ids = batch["text_ids"]
+        mask = batch["text_mask"] if "text_mask" in batch else jnp.ones_like(ids)
+        text = policy.encode_text(ids, mask)
         # The empty instruction is all padding (word id 0).
-        text_uncond = policy.encode_text(jnp.zeros_like(batch["text_ids"])) if self.uncond else None
+        text_uncond = policy.encode_text(jnp.zeros_like(ids), jnp.ones_like(ids)) if self.uncond else None
         return Conditioning(text, self.autoencoder.encode(batch["source"]), img_ids, txt_ids, text_uncond)
 
 

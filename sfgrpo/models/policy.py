@@ -35,19 +35,19 @@ class Conditioning(NamedTuple):
 class EditPolicy(nnx.Module):
     """A FLUX.2 transformer with the text encoder it is conditioned on.
 
-    ``text_encoder`` maps (B, T) int32 token ids to (B, T, D) features; it is None when text features come
-    precomputed (a prompt-embedding cache).
+    ``text_encoder(token_ids (B, T) int32, attention_mask (B, T) int32) -> (B, T, D)`` features; it is None
+    when text features come precomputed (a prompt-embedding cache).
     """
 
     def __init__(self, transformer: Flux2Transformer, text_encoder: nnx.Module | None = None) -> None:
         self.transformer = transformer
         self.text_encoder = nnx.data(text_encoder)
 
-    def encode_text(self, token_ids: jax.Array) -> jax.Array:
-        """(B, T) int32 -> (B, T, D) float32 text features."""
+    def encode_text(self, token_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """(B, T) int32 ids and (B, T) int32 mask -> (B, T, D) text features."""
         if self.text_encoder is None:
             raise ValueError("this policy has no text encoder: pass precomputed text features")
-        return self.text_encoder(token_ids)
+        return self.text_encoder(token_ids, attention_mask)
 
     def velocity(
         self, x: jax.Array, sigma: jax.Array, cond: Conditioning, guidance: jax.Array | None = None

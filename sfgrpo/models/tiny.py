@@ -3,7 +3,7 @@
 They sit behind the interfaces the real FLUX.2-klein parts implement:
   autoencoder.encode(images (B, H, W, 3) uint8) -> (B, L, C) float32 tokens on the (H/16, W/16) grid;
   autoencoder.decode(tokens (B, L, C), grid_hw) -> (B, H, W, 3) float32 images, nominally in [0, 1];
-  text_encoder(token_ids (B, T) int32) -> (B, T, D) float32 text tokens.
+  text_encoder(token_ids (B, T) int32, attention_mask (B, T)) -> (B, T, D) float32 text tokens.
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ class WordTextEncoder(nnx.Module):
         self.words = nnx.Param(jax.random.normal(rngs.params(), (vocab_size, dim)))
         self.positions = nnx.Param(jax.random.normal(rngs.params(), (max_len, dim)) * 0.1)
 
-    def __call__(self, token_ids: jax.Array) -> jax.Array:
+    def __call__(self, token_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """(B, T) int32 -> (B, T, D); padding is word 0, which has its own embedding, so the mask is unused."""
+        del attention_mask
         if token_ids.shape[-1] != self.max_len:
             raise ValueError(f"token_ids must have length {self.max_len}, got {token_ids.shape}")
         # A one-hot product rather than a gather: it keeps the batch sharding of the ids without collectives.
