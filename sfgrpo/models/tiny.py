@@ -79,7 +79,7 @@ class WordTextEncoder(nnx.Module):
         self.positions = nnx.Param(jax.random.normal(rngs.params(), (max_len, dim)) * 0.1)
 
     def __call__(self, token_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-        """(B, T) int32 -> (B, T, D); padding is word 0, which has its own embedding, so the mask is unused."""
+        """(B, T) int32 -> (B, T, D); the mask is unused: padding (word 0) has its own embedding."""
         del attention_mask
         if token_ids.shape[-1] != self.max_len:
             raise ValueError(f"token_ids must have length {self.max_len}, got {token_ids.shape}")
