@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
+from sfgrpo.models import vae_weights
+
 __all__ = ["Flux2VAE", "Flux2VAEConfig", "RunningStat", "config_from_dict", "load_vae"]
 
 _DOWN, _UP = "DownEncoderBlock2D", "UpDecoderBlock2D"
@@ -370,6 +372,14 @@ class Decoder(nnx.Module):
 # ---------------------------------------------------------------------------------------------------------
 
 
+class BatchStats(nnx.Module):
+    """BatchNorm2d's running statistics (frozen buffers), diffusers' ``bn.running_mean/var``."""
+
+    def __init__(self, channels: int) -> None:
+        self.running_mean = RunningStat(jnp.zeros((channels,), jnp.float32))
+        self.running_var = RunningStat(jnp.ones((channels,), jnp.float32))
+
+
 class Flux2VAE(nnx.Module):
     """Images <-> FLUX.2 latent tokens (the ``PixelAutoencoder`` interface, with learned weights)."""
 
@@ -427,7 +437,9 @@ class Flux2VAE(nnx.Module):
         return (tokens - mean) / std
 
     def decode(self, tokens: jax.Array, grid_hw: Sequence[int]) -> jax.Array:
-        """(B, L, 4C) tokens on grid (h, w) -> (B, 16h, 16w, 3) float32 images, (x + 1) / 2, not clipped."""
+        """(B, L, 4C) tokens on grid (h, w) -> (B, s h, s w, 3) float32 images, s = config.scale.
+
+        The images are (x + 1) / 2, not clipped: the caller clips (overshoot is for the reward)."""
         h, w = (int(n) for n in grid_hw)
         c = self.config.latent_channels
         if tokens.ndim != 3 or tokens.shape[1:] != (h * w, 4 * c):
@@ -443,14 +455,6 @@ class Flux2VAE(nnx.Module):
         return (image + 1.0) / 2.0
 
 
-class BatchStats(nnx.Module):
-    """BatchNorm2d's running statistics (frozen buffers), diffusers' ``bn.running_mean/var``."""
-
-    def __init__(self, channels: int) -> None:
-        self.running_mean = RunningStat(jnp.zeros((channels,), jnp.float32))
-        self.running_var = RunningStat(jnp.ones((channels,), jnp.float32))
-
-
 def load_vae(path: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: Mesh | None = None) -> Flux2VAE:
     """Loads a diffusers ``AutoencoderKLFlux2`` folder, or a pipeline folder holding ``vae/``.
 
@@ -458,8 +462,6 @@ def load_vae(path: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: Mesh | 
     replicated on it; without, they are uncommitted arrays on the default device, which jax moves to
     whatever mesh a computation runs on.
     """
-    from sfgrpo.models import vae_weights  # noqa: PLC0415 - the loader needs this module's classes
-
     folder = vae_weights.resolve_vae_folder(path)
     cfg = config_from_dict(vae_weights.read_config_dict(folder), source=str(folder / vae_weights.CONFIG_NAME))
     abstract = nnx.eval_shape(lambda: Flux2VAE(cfg, rngs=nnx.Rngs(0), dtype=dtype))
