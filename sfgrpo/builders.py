@@ -6,8 +6,9 @@ with a ``ConfigError`` that names the key and the problem.
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -17,9 +18,12 @@ import numpy as np
 import optax
 from flax import nnx
 
+from sfgrpo import reward_stage
 from sfgrpo.data import pipeline, shapes
+from sfgrpo.iteration import Conditioner
 from sfgrpo.models import lora
 from sfgrpo.models.flux2 import Flux2Transformer
+from sfgrpo.models.flux2_config import REMAT_POLICIES
 from sfgrpo.models.policy import EditPolicy
 from sfgrpo.models.tiny import PixelAutoencoder, WordTextEncoder
 from sfgrpo.rl.loss import CREDIT_MODES
@@ -28,6 +32,7 @@ from sfgrpo.sampling.rollout import window_size
 from sfgrpo.sampling.sde import STEP_KINDS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MODELS = ("tiny", "klein")  # the CPU demo's tiny policy; FLUX.2-klein from a diffusers folder
 
 
 class ConfigError(ValueError):
@@ -113,25 +118,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
     if d.source == "tfds":
         _require(bool(d.tfds_dir), "data.tfds_dir", "data.source='tfds' needs the dataset directory")
-    _require(m.name == "tiny", "model.name", f"only 'tiny' is supported by this trainer yet, got {m.name!r}")
+    _require(m.name in MODELS, "model.name", f"one of {MODELS}, got {m.name!r}")
     _require(m.dtype in DTYPES, "model.dtype", f"one of {tuple(DTYPES)}, got {m.dtype!r}")
-    _require(
-        m.transformer.joint_attention_dim == m.text_dim,
-        "model.text_dim",
-        f"{m.text_dim} must equal model.transformer.joint_attention_dim={m.transformer.joint_attention_dim}",
-    )
-    _require(
-        m.pixel_pool >= 1 and 16 % m.pixel_pool == 0, "model.pixel_pool", f"1, 2, 4, 8 or 16: {m.pixel_pool}"
-    )
-    channels = make_autoencoder(config).latent_channels
-    _require(
-        m.transformer.in_channels == channels,
-        "model.transformer.in_channels",
-        f"{m.transformer.in_channels}, but the pixel autoencoder (pool {m.pixel_pool}) makes "
-        f"{channels}-channel tokens",
-    )
+    if m.name == "tiny":
+        _validate_tiny(config)
+    else:
+        _validate_klein(config)
     _require(m.lora_rank >= 0, "model.lora_rank", f"must be >= 0, got {m.lora_rank}")
-    _require(config.reward.kind == "shapes", "reward.kind", f"only 'shapes' yet, got {config.reward.kind!r}")
+    kinds = reward_stage.IN_GRAPH_KINDS + reward_stage.REMOTE_KINDS
+    _require(config.reward.kind in kinds, "reward.kind", f"one of {kinds}, got {config.reward.kind!r}")
+    if config.reward.kind in reward_stage.REMOTE_KINDS:
+        from sfgrpo.rewards.remote import check_reward_config  # noqa: PLC0415
+
+        try:
+            check_reward_config(config.reward)
+        except ValueError as err:
+            raise ConfigError(
+                str(err) if str(err).startswith("config.") else f"config.reward: {err}"
+            ) from None
     _require(config.train.steps >= 1, "train.steps", f"must be >= 1, got {config.train.steps}")
     for key in ("eval_every", "checkpoint_every", "keep_checkpoints", "log_every"):
         _require(config.train[key] >= 1, f"train.{key}", f"must be >= 1, got {config.train[key]}")
@@ -140,6 +144,42 @@ def validate(config: ml_collections.ConfigDict) -> None:
         config.warmstart.batch_size % shards == 0,
         "warmstart.batch_size",
         f"{config.warmstart.batch_size} must be a multiple of the {shards} batch devices",
+    )
+
+
+def _validate_tiny(config: ml_collections.ConfigDict) -> None:
+    m = config.model
+    _require(
+        m.transformer.joint_attention_dim == m.text_dim,
+        "model.text_dim",
+        f"{m.text_dim} must equal model.transformer.joint_attention_dim={m.transformer.joint_attention_dim}",
+    )
+    _require(
+        m.pixel_pool >= 1 and 16 % m.pixel_pool == 0, "model.pixel_pool", f"1, 2, 4, 8 or 16: {m.pixel_pool}"
+    )
+    channels = PixelAutoencoder(pool=m.pixel_pool).latent_channels
+    _require(
+        m.transformer.in_channels == channels,
+        "model.transformer.in_channels",
+        f"{m.transformer.in_channels}, but the pixel autoencoder (pool {m.pixel_pool}) makes "
+        f"{channels}-channel tokens",
+    )
+
+
+def _validate_klein(config: ml_collections.ConfigDict) -> None:
+    """The FLUX.2-klein settings; the folder's own contents are checked when it is loaded."""
+    m = config.model
+    _require(bool(m.folder), "model.folder", "model.name='klein' needs the diffusers FLUX.2-klein folder")
+    _require(m.remat in REMAT_POLICIES, "model.remat", f"one of {REMAT_POLICIES}, got {m.remat!r}")
+    _require(m.attention in ("xla", "cudnn"), "model.attention", f"'xla' or 'cudnn', got {m.attention!r}")
+    _require(
+        len(m.text_layers) >= 1 and min(m.text_layers) >= 1,
+        "model.text_layers",
+        f"hidden-state indices >= 1, got {tuple(m.text_layers)}",
+    )
+    _require(m.max_text_tokens >= 1, "model.max_text_tokens", f"must be >= 1, got {m.max_text_tokens}")
+    _require(
+        m.prompt_cache_batch >= 1, "model.prompt_cache_batch", f"must be >= 1, got {m.prompt_cache_batch}"
     )
 
 
@@ -183,13 +223,121 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 # --- model --------------------------------------------------------------------------------------------
 
 
-def make_autoencoder(config: ml_collections.ConfigDict) -> PixelAutoencoder:
-    """The demo's weightless pixel autoencoder."""
-    return PixelAutoencoder(pool=config.model.pixel_pool)
+@dataclasses.dataclass
+class Model:
+    """The run's model: the policy, its conditioning, and the host-side text fields of a batch.
+
+    ``text_fields(instructions (B,) str) -> dict`` of (B, ...) arrays: 'text_ids' (and 'text_mask'), or
+    'text_embeds' from a prompt cache; the device batch carries them.
+    """
+
+    policy: EditPolicy
+    condition: Conditioner
+    text_fields: Callable[[Sequence[str]], dict[str, np.ndarray]]
 
 
 def text_length(config: ml_collections.ConfigDict) -> int:
+    """Text tokens per instruction."""
+    if config.model.name == "klein":
+        return int(config.model.max_text_tokens)
     return shapes.max_words(shapes_config(config))
+
+
+def build_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, seed: int) -> Model:
+    """The configured model on ``mesh``; call under ``runtime.use_mesh(mesh)``.
+
+    'tiny' is randomly initialised from ``seed``; 'klein' is loaded from ``model.folder``.
+    """
+    hw = (config.data.resolution, config.data.resolution)
+    cfg = config.sampler.cfg_scale != 1.0
+    if config.model.name == "tiny":
+        policy = build_policy(config, seed)
+        length = text_length(config)
+
+        def text_fields(instructions: Sequence[str]) -> dict[str, np.ndarray]:
+            return {"text_ids": tokenize(np.asarray(instructions, dtype=object), length)}
+
+        uncond = {"text_ids": np.zeros((1, length), np.int32)} if cfg else None  # all padding
+        condition = Conditioner(PixelAutoencoder(pool=config.model.pixel_pool), hw, length, uncond=uncond)
+        return Model(policy, condition, text_fields)
+    return _build_klein(config, mesh, hw, cfg)
+
+
+def _place(module: nnx.Module, mesh: jax.sharding.Mesh) -> None:
+    """Moves a loaded module's state onto ``mesh`` by its logical annotations (the rest replicated)."""
+    from sfgrpo import runtime  # noqa: PLC0415
+
+    state = nnx.state(module)
+    nnx.update(module, jax.device_put(state, runtime.state_shardings(state, mesh)))
+
+
+def _build_klein(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, hw: tuple[int, int], cfg: bool
+) -> Model:
+    from sfgrpo import runtime  # noqa: PLC0415
+    from sfgrpo.data import prompt_cache  # noqa: PLC0415
+    from sfgrpo.models import flux2, klein, prompts, qwen3, vae  # noqa: PLC0415
+
+    m = config.model
+    dtype = DTYPES[m.dtype]
+    try:
+        folder = klein.check_folder(m.folder)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"config.model.folder: {err}") from None
+    transformer = flux2.from_pretrained(folder, dtype=dtype, mesh=mesh, remat=m.remat, attention=m.attention)
+    autoencoder = vae.load_vae(folder, dtype=dtype, mesh=mesh)
+    tokenizer = prompts.PromptTokenizer(folder, max_length=int(m.max_text_tokens))
+    layers = tuple(int(i) for i in m.text_layers)
+    text_encoder = qwen3.load_qwen3(folder, layers=layers, dtype=dtype)
+    _place(text_encoder, mesh)
+    problems = []
+    if transformer.config.in_channels != autoencoder.latent_channels:
+        problems.append(
+            f"the transformer takes {transformer.config.in_channels}-channel tokens but the VAE makes "
+            f"{autoencoder.latent_channels}"
+        )
+    if transformer.config.joint_attention_dim != text_encoder.out_dim:
+        problems.append(
+            f"the transformer takes {transformer.config.joint_attention_dim}-wide text features but the text "
+            f"encoder gives {text_encoder.out_dim} (layers {layers})"
+        )
+    if problems:
+        raise ConfigError(f"config.model.folder: {folder}: " + "; ".join(problems))
+    length = int(m.max_text_tokens)
+
+    def tokens(instructions: Sequence[str]) -> dict[str, np.ndarray]:
+        ids, mask = tokenizer(list(instructions))
+        return {"text_ids": ids, "text_mask": mask}
+
+    if not m.prompt_cache:
+        policy = EditPolicy(transformer, text_encoder, autoencoder)
+        uncond = tokens([""]) if cfg else None
+        return Model(policy, Conditioner(autoencoder, hw, length, uncond=uncond), tokens)
+
+    # Encode every instruction once, then let the text encoder go (it need not stay in device memory).
+    graphdef, state = nnx.split(text_encoder)
+    encode_jit = jax.jit(lambda s, ids, mask: nnx.merge(graphdef, s)(ids, mask))
+    batch = int(m.prompt_cache_batch)
+
+    def encode(texts: Sequence[str]) -> np.ndarray:
+        arrays = runtime.host_local_to_global(tokens(texts), mesh)
+        return runtime.global_to_host_local(encode_jit(state, arrays["text_ids"], arrays["text_mask"]))
+
+    instructions = [
+        t for split in ("train", "test") for t in prompt_cache.split_instructions(data_source(config, split))
+    ]
+    fingerprint = f"{folder}|layers={list(layers)}|tokens={length}|{m.dtype}"
+    cache = prompt_cache.build(
+        m.prompt_cache, instructions, encode, fingerprint=fingerprint, dtype=m.dtype, batch_size=batch
+    )
+    # Nothing returned refers to the text encoder: its device memory is freed when this returns.
+
+    def cached(instructions: Sequence[str]) -> dict[str, np.ndarray]:
+        return {"text_embeds": cache.lookup(list(instructions))}
+
+    uncond = {"text_embeds": cache.uncond} if cfg else None
+    policy = EditPolicy(transformer, None, autoencoder)
+    return Model(policy, Conditioner(autoencoder, hw, length, uncond=uncond), cached)
 
 
 def build_policy(config: ml_collections.ConfigDict, seed: int) -> EditPolicy:
@@ -267,14 +415,19 @@ def tokenize(instructions: np.ndarray, max_len: int) -> np.ndarray:
     return np.stack([shapes.tokenize(str(t), max_len) for t in instructions])
 
 
-def device_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh, max_len: int) -> dict[str, jax.Array]:
-    """A host batch as global arrays: numeric fields plus ``text_ids``, sharded along the batch."""
+def device_batch(
+    batch: dict[str, np.ndarray],
+    mesh: jax.sharding.Mesh,
+    text_fields: Callable[[Sequence[str]], dict[str, np.ndarray]],
+) -> dict[str, jax.Array]:
+    """A host batch as global arrays: numeric fields plus its text fields, sharded along the batch."""
     from sfgrpo import runtime  # noqa: PLC0415
 
     arrays = pipeline.numeric_fields(batch)
-    arrays["text_ids"] = tokenize(batch["instruction"], max_len)
-    keep = ("source", "target", "boxes", "region_valid", "region_masks", "group_id", "text_ids")
-    return runtime.host_local_to_global({k: arrays[k] for k in keep}, mesh)
+    keep = ("source", "target", "boxes", "region_valid", "region_masks", "group_id")
+    out = {k: arrays[k] for k in keep if k in arrays}
+    out.update(text_fields([str(t) for t in batch["instruction"]]))
+    return runtime.host_local_to_global(out, mesh)
 
 
 def lora_patterns(targets: str) -> Sequence[str]:

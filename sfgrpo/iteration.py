@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -21,8 +21,7 @@ import optax
 
 from sfgrpo.models.flux2 import make_position_ids
 from sfgrpo.models.policy import Conditioning
-from sfgrpo.models.tiny import PixelAutoencoder
-from sfgrpo.rewards.base import score_rewards
+from sfgrpo.rewards.base import RegionScores, score_rewards
 from sfgrpo.rewards.synthetic import shapes_scores
 from sfgrpo.rl import regions
 from sfgrpo.rl.step import (
@@ -54,25 +53,55 @@ class RolloutOut(NamedTuple):
 
 class Conditioner:
     """Turns a batch into the policy's conditioning: text features, the source's reference tokens and the
-    position ids, for images of ``image_hw`` pixels and instructions of ``text_len`` tokens."""
+    position ids, for images of ``image_hw`` pixels and instructions of ``text_len`` tokens.
+
+    Args:
+      autoencoder: the run's autoencoder; its static facts (grid, channels) are read here. A weightless
+        one (the demo's pixel autoencoder) is used as is; one with weights (the FLUX.2 VAE) is part of the
+        policy, so its weights are arguments of the compiled programs rather than constants in them, and
+        ``autoencoder_of`` returns the policy's copy.
+      uncond: the empty instruction's text fields, each (1, ...) — 'text_ids' and 'text_mask', or
+        'text_embeds' with a prompt cache — for true CFG; None without CFG.
+    """
 
     def __init__(
-        self, autoencoder: PixelAutoencoder, image_hw: tuple[int, int], text_len: int, *, uncond: bool = False
+        self,
+        autoencoder: Any,
+        image_hw: tuple[int, int],
+        text_len: int,
+        *,
+        uncond: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         self.autoencoder = autoencoder
-        self.uncond = uncond  # also encode the empty instruction, for true CFG
+        self.uncond = None if uncond is None else {k: np.asarray(v) for k, v in uncond.items()}
         self.grid = self.autoencoder.grid(*image_hw)
         self.text_len = text_len
+
+    def autoencoder_of(self, policy: Any) -> Any:
+        """The autoencoder to call inside a program: the policy's when it carries one."""
+        return policy.autoencoder if getattr(policy, "autoencoder", None) is not None else self.autoencoder
+
+    def text(self, policy: Any, fields: Mapping[str, jax.Array]) -> jax.Array:
+        """(B, T, D) text features: precomputed ('text_embeds') or encoded from 'text_ids'/'text_mask'."""
+        if "text_embeds" in fields:
+            return fields["text_embeds"]
+        ids = fields["text_ids"]
+        mask = fields["text_mask"] if "text_mask" in fields else jnp.ones_like(ids)
+        return policy.encode_text(ids, mask)
 
     def __call__(self, policy: Any, batch: dict[str, jax.Array]) -> Conditioning:
         h, w = self.grid
         img_ids, txt_ids = make_position_ids(h, w, self.text_len, refs=[(h, w)])
-        ids = batch["text_ids"]
-        mask = batch["text_mask"] if "text_mask" in batch else jnp.ones_like(ids)
-        text = policy.encode_text(ids, mask)
-        # The empty instruction is all padding (word id 0).
-        text_uncond = policy.encode_text(jnp.zeros_like(ids), jnp.ones_like(ids)) if self.uncond else None
-        return Conditioning(text, self.autoencoder.encode(batch["source"]), img_ids, txt_ids, text_uncond)
+        text = self.text(policy, batch)
+        text_uncond = None
+        if self.uncond is not None:
+            # Broadcast the (1, ...) empty instruction to the batch, keeping the batch's sharding.
+            ids = batch.get("text_ids")
+            like = {"text_embeds": text, "text_ids": ids, "text_mask": ids}
+            fields = {k: jnp.zeros_like(like[k]) + v.astype(like[k].dtype) for k, v in self.uncond.items()}
+            text_uncond = self.text(policy, fields)
+        reference = self.autoencoder_of(policy).encode(batch["source"])
+        return Conditioning(text, reference, img_ids, txt_ids, text_uncond)
 
 
 class Programs:
@@ -85,6 +114,8 @@ class Programs:
       condition: the batch -> conditioning map (it holds the autoencoder and the token grid).
       num_steps / eval_steps: sampler steps for training and evaluation.
       token_weights: 'boxes' (exact box-cell overlap) or 'masks' (average-pooled region masks).
+      in_graph_reward: the shapes reward runs inside 'reward', 'iteration' and 'evaluate'; False when a
+        remote judge scores the images ('credit' and 'judge_metrics' take its scores).
     """
 
     def __init__(
@@ -97,14 +128,15 @@ class Programs:
         num_steps: int,
         eval_steps: int,
         token_weights: str = "boxes",
+        in_graph_reward: bool = True,
     ) -> None:
         if token_weights not in ("boxes", "masks"):
             raise ValueError(f"token_weights must be 'boxes' or 'masks', got {token_weights!r}")
         self.graphdef, self.optimizer, self.settings = graphdef, optimizer, settings
         self.condition = condition
-        self.autoencoder = self.condition.autoencoder
         self.grid = self.condition.grid
         self.token_weights = token_weights
+        self.in_graph_reward = in_graph_reward
         seq = self.grid[0] * self.grid[1]
         self.sigmas = flux2_sigmas(num_steps, seq)
         self.eval_sigmas = flux2_sigmas(eval_steps, seq)
@@ -114,9 +146,11 @@ class Programs:
         self._jit = {
             "rollout": jax.jit(self.rollout),
             "reward": jax.jit(self.reward),
+            "credit": jax.jit(self.credit),
             "update": jax.jit(self.update, donate_argnums=() if on_cpu else (0, 2)),
             "iteration": jax.jit(self.iteration, donate_argnums=() if on_cpu else (0, 2)),
             "evaluate": jax.jit(self.evaluate),
+            "judge_metrics": jax.jit(self.judge_metrics),
         }
 
     # --- the stages, traced -------------------------------------------------------------------------
@@ -132,7 +166,7 @@ class Programs:
 
     def _noise(self, key: jax.Array, batch: dict[str, jax.Array], ref: jax.Array) -> jax.Array:
         b = batch["source"].shape[0]
-        shape = (b, self.grid[0] * self.grid[1], self.autoencoder.latent_channels)
+        shape = (b, self.grid[0] * self.grid[1], self.condition.autoencoder.latent_channels)
         return jax.random.normal(key, shape, jnp.float32, out_sharding=jax.typeof(ref).sharding.spec)
 
     def rollout(self, params: Any, frozen: Any, batch: dict[str, jax.Array], key: jax.Array) -> RolloutOut:
@@ -141,22 +175,31 @@ class Programs:
         noise = self._noise(noise_key, batch, cond.reference)
         parts = PolicyParts(self.graphdef, params, frozen)
         traj = sample(parts, cond, noise, sample_key, self.sigmas, self.settings)
-        edited = self.autoencoder.decode(traj.final, self.grid)
+        edited = self._autoencoder(params, frozen).decode(traj.final, self.grid)
         return RolloutOut(traj, cond, edited, self.weights(batch))
 
+    def _autoencoder(self, params: Any, frozen: Any) -> Any:
+        return self.condition.autoencoder_of(merge(PolicyParts(self.graphdef, params, frozen)))
+
     def reward(
-        self, edited: jax.Array, batch: dict[str, jax.Array], weights: jax.Array
+        self, params: Any, frozen: Any, edited: jax.Array, batch: dict[str, jax.Array], weights: jax.Array
     ) -> tuple[Credit, dict[str, jax.Array]]:
-        scores = self._scores(edited, batch)
+        """The in-graph reward: scores of the edited images, then their credit."""
+        return self.credit(self._scores(params, frozen, edited, batch), batch, weights)
+
+    def credit(
+        self, scores: RegionScores, batch: dict[str, jax.Array], weights: jax.Array
+    ) -> tuple[Credit, dict[str, jax.Array]]:
+        """Credit from a judge's scores (SPEC sections 5-7)."""
         _, credit_, metrics = score_and_credit(
             scores, batch["region_valid"], weights, batch["group_id"], self.settings
         )
         return credit_, metrics
 
-    def _scores(self, edited: jax.Array, batch: dict[str, jax.Array]) -> Any:
+    def _scores(self, params: Any, frozen: Any, edited: jax.Array, batch: dict[str, jax.Array]) -> Any:
         # Judge against what the autoencoder can express: a lossy (pooled) autoencoder cannot reproduce
         # fine texture, and the policy should not be scored on it.
-        ae, grid = self.autoencoder, self.grid
+        ae, grid = self._autoencoder(params, frozen), self.grid
         source = ae.decode(ae.encode(batch["source"]), grid)
         target = ae.decode(ae.encode(batch["target"]), grid)
         return shapes_scores(
@@ -206,7 +249,7 @@ class Programs:
         """Rollout, reward, credit and update as one program."""
         rollout_key, update_key = jax.random.split(key)
         out = self.rollout(params, frozen, batch, rollout_key)
-        credit_, metrics = self.reward(out.edited, batch, out.weights)
+        credit_, metrics = self.reward(params, frozen, out.edited, batch, out.weights)
         params, opt_state, update_metrics = self.update(
             params, frozen, opt_state, ref_params, out, credit_, update_key
         )
@@ -229,11 +272,16 @@ class Programs:
             window_start=jnp.zeros((), jnp.int32),
             window=1,
         )
-        edited = self.autoencoder.decode(traj.final, self.grid)
-        scores = self._scores(edited, batch)
+        edited = self._autoencoder(params, frozen).decode(traj.final, self.grid)
+        if not self.in_graph_reward:
+            return edited, {}  # the judge is remote: RewardStage.evaluate scores these images
+        return edited, self.judge_metrics(self._scores(params, frozen, edited, batch), batch)
+
+    def judge_metrics(self, scores: RegionScores, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Evaluation metrics ('eval/...') of a judge's scores."""
         rewards = score_rewards(scores, batch["region_valid"], self.settings.score_scale)
         metrics = reward_metrics(scores, rewards, self.settings.score_scale)
-        return edited, {f"eval/{k}": v for k, v in metrics.items()}
+        return {f"eval/{k}": v for k, v in metrics.items()}
 
     # --- compilation --------------------------------------------------------------------------------
 

@@ -163,3 +163,18 @@ def host_local_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[st
             raise ValueError(f"batch field {key!r} is a scalar; every field needs a leading batch axis")
         out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
     return out
+
+
+def global_to_host_local(x: jax.Array) -> np.ndarray:
+    """This host's rows of a batch-sharded global array, as numpy (the inverse of host_local_to_global).
+
+    The rows come from the addressable shards in order; replicated copies of a shard are read once.
+    """
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    pieces: dict[int, np.ndarray] = {}
+    for shard in x.addressable_shards:
+        start = (shard.index[0].start or 0) if shard.index else 0
+        if start not in pieces:
+            pieces[start] = np.asarray(shard.data)
+    return np.concatenate([pieces[k] for k in sorted(pieces)], axis=0)

@@ -21,9 +21,9 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from sfgrpo import builders, checkpoint, metrics, runtime, warmstart
+from sfgrpo import builders, checkpoint, metrics, reward_stage, runtime, warmstart
 from sfgrpo.data import pipeline
-from sfgrpo.iteration import Conditioner, Programs, host_numpy
+from sfgrpo.iteration import Programs, host_numpy
 from sfgrpo.models.tiny import images_to_uint8
 
 _log = logging.getLogger(__name__)
@@ -59,11 +59,6 @@ def train(
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     _log.info("mesh %s on %d devices (%s)", dict(mesh.shape), jax.device_count(), jax.default_backend())
-    hw = (config.data.resolution, config.data.resolution)
-    text_len = builders.text_length(config)
-    condition = Conditioner(
-        builders.make_autoencoder(config), hw, text_len, uncond=config.sampler.cfg_scale != 1.0
-    )
 
     ckpt = checkpoint.Checkpointer(
         workdir / "checkpoints", save_every=config.train.checkpoint_every, keep=config.train.keep_checkpoints
@@ -81,17 +76,22 @@ def train(
             config, batch_size=batch_size, group_size=group_size, seed=seed, shuffle=shuffle
         )
         it = pipeline.make_iterator(source, pcfg, state=state)
-        return it, (builders.device_batch(b, mesh, text_len) for b in it)
+        # (this host's numpy batch, the global device batch): a remote judge needs the host fields.
+        return it, ((b, builders.device_batch(b, mesh, model.text_fields)) for b in it)
+
+    # A remote judge must answer before hours of set-up and warm start are spent.
+    judge = reward_stage.connect(config.reward)
 
     with runtime.use_mesh(mesh):
         # --- The policy, and its supervised warm start (cached) ---------------------------------------
-        policy = builders.build_policy(config, config.seed)
+        model = builders.build_model(config, mesh, config.seed)
+        policy, condition = model.policy, model.condition
         per_host = config.warmstart.batch_size // jax.process_count()
         _, warm_batches = batches(builders.data_source(config, "train"), per_host, 1, config.seed + 1)
         warmstart.run(
             policy,
             condition,
-            warm_batches,
+            (device for _, device in warm_batches),
             steps=config.warmstart.steps,
             lr=config.warmstart.lr,
             seed=config.seed,
@@ -121,7 +121,9 @@ def train(
             num_steps=config.sampler.num_steps,
             eval_steps=config.sampler.eval_steps,
             token_weights=config.rl.token_weights,
+            in_graph_reward=config.reward.kind in reward_stage.IN_GRAPH_KINDS,
         )
+        rewards = reward_stage.RewardStage(config.reward, programs, mesh, judge)
         base_key = jax.random.key(config.seed)
         state = {"params": params, "opt_state": opt_state, "step": 0, "rng": base_key}
         meta = {"model": _signature(params), "credit": settings.credit}
@@ -141,11 +143,13 @@ def train(
         eval_source = builders.data_source(config, "test")
         n_eval = len(eval_source) // jax.process_count()
         _, eval_batches = batches(eval_source, n_eval, 1, config.seed, shuffle=False)
-        eval_batch = next(eval_batches)  # fixed held-out inputs, evaluated with ODE sampling
+        eval_host, eval_batch = next(eval_batches)  # fixed held-out inputs, evaluated with ODE sampling
         eval_key = jax.random.key(config.seed + 10_000)
 
         def evaluate(step: int, grid_name: str | None) -> dict[str, float]:
             edited, m = programs("evaluate", state["params"], frozen, eval_batch, eval_key)
+            if rewards.remote:
+                m = rewards.evaluate(edited, eval_batch, eval_host)
             m = {k: float(v) for k, v in host_numpy(m).items()}
             if grid_name is not None and jax.process_index() == 0:
                 rows = config.train.grid_rows
@@ -163,45 +167,46 @@ def train(
             return m
 
         # --- The GRPO loop ---------------------------------------------------------------------------------
-        start = int(state["step"])
-        if start == 0:
-            writer.write(0, "eval", evaluate(0, "eval_grid_step0.png"))
+        # With a remote judge, batch k's rewards are computed while batch k+1 rolls out (a lag of one
+        # update). The pipeline drains before every evaluation and checkpoint, so a resumed run starts from
+        # exactly the state the original had there.
+        overlap = rewards.remote and config.reward.overlap
+        pending: reward_stage.Pending | None = None
         skipped_in_a_row = 0
         last_eval: dict[str, float] = {}
-        for step in tqdm.trange(
-            start + 1,
-            config.train.steps + 1,
-            desc="GRPO",
-            initial=start,
-            total=config.train.steps,
-            disable=jax.process_index() != 0,
-        ):
-            batch = next(train_batches)
-            key = jax.random.fold_in(state["rng"], step)
+
+        def finish(p: reward_stage.Pending) -> None:
+            """Waits for a batch's rewards, updates the policy on it, and does the step's bookkeeping."""
+            nonlocal state, skipped_in_a_row, last_eval
+            step = p.step
             t0 = time.perf_counter()
-            if config.train.fuse_step:
-                params, opt_state, m = programs(
-                    "iteration", state["params"], frozen, state["opt_state"], ref_params, batch, key
-                )
-                jax.block_until_ready(params)
-                times = {"time/iteration_s": time.perf_counter() - t0}
+            if p.updated is not None:
+                params, opt_state, m = p.updated  # the fused iteration has updated already
+                times = {"time/iteration_s": p.rollout_s}
             else:
-                rollout_key, update_key = jax.random.split(key)
-                out = jax.block_until_ready(programs("rollout", state["params"], frozen, batch, rollout_key))
+                credit, m_reward = rewards.result(p)
                 t1 = time.perf_counter()
-                credit, m_reward = jax.block_until_ready(programs("reward", out.edited, batch, out.weights))
-                t2 = time.perf_counter()
+                _, update_key = jax.random.split(jax.random.fold_in(state["rng"], step))
                 params, opt_state, m_update = programs(
-                    "update", state["params"], frozen, state["opt_state"], ref_params, out, credit, update_key
+                    "update",
+                    state["params"],
+                    frozen,
+                    state["opt_state"],
+                    ref_params,
+                    p.out,
+                    credit,
+                    update_key,
                 )
                 jax.block_until_ready(params)
-                t3 = time.perf_counter()
+                t2 = time.perf_counter()
                 m = {**m_reward, **m_update}
                 times = {
-                    "time/rollout_s": t1 - t0,
-                    "time/reward_s": t2 - t1,
-                    "time/update_s": t3 - t2,
-                    "time/iteration_s": t3 - t0,
+                    "time/rollout_s": p.rollout_s,
+                    "time/credit_s": t1 - t0,
+                    "time/update_s": t2 - t1,
+                    "time/iteration_s": time.perf_counter() - p.started,
+                    # Updates between the rollout's policy and the one being updated (0 without overlap).
+                    "policy_lag": float(int(state["step"]) - p.version),
                 }
             state = {**state, "params": params, "opt_state": opt_state, "step": step}
             m = {k: float(v) for k, v in host_numpy(m).items()} | times
@@ -223,6 +228,58 @@ def train(
             ckpt.save(step, state, train_iter.get_state(), meta, force=step == config.train.steps)
             if on_step is not None:
                 on_step(step, m)
+
+        def drains(step: int) -> bool:
+            """Whether the step must finish before the next batch rolls out (evaluation, checkpoint, end)."""
+            return (
+                not overlap
+                or step % config.train.eval_every == 0
+                or ckpt.should_save(step)
+                or step == config.train.steps
+            )
+
+        start = int(state["step"])
+        if start == 0:
+            writer.write(0, "eval", evaluate(0, "eval_grid_step0.png"))
+        try:
+            for step in tqdm.trange(
+                start + 1,
+                config.train.steps + 1,
+                desc="GRPO",
+                initial=start,
+                total=config.train.steps,
+                disable=jax.process_index() != 0,
+            ):
+                host_batch, batch = next(train_batches)
+                key = jax.random.fold_in(state["rng"], step)
+                version = int(state["step"])  # updates the rollout policy has seen
+                t0 = time.perf_counter()
+                if config.train.fuse_step and not rewards.remote:
+                    fused = programs(
+                        "iteration", state["params"], frozen, state["opt_state"], ref_params, batch, key
+                    )
+                    jax.block_until_ready(fused[0])
+                    p = reward_stage.Pending(step, batch, None, version, t0, time.perf_counter() - t0)
+                    p.updated = fused
+                else:
+                    rollout_key, _ = jax.random.split(key)
+                    out = programs("rollout", state["params"], frozen, batch, rollout_key)
+                    if not rewards.remote:
+                        jax.block_until_ready(out)  # to time the stages apart
+                    rollout_s = time.perf_counter() - t0
+                    policy_args = (state["params"], frozen)
+                    p = rewards.start(step, out, batch, host_batch, version, t0, rollout_s, policy_args)
+                if pending is not None:
+                    finish(pending)  # the previous batch: its rewards came in while this one rolled out
+                    pending = None
+                if drains(step):
+                    finish(p)
+                else:
+                    pending = p
+            if pending is not None:
+                finish(pending)
+        finally:
+            rewards.close()
 
         # --- Wrap-up --------------------------------------------------------------------------------------
         ckpt.wait()

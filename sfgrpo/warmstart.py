@@ -30,15 +30,14 @@ _log = logging.getLogger(__name__)
 def flow_matching_loss(
     params: Any,
     parts: PolicyParts,
-    condition: Callable[[EditPolicy, dict[str, jax.Array]], Any],
-    encode: Callable[[jax.Array], jax.Array],
+    condition: Any,
     batch: dict[str, jax.Array],
     key: jax.Array,
 ) -> jax.Array:
     """Mean squared velocity error of the policy on a batch of (source, instruction, target) examples."""
     policy = merge(parts, params)
     cond = condition(policy, batch)
-    x0 = encode(batch["target"])
+    x0 = condition.autoencoder_of(policy).encode(batch["target"])
     sigma_key, noise_key = jax.random.split(key)
     batch_spec = jax.typeof(x0).sharding.spec
     sigma = jax.nn.sigmoid(jax.random.normal(sigma_key, (x0.shape[0],), out_sharding=jax.P(*batch_spec[:1])))
@@ -59,7 +58,7 @@ def run(
     cache_dir: Path,
     log_metrics: Callable[[int, dict[str, float]], None],
 ) -> bool:
-    """Trains every parameter of ``policy`` for ``steps`` steps, or loads the cached result.
+    """Trains every parameter of ``policy`` but the autoencoder's for ``steps`` steps, or loads the cache.
 
     Args:
       policy: updated in place.
@@ -71,7 +70,10 @@ def run(
     Returns:
       True when the parameters came from the cache.
     """
-    graphdef, params, rest = nnx.split(policy, nnx.Param, ...)
+    # The autoencoder (the FLUX.2 VAE, when the policy carries one) is not what the warm start trains.
+    graphdef, params, rest = nnx.split(
+        policy, nnx.All(nnx.Param, nnx.Not(nnx.PathContains("autoencoder"))), ...
+    )
     if cache_dir.exists():
         restored = checkpoint.load_params(cache_dir, params)
         nnx.update(policy, restored)
@@ -88,9 +90,7 @@ def run(
     parts = PolicyParts(graphdef, params, rest)
 
     def train_step(params: Any, opt_state: Any, batch: dict[str, jax.Array], key: jax.Array) -> Any:
-        loss, grads = jax.value_and_grad(flow_matching_loss)(
-            params, parts, condition, condition.autoencoder.encode, batch, key
-        )
+        loss, grads = jax.value_and_grad(flow_matching_loss)(params, parts, condition, batch, key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 

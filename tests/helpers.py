@@ -9,7 +9,7 @@ from flax import nnx
 
 from sfgrpo import builders, runtime
 from sfgrpo.data import pipeline
-from sfgrpo.iteration import Conditioner, Programs
+from sfgrpo.iteration import Programs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,13 +60,9 @@ class Setup:
         builders.validate(config)
         self.config = config
         self.mesh = builders.make_mesh(config)
-        hw = (config.data.resolution,) * 2
-        text_len = builders.text_length(config)
-        self.condition = Conditioner(
-            builders.make_autoencoder(config), hw, text_len, uncond=config.sampler.cfg_scale != 1.0
-        )
         with runtime.use_mesh(self.mesh):
-            self.policy = builders.build_policy(config, config.seed)
+            self.model = builders.build_model(config, self.mesh, config.seed)
+            self.policy, self.condition = self.model.policy, self.model.condition
             self.adapted = builders.add_lora(self.policy, config, config.seed + 2)
             self.graphdef, self.params, self.frozen = nnx.split(
                 self.policy, builders.grpo_filter(config), ...
@@ -86,7 +82,7 @@ class Setup:
                 config, batch_size=config.rl.batch_size, group_size=config.rl.group_size, seed=0
             )
             host = next(pipeline.make_iterator(builders.data_source(config, "train"), pcfg))
-            self.batch = builders.device_batch(host, self.mesh, text_len)
+            self.batch = builders.device_batch(host, self.mesh, self.model.text_fields)
 
     def __call__(self, name, *args):
         with runtime.use_mesh(self.mesh):

@@ -28,7 +28,7 @@ def test_first_update_is_on_policy(spatial):
     s = spatial
     out = s("rollout", s.params, s.frozen, s.batch, s.key(1))
     assert out.traj.logp.shape == (2, 16, 4)  # W = N - 1 window steps, B, L (2x2 tokens)
-    credit, m_reward = s("reward", out.edited, s.batch, out.weights)
+    credit, m_reward = s("reward", s.params, s.frozen, out.edited, s.batch, out.weights)
     assert credit.adv.shape == (16, 4) and credit.weights.shape == (16, 4, 4)
     assert np.isfinite(m_reward["reward/mean"])
     # An untrained policy scores 0 everywhere (zero spread, zero advantages): give it advantages to push.
@@ -49,7 +49,7 @@ def test_first_update_is_on_policy(spatial):
 def test_non_finite_update_is_skipped(spatial):
     s = spatial
     out = s("rollout", s.params, s.frozen, s.batch, s.key(3))
-    credit, _ = s("reward", out.edited, s.batch, out.weights)
+    credit, _ = s("reward", s.params, s.frozen, out.edited, s.batch, out.weights)
     adv = np.asarray(credit.adv).copy()
     adv[0, 0] = np.nan
     bad = credit._replace(adv=jax.device_put(adv, credit.adv.sharding))
@@ -100,7 +100,7 @@ def test_lora_trains_only_adapters_and_starts_at_the_reference():
     assert s.adapted and all("lora" in str(p) for p, _ in jax.tree_util.tree_leaves_with_path(s.params))
     ref = jax.tree.map(jnp.zeros_like, s.params)
     out = s("rollout", s.params, s.frozen, s.batch, s.key(6))
-    credit, _ = s("reward", out.edited, s.batch, out.weights)
+    credit, _ = s("reward", s.params, s.frozen, out.edited, s.batch, out.weights)
     credit = credit._replace(
         adv=jax.random.normal(s.key(8), credit.adv.shape), mask=jnp.ones_like(credit.mask)
     )
@@ -128,7 +128,7 @@ def test_update_raises_the_likelihood_of_advantaged_tokens(spatial):
     """The sign, end to end: after an update, sum(A * (logp_new - logp_old)) > 0 on the same trajectory."""
     s = spatial
     out = s("rollout", s.params, s.frozen, s.batch, s.key(11))
-    credit, _ = s("reward", out.edited, s.batch, out.weights)
+    credit, _ = s("reward", s.params, s.frozen, out.edited, s.batch, out.weights)
     credit = credit._replace(
         adv=jax.random.normal(s.key(12), credit.adv.shape), mask=jnp.ones_like(credit.mask)
     )
@@ -149,7 +149,7 @@ def test_true_cfg_is_the_policy_in_rollout_and_update():
     s = Setup(c)
     out = s("rollout", s.params, s.frozen, s.batch, s.key(21))
     assert out.cond.text_uncond is not None and out.cond.text_uncond.shape == out.cond.text.shape
-    credit, _ = s("reward", out.edited, s.batch, out.weights)
+    credit, _ = s("reward", s.params, s.frozen, out.edited, s.batch, out.weights)
     credit = credit._replace(
         adv=jax.random.normal(s.key(22), credit.adv.shape), mask=jnp.ones_like(credit.mask)
     )

@@ -36,12 +36,20 @@ class EditPolicy(nnx.Module):
     """A FLUX.2 transformer with the text encoder it is conditioned on.
 
     ``text_encoder(token_ids (B, T) int32, attention_mask (B, T) int32) -> (B, T, D)`` features; it is None
-    when text features come precomputed (a prompt-embedding cache).
+    when text features come precomputed (a prompt-embedding cache). ``autoencoder`` is the FLUX.2 VAE, or
+    None for the demo's weightless pixel autoencoder (which the run's ``Conditioner`` holds).
     """
 
-    def __init__(self, transformer: Flux2Transformer, text_encoder: nnx.Module | None = None) -> None:
+    def __init__(
+        self,
+        transformer: Flux2Transformer,
+        text_encoder: nnx.Module | None = None,
+        autoencoder: nnx.Module | None = None,
+    ) -> None:
         self.transformer = transformer
         self.text_encoder = nnx.data(text_encoder)
+        # An autoencoder with weights (the FLUX.2 VAE) lives here so that its weights are program arguments.
+        self.autoencoder = nnx.data(autoencoder)
 
     def encode_text(self, token_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         """(B, T) int32 ids and (B, T) int32 mask -> (B, T, D) text features."""

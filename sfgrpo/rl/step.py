@@ -313,7 +313,9 @@ def update(
 
     Each epoch shuffles the samples, cuts micro-batches, and for each micro-batch averages the gradient over
     the W window steps; every ``grad_accum`` micro-batches make one optimizer step (AdamW after a global
-    grad-norm clip, in ``optimizer``). A step whose loss or gradient is not finite is skipped and counted.
+    grad-norm clip, in ``optimizer``). A step whose loss or gradient is not finite is skipped and counted
+    ('skipped_updates'); so is a step none of whose samples has credit ('empty_updates': every reward of
+    its micro-batches failed).
 
     Returns:
       (params, opt_state, metrics): metrics are means over all (micro-batch, window step) pairs, plus
@@ -354,9 +356,13 @@ def update(
             & jnp.isfinite(metrics["total_loss"])
             & jnp.isfinite(optax.global_norm(updates))
         )
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        # No sample with credit (every reward failed): Adam's momentum alone would still move the weights.
+        has_credit = group["mask"].sum() > 0
+        apply = finite & has_credit
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)  # noqa: E731
         metrics["grad_norm"] = grad_norm
         metrics["skipped_updates"] = (~finite).astype(jnp.float32)
+        metrics["empty_updates"] = (finite & ~has_credit).astype(jnp.float32)
         return (keep(new_params, params), keep(new_opt, opt_state)), metrics
 
     params = parts.params
@@ -370,6 +376,7 @@ def update(
     stacked = jax.tree.map(lambda *m: jnp.concatenate(m), *all_metrics)
     out = jax.tree.map(jnp.mean, stacked)
     out["skipped_updates"] = stacked["skipped_updates"].sum()
+    out["empty_updates"] = stacked["empty_updates"].sum()
     out["optimizer_steps"] = jnp.asarray(stacked["skipped_updates"].shape[0], jnp.float32)
     return params, opt_state, out
 
