@@ -1,0 +1,247 @@
+"""Loading a diffusers FLUX.2-klein pipeline folder: transformer, VAE, Qwen3 text encoder and tokenizer.
+
+A pipeline folder (what ``Flux2KleinPipeline.save_pretrained`` writes, or a hub snapshot) holds
+``model_index.json`` and one sub-folder per component. :func:`check_folder` validates the layout before
+anything is read, and :func:`load_klein` checks that the components fit together (from their configs, so
+before any weight is loaded) and loads them.
+
+The sampling schedule is not read from the folder: ``sfgrpo.sampling.schedule.flux2_sigmas`` implements
+the klein scheduler (FlowMatchEulerDiscreteScheduler with dynamic, exponential time shifting), so the
+folder's scheduler config is checked to be that one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from sfgrpo.models import flux2, weights
+from sfgrpo.models.flux2 import Flux2Transformer
+from sfgrpo.models.prompts import PromptTokenizer
+from sfgrpo.models.qwen3 import Qwen3TextEncoder, load_qwen3
+from sfgrpo.models.vae import Flux2VAE, load_vae
+
+log = logging.getLogger(__name__)
+
+PIPELINE_CLASS = "Flux2KleinPipeline"
+INDEX_NAME = "model_index.json"
+TEXT_LAYERS = (9, 18, 27)  # the pipeline's text_encoder_out_layers: hidden states stacked as text features
+
+
+class KleinFolderError(ValueError):
+    """A FLUX.2-klein folder that is missing parts, or whose parts do not fit together."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Component:
+    """What a component folder must hold: a config file, and weights or other files (any one of a set)."""
+
+    config: str
+    files: tuple[str, ...]
+    what: str
+
+
+_COMPONENTS = {
+    "transformer": _Component(
+        "config.json",
+        ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
+        "the Flux2Transformer2DModel",
+    ),
+    "vae": _Component(
+        "config.json",
+        ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
+        "the AutoencoderKLFlux2",
+    ),
+    "text_encoder": _Component(
+        "config.json", ("model.safetensors", "model.safetensors.index.json"), "the Qwen3ForCausalLM"
+    ),
+    "tokenizer": _Component("tokenizer_config.json", ("tokenizer.json", "vocab.json"), "the Qwen2 tokenizer"),
+    "scheduler": _Component("scheduler_config.json", (), "the FlowMatchEulerDiscreteScheduler"),
+}
+
+# The scheduler settings flux2_sigmas implements; any other value changes the schedule.
+_SCHEDULER = {
+    "use_dynamic_shifting": True,
+    "time_shift_type": "exponential",
+    "invert_sigmas": False,
+    "shift_terminal": None,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "use_flow_sigmas": False,
+    "stochastic_sampling": False,
+    "num_train_timesteps": 1000,
+}
+
+
+@dataclasses.dataclass
+class KleinParts:
+    """The loaded components of a FLUX.2-klein folder.
+
+    text_encoder is None when loaded with ``text_encoder=False`` (text features come precomputed).
+    is_distilled: the step-distilled klein (no classifier-free guidance), from model_index.json.
+    """
+
+    transformer: Flux2Transformer
+    vae: Flux2VAE
+    text_encoder: Qwen3TextEncoder | None
+    tokenizer: PromptTokenizer
+    is_distilled: bool
+    folder: Path
+
+
+def check_folder(path: str | os.PathLike) -> Path:
+    """Resolves and validates a diffusers FLUX.2-klein pipeline folder; returns it as a Path.
+
+    Checks model_index.json (a Flux2KleinPipeline) and that each component folder holds its config and
+    weights. Raises ``KleinFolderError`` listing every missing part and what was expected there.
+    """
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise KleinFolderError(f"FLUX.2-klein folder {str(folder)!r} does not exist or is not a directory")
+    problems = []
+    index_file = folder / INDEX_NAME
+    if not index_file.is_file():
+        problems.append(f"{INDEX_NAME} (the pipeline index: Flux2KleinPipeline.save_pretrained writes it)")
+    else:
+        cls = _read_json(index_file).get("_class_name")
+        if cls != PIPELINE_CLASS:
+            raise KleinFolderError(f"{index_file}: pipeline class {cls!r}, expected {PIPELINE_CLASS!r}")
+    for name, comp in _COMPONENTS.items():
+        sub = folder / name
+        if not sub.is_dir():
+            files = ["one of " + "/".join(comp.files)] if comp.files else []
+            expected = " and ".join([comp.config, *files])
+            problems.append(f"{name}/ ({comp.what}: {expected})")
+            continue
+        if not (sub / comp.config).is_file():
+            problems.append(f"{name}/{comp.config} ({comp.what}'s config)")
+        if comp.files and not any((sub / f).is_file() for f in comp.files):
+            problems.append(f"{name}/{' or '.join(comp.files)} ({comp.what}'s files)")
+    if problems:
+        raise KleinFolderError(
+            f"{str(folder)!r} is not a complete FLUX.2-klein pipeline folder; missing: " + "; ".join(problems)
+        )
+    return folder
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise KleinFolderError(f"{file}: cannot read JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise KleinFolderError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _check_scheduler(folder: Path) -> None:
+    file = folder / "scheduler" / _COMPONENTS["scheduler"].config
+    cfg = _read_json(file)
+    if cfg.get("_class_name") != "FlowMatchEulerDiscreteScheduler":
+        raise KleinFolderError(
+            f"{file}: scheduler {cfg.get('_class_name')!r}, expected 'FlowMatchEulerDiscreteScheduler'"
+        )
+    # A key the file omits takes the scheduler class's default, which is the value listed here.
+    wrong = [f"{k}={cfg[k]!r} (need {v!r})" for k, v in _SCHEDULER.items() if k in cfg and cfg[k] != v]
+    if "use_dynamic_shifting" not in cfg:
+        wrong.append("use_dynamic_shifting is absent (need true)")
+    if wrong:
+        raise KleinFolderError(f"{file}: unsupported scheduler settings (sfgrpo samples klein's): {wrong}")
+
+
+def check_consistency(folder: Path, text_layers: tuple[int, ...] = TEXT_LAYERS) -> None:
+    """Checks from the configs alone that the components fit together; raises ``KleinFolderError``.
+
+    transformer in_channels (and out_channels) == 4 x VAE latent channels (2x2 packed latent patches);
+    transformer joint_attention_dim == len(text_layers) x text encoder hidden size; no guidance embedding
+    (klein has none; the pipeline passes guidance=None); the scheduler is klein's.
+    """
+    try:
+        tcfg = weights.read_config(folder / "transformer")
+    except ValueError as err:
+        raise KleinFolderError(str(err)) from None
+    vcfg = _read_json(folder / "vae" / "config.json")
+    qcfg = _read_json(folder / "text_encoder" / "config.json")
+    problems = []
+    patch = vcfg.get("patch_size", (2, 2))
+    if "latent_channels" not in vcfg or not isinstance(patch, list | tuple) or len(patch) != 2:
+        problems.append(f"vae/config.json needs latent_channels and a 2-d patch_size, got {vcfg}")
+    else:
+        token_channels = int(vcfg["latent_channels"]) * int(patch[0]) * int(patch[1])
+        for field, value in (("in_channels", tcfg.in_channels), ("out_channels", tcfg.out_dim)):
+            if value != token_channels:
+                problems.append(
+                    f"transformer {field}={value} != VAE token channels {token_channels} "
+                    f"(latent_channels={vcfg['latent_channels']} x patch {patch[0]}x{patch[1]})"
+                )
+    if "hidden_size" not in qcfg:
+        problems.append("text_encoder/config.json has no hidden_size")
+    elif tcfg.joint_attention_dim != len(text_layers) * int(qcfg["hidden_size"]):
+        problems.append(
+            f"transformer joint_attention_dim={tcfg.joint_attention_dim} != text feature size "
+            f"{len(text_layers)} layers x hidden_size {qcfg['hidden_size']} = "
+            f"{len(text_layers) * int(qcfg['hidden_size'])}"
+        )
+    if tcfg.guidance_embeds:
+        problems.append("transformer has guidance_embeds=true (a FLUX.2-dev transformer; klein has none)")
+    if problems:
+        raise KleinFolderError(f"{str(folder)!r}: components do not fit together: " + "; ".join(problems))
+    _check_scheduler(folder)
+
+
+def load_klein(
+    path: str | os.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    mesh: Mesh | None = None,
+    text_encoder: bool = True,
+    max_text_length: int = 512,
+) -> KleinParts:
+    """Loads a diffusers FLUX.2-klein pipeline folder.
+
+    Args:
+      path: the pipeline folder (see ``check_folder``).
+      dtype: parameter dtype of the transformer, VAE and text encoder (float32 or bfloat16).
+      mesh: the components are placed on it (the transformer and text encoder sharded by their logical
+        axes, the VAE replicated). Default: one device.
+      text_encoder: False skips the Qwen3 weights (text features come precomputed); the tokenizer is
+        loaded either way.
+      max_text_length: tokens per prompt (the pipeline's max_sequence_length, 512).
+
+    Raises:
+      KleinFolderError: a missing component or components that do not fit together (checked before any
+        weights are read). The component loaders raise ``FileNotFoundError``/``ValueError`` for missing or
+        mis-shaped tensors.
+    """
+    folder = check_folder(path)
+    check_consistency(folder)
+    index = _read_json(folder / INDEX_NAME)
+    if "is_distilled" not in index:
+        log.warning("%s has no is_distilled; as Flux2KleinPipeline, treating it as the base model", folder)
+    is_distilled = bool(index.get("is_distilled", False))
+
+    transformer = flux2.from_pretrained(folder / "transformer", dtype=dtype, mesh=mesh)
+    vae = load_vae(folder / "vae", dtype=dtype, mesh=mesh)
+    encoder = None
+    if text_encoder:
+        encoder = load_qwen3(folder / "text_encoder", layers=TEXT_LAYERS, dtype=dtype, mesh=mesh)
+    tokenizer = PromptTokenizer(folder / "tokenizer", max_length=max_text_length)
+
+    # The loaded modules must agree with what their configs promised (check_consistency).
+    cfg = transformer.config
+    if vae.latent_channels != cfg.in_channels:
+        raise KleinFolderError(f"VAE latent_channels {vae.latent_channels} != transformer {cfg.in_channels}")
+    if encoder is not None and encoder.out_dim != cfg.joint_attention_dim:
+        raise KleinFolderError(
+            f"text encoder out_dim {encoder.out_dim} != transformer joint_attention_dim "
+            f"{cfg.joint_attention_dim}"
+        )
+    return KleinParts(transformer, vae, encoder, tokenizer, is_distilled, folder)
