@@ -1,0 +1,192 @@
+"""Loading a transformers Qwen3 checkpoint folder into a sharded ``Qwen3TextEncoder``.
+
+Accepts a ``Qwen3ForCausalLM`` folder (tensors ``model.layers.{i}...``), a ``Qwen3Model`` folder (no
+``model.`` prefix), or a pipeline folder holding one in ``text_encoder/``; weights are ``model.safetensors``
+or shards listed in ``model.safetensors.index.json``. Tensors are memory-mapped
+(:class:`sfgrpo.models.weights.SafetensorsReader`) and each device's shard is read on its own.
+Tensors the encoder does not use are skipped on purpose: ``lm_head``, layers at or above max(layers),
+and the final norm unless the last hidden state is selected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from sfgrpo import runtime
+from sfgrpo.models.qwen3 import (
+    KLEIN_LAYERS,
+    Qwen3Config,
+    Qwen3TextEncoder,
+    config_from_dict,
+    normalize_layers,
+)
+from sfgrpo.models.weights import SafetensorsReader
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = WEIGHTS_NAME + ".index.json"
+SUBFOLDER = "text_encoder"
+
+# Our stacked module path -> transformers' per-layer module path (under "layers.{i}.").
+_LAYER_LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+_LAYER_NORMS = ("self_attn.q_norm", "self_attn.k_norm", "input_layernorm", "post_attention_layernorm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """Our parameter <- checkpoint tensor(s): one name per layer when ``stacked``; ``transpose`` for torch
+    ``Linear.weight`` (out, in) -> our ``kernel`` (in, out)."""
+
+    names: tuple[str, ...]
+    stacked: bool
+    transpose: bool
+
+
+def resolve_folder(path: str | os.PathLike) -> Path:
+    """The folder holding the text encoder's config.json: ``path/text_encoder`` or ``path`` itself."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"Qwen3 text encoder folder {str(path)!r} does not exist (or is not a folder)"
+        )
+    for cand in (path / SUBFOLDER, path):
+        if (cand / CONFIG_NAME).is_file():
+            return cand
+    raise FileNotFoundError(
+        f"{str(path)!r} is not a Qwen3 text encoder folder: neither {path / SUBFOLDER / CONFIG_NAME} "
+        f"nor {path / CONFIG_NAME} exists"
+    )
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """``model.safetensors``, or the shards that ``model.safetensors.index.json`` lists."""
+    if (folder / INDEX_NAME).is_file():
+        index = json.loads((folder / INDEX_NAME).read_text())
+        files = sorted({folder / f for f in index["weight_map"].values()})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{folder / INDEX_NAME} lists shards that do not exist: {missing}")
+        return files
+    if (folder / WEIGHTS_NAME).is_file():
+        return [folder / WEIGHTS_NAME]
+    raise FileNotFoundError(f"Qwen3 text encoder folder {folder} has no {WEIGHTS_NAME} or {INDEX_NAME}")
+
+
+def read_config(folder: Path) -> Qwen3Config:
+    file = folder / CONFIG_NAME
+    return config_from_dict(json.loads(file.read_text()), source=str(file))
+
+
+def param_table(num_layers: int, final_norm: bool, prefix: str) -> dict[str, Entry]:
+    """Our parameter path ("decoder.mlp.up_proj.kernel") -> its source tensors, for the first
+    ``num_layers`` layers; ``prefix`` is "model." for a causal-LM checkpoint, "" for a bare model."""
+    layer = [f"{prefix}layers.{i}." for i in range(num_layers)]
+    table = {"embed_tokens.embedding": Entry((f"{prefix}embed_tokens.weight",), False, False)}
+    for m in _LAYER_LINEARS:
+        table[f"decoder.{m}.kernel"] = Entry(tuple(p + m + ".weight" for p in layer), True, True)
+    for m in _LAYER_NORMS:
+        table[f"decoder.{m}.weight"] = Entry(tuple(p + m + ".weight" for p in layer), True, False)
+    if final_norm:
+        table["norm.weight"] = Entry((f"{prefix}norm.weight",), False, False)
+    return table
+
+
+def _callback(reader: SafetensorsReader, entry: Entry, dtype: Any) -> Callable[[tuple], np.ndarray]:
+    """Builds the shard at ``index`` (a tuple of slices into our parameter) from the source tensors."""
+
+    def read(name: str, index: tuple) -> np.ndarray:
+        if entry.transpose:  # ours (in, out)[i, o] == theirs (out, in)[o, i]
+            return np.asarray(reader[name][index[1], index[0]]).T
+        return np.asarray(reader[name][index])
+
+    def cb(index: tuple) -> np.ndarray:
+        if entry.stacked:
+            out = np.stack([read(entry.names[i], index[1:]) for i in range(len(entry.names))[index[0]]])
+        else:
+            out = read(entry.names[0], index)
+        return out.astype(dtype)
+
+    return cb
+
+
+def load_state(
+    reader: SafetensorsReader, abstract_state: nnx.State, mesh: Mesh, table: dict[str, Entry], where: str
+) -> nnx.State:
+    """Fills an abstract state with the reader's tensors, each placed with its logical sharding on
+    ``mesh``. Missing or mis-shaped tensors raise one ValueError naming them all and ``where``."""
+    shardings = nnx.to_flat_state(runtime.state_shardings(abstract_state, mesh))
+    available = set(reader.keys())
+    missing, wrong = [], []
+    flat = nnx.to_flat_state(abstract_state)
+    for (path, var), (_, sharding) in zip(flat, shardings, strict=True):
+        key = ".".join(map(str, path))
+        entry = table.get(key)
+        if entry is None:
+            raise ValueError(f"parameter {key!r} has no entry in the Qwen3 name table")
+        aval = var.get_value()
+        per_layer = aval.shape[1:] if entry.stacked else aval.shape
+        want = tuple(reversed(per_layer)) if entry.transpose else tuple(per_layer)
+        ok = True
+        for name in entry.names:
+            if name not in available:
+                missing.append(name)
+                ok = False
+            elif reader.shape(name) != want:
+                wrong.append(f"{name}: file {reader.shape(name)}, expected {want}")
+                ok = False
+        if ok:
+            cb = _callback(reader, entry, aval.dtype)
+            var.set_value(jax.make_array_from_callback(aval.shape, sharding.get_value(), cb))
+    if missing or wrong:
+        parts = [
+            f"{label} ({len(names)}): {names}"
+            for label, names in (("missing", missing), ("wrong shape", wrong))
+            if names
+        ]
+        raise ValueError(f"Qwen3 checkpoint {where} does not match its config: " + "; ".join(parts))
+    return nnx.from_flat_state(flat)
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    layers: Sequence[int] = KLEIN_LAYERS,
+    dtype: Any = jnp.float32,
+    mesh: Mesh | None = None,
+) -> Qwen3TextEncoder:
+    """See :func:`sfgrpo.models.qwen3.load_qwen3`."""
+    folder = resolve_folder(path)
+    cfg = read_config(folder)
+    files = weight_files(folder)
+    reader = SafetensorsReader(files)
+    try:
+        normalize_layers(layers, cfg.num_hidden_layers)
+    except ValueError as err:
+        raise ValueError(f"{folder / CONFIG_NAME}: {err}") from err
+    prefix = "model." if "model.embed_tokens.weight" in reader.keys() else ""
+    mesh = mesh if mesh is not None else runtime.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    with runtime.use_mesh(mesh):
+        abstract = nnx.eval_shape(lambda: Qwen3TextEncoder(cfg, layers=layers, rngs=nnx.Rngs(0), dtype=dtype))
+        table = param_table(abstract.num_layers, abstract.norm is not None, prefix)
+        graphdef, abstract_state = nnx.split(abstract)
+        state = load_state(reader, abstract_state, mesh, table, str(folder))
+        return nnx.merge(graphdef, state)
