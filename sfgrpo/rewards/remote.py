@@ -1,0 +1,456 @@
+"""Host-side rewards from remote judges, their configuration, and the worker that runs them off-thread.
+
+``make_host_reward(config.reward)`` connects to the judge named by ``reward.kind``:
+  'server'  our JSON reward server (``sfgrpo.rewards.server``) at ``reward.url``;
+  'vlm'     an OpenAI-compatible chat-completions endpoint (vLLM, SGLang, ...) at ``reward.url``
+            (``sfgrpo.rewards.vlm``).
+Both check at start-up that the judge answers (GET /health, GET /models) and raise ``RewardError`` after
+the retries if it does not. Transport failures (refused connection, timeout, 5xx, 429) are retried with
+exponential backoff; after the retries ``on_failure='fail'`` raises ``RewardError`` and 'skip' returns the
+batch with every image invalid, counted in ``failures``. ``RewardWorker`` runs a host reward in background
+threads with a bounded number of batches in flight.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import math
+import os
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from sfgrpo.rewards.base import (
+    FAILURE_REASONS,
+    HostReward,
+    HostScores,
+    RegionScores,
+    RewardError,
+    ScoreRequest,
+    no_failures,
+)
+
+_log = logging.getLogger(__name__)
+
+KINDS = ("shapes", "server", "vlm")
+REMOTE_KINDS = ("server", "vlm")
+ON_FAILURE = ("fail", "skip")
+_RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def reward_config_defaults() -> ml_collections.ConfigDict:
+    """``config.reward`` with every key at its default."""
+    c = ml_collections.ConfigDict()
+    c.kind = "shapes"  # 'shapes' (in-graph JAX), 'server' (our JSON reward server) or 'vlm' (OpenAI API)
+    c.scale = 25.0  # C: scores lie in 0..C
+    c.url = ""  # 'server': e.g. http://127.0.0.1:8100; 'vlm': the API base, e.g. http://127.0.0.1:8000/v1
+    c.model = ""  # 'vlm': the served model name (as GET /v1/models lists it)
+    c.api_key_env = ""  # 'vlm': environment variable holding the API key ('' sends none)
+    c.timeout_s = 120.0  # per HTTP request (a VLM answer, or a whole batch on our server)
+    c.max_concurrency = 8  # HTTP requests in flight at once (two per image for 'vlm')
+    c.retries = 3  # retries of a request after a timeout, refused connection, 5xx or 429
+    c.backoff_s = 1.0  # wait before retry k is backoff_s * 2**k
+    c.on_failure = (
+        "fail"  # after the retries: 'fail' stops training; 'skip' masks the batch out and counts it
+    )
+    c.max_pending = 2  # batches submitted to the worker and not yet scored (submit blocks beyond)
+    c.max_request_mb = 64.0  # refuse to send a request body larger than this (our server has its own limit)
+    c.request_batch = 0  # 'server': images per HTTP request, sent concurrently; 0 = the whole batch in one
+    c.max_tokens = 1024  # 'vlm': answer budget per request
+    c.temperature = 0.0  # 'vlm': sampling temperature of the judge
+    c.overlap = True  # remote kinds: score batch k while batch k+1 rolls out (one step of policy lag)
+    return c
+
+
+def check_reward_config(reward: ml_collections.ConfigDict) -> None:
+    """Raises ``ValueError("config.reward.<key>: <problem>")`` for the first bad or missing value."""
+    defaults = reward_config_defaults()
+    unknown = sorted(set(reward.keys()) - set(defaults.keys()))
+    if unknown:
+        raise ValueError(f"config.reward.{unknown[0]}: unknown key; known: {sorted(defaults.keys())}")
+
+    def get(key: str) -> Any:
+        if key not in reward:
+            raise ValueError(f"config.reward.{key}: missing (kind={reward.get('kind')!r} needs it)")
+        return reward[key]
+
+    def number(key: str, low: float, *, strict: bool, integer: bool = False) -> None:
+        v = get(key)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ok = ok and (v > low if strict else v >= low) and (not integer or float(v).is_integer())
+        if not ok:
+            kind = "an integer" if integer else "a number"
+            raise ValueError(
+                f"config.reward.{key}: must be {kind} {'>' if strict else '>='} {low:g}, got {v!r}"
+            )
+
+    kind = get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"config.reward.kind: must be one of {KINDS}, got {kind!r}")
+    number("scale", 0, strict=True)
+    if kind not in REMOTE_KINDS:
+        return
+    url = get("url")
+    parsed = urllib.parse.urlparse(url) if isinstance(url, str) else None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ValueError(f"config.reward.url: must be an http(s) URL for kind={kind!r}, got {url!r}")
+    number("timeout_s", 0, strict=True)
+    number("max_concurrency", 1, strict=False, integer=True)
+    number("retries", 0, strict=False, integer=True)
+    number("backoff_s", 0, strict=False)
+    number("max_pending", 1, strict=False, integer=True)
+    number("max_request_mb", 0, strict=True)
+    if get("on_failure") not in ON_FAILURE:
+        raise ValueError(f"config.reward.on_failure: must be one of {ON_FAILURE}, got {reward.on_failure!r}")
+    if kind == "server":
+        number("request_batch", 0, strict=False, integer=True)
+    if kind == "vlm":
+        if not isinstance(get("model"), str) or not reward.model:
+            raise ValueError("config.reward.model: the served model name is required for kind='vlm'")
+        number("max_tokens", 1, strict=False, integer=True)
+        number("temperature", 0, strict=False)
+        env = get("api_key_env")
+        if not isinstance(env, str):
+            raise ValueError(f"config.reward.api_key_env: must be an environment variable name, got {env!r}")
+        if env and env not in os.environ:
+            raise ValueError(f"config.reward.api_key_env: environment variable {env!r} is not set")
+
+
+def make_host_reward(reward: ml_collections.ConfigDict) -> HostReward:
+    """The host-side judge of ``reward.kind`` ('server' or 'vlm'), checked to answer at start-up."""
+    check_reward_config(reward)
+    if reward.kind == "server":
+        judge: HostReward = ServerJudge.from_config(reward)
+    elif reward.kind == "vlm":
+        from sfgrpo.rewards.vlm import VLMJudge  # noqa: PLC0415 (vlm imports this module)
+
+        judge = VLMJudge.from_config(reward)
+    else:
+        raise ValueError(f"config.reward.kind: {reward.kind!r} is in-graph, not a host reward")
+    judge.check()
+    return judge
+
+
+# ---------------------------------------------------------------------------------------------- transport
+
+
+class TransportError(Exception):
+    """A request that failed after its retries. ``reason``: 'timeout' or 'http_error'."""
+
+    def __init__(self, reason: str, message: str, attempts: int, status: int | None = None) -> None:
+        super().__init__(message)
+        self.reason, self.attempts, self.status = reason, attempts, status
+
+
+class Transport:
+    """JSON over HTTP with retries and exponential backoff (stdlib only).
+
+    Timeouts, refused connections, 408/429/5xx are retried ``retries`` times, waiting ``backoff_s * 2**k``
+    before retry k; other 4xx answers are final (a malformed or oversized request does not heal).
+    ``stop``, when set, ends the retries early (a batch already lost).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout_s: float,
+        retries: int,
+        backoff_s: float,
+        headers: dict[str, str] | None = None,
+        max_request_mb: float = 64.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s, self.retries, self.backoff_s = float(timeout_s), int(retries), float(backoff_s)
+        self.headers = {"Content-Type": "application/json", **(headers or {})}
+        self.max_request_mb = float(max_request_mb)
+        self.max_request_bytes = int(max_request_mb * 2**20)
+        host = urllib.parse.urlparse(self.base_url).hostname or ""
+        # A loopback judge must not be sent through an HTTP proxy from the environment.
+        handlers = [urllib.request.ProxyHandler({})] if host in ("127.0.0.1", "localhost", "::1") else []
+        self._opener = urllib.request.build_opener(*handlers)
+
+    def request(
+        self, method: str, path: str, body: dict[str, Any] | None = None, stop: threading.Event | None = None
+    ) -> Any:
+        """The decoded JSON answer; TransportError after the retries, RewardError for too big a body."""
+        url = self.base_url + path
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            if len(data) > self.max_request_bytes:
+                raise RewardError(
+                    f"{url}: request of {len(data) / 2**20:.1f} MiB exceeds reward.max_request_mb="
+                    f"{self.max_request_mb:g}; send smaller batches or raise the limit"
+                )
+        last = ("http_error", "no attempt made")
+        attempts, status = 0, None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                delay = self.backoff_s * 2 ** (attempt - 1)
+                if stop is None:
+                    time.sleep(delay)
+                elif stop.wait(delay):
+                    break
+            if stop is not None and stop.is_set():
+                break
+            attempts += 1
+            try:
+                req = urllib.request.Request(url, data=data, headers=self.headers, method=method)
+                with self._opener.open(req, timeout=self.timeout_s) as resp:
+                    raw = resp.read()
+                try:
+                    return json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    # A healthy status with a body that is not JSON: the endpoint is not what we think.
+                    raise TransportError(
+                        "http_error", f"{method} {url}: the answer is not JSON: {raw[:200]!r}", attempts
+                    ) from None
+            except urllib.error.HTTPError as e:
+                detail = _error_detail(e)
+                last, status = ("http_error", f"HTTP {e.code}: {detail}"), e.code
+                if e.code not in _RETRY_STATUS:
+                    break
+            except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as e:
+                reason = getattr(e, "reason", e)
+                if isinstance(e, TimeoutError) or isinstance(reason, TimeoutError):
+                    last = ("timeout", f"no answer within {self.timeout_s:g} s")
+                else:
+                    last = ("http_error", f"{type(reason).__name__}: {reason}")
+                status = None
+            _log.debug("%s %s attempt %d failed: %s", method, url, attempts, last[1])
+        message = f"{method} {url} failed after {attempts} attempt(s): {last[1]}"
+        raise TransportError(last[0], message, attempts, status)
+
+
+def _error_detail(e: urllib.error.HTTPError) -> str:
+    try:
+        raw = e.read()
+    except OSError:
+        return str(e.reason)
+    try:
+        payload = json.loads(raw)
+        if isinstance(payload, dict) and "error" in payload:
+            err = payload["error"]
+            return err.get("message", str(err)) if isinstance(err, dict) else str(err)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        pass
+    return raw[:300].decode("utf-8", "replace") or str(e.reason)
+
+
+def lost_batch(
+    request: ScoreRequest,
+    error: TransportError,
+    on_failure: str,
+    endpoint: str,
+    extra: dict[str, int] | None = None,
+) -> HostScores:
+    """A batch whose transport failed after the retries: ``RewardError`` ('fail') or all invalid ('skip')."""
+    if on_failure == "fail":
+        raise RewardError(
+            f"reward endpoint {endpoint}: {error} (reward.on_failure='fail'; 'skip' would mask the batch out)"
+        ) from error
+    b = request.batch_size
+    _log.warning("reward endpoint %s: skipping a batch of %d images: %s", endpoint, b, error)
+    failures = {**(extra or {}), error.reason: b, "batch_skipped": b}
+    return HostScores.invalid(b, request.num_regions, failures)
+
+
+def parallel_map(
+    fn: Callable[[Any], Any], items: list[Any], max_workers: int, stop: threading.Event
+) -> list[Any]:
+    """``[fn(x) for x in items]`` on threads; the first exception sets ``stop``, cancels the rest."""
+    if not items:
+        return []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(max_workers, len(items))) as pool:
+        futures = [pool.submit(fn, x) for x in items]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            stop.set()
+            for f in futures:
+                f.cancel()
+            raise
+
+
+# ---------------------------------------------------------------------------------------------- our server
+
+
+class ServerJudge:
+    """The client of a ``sfgrpo.rewards.server``: POST /score per batch (or per ``request_batch`` images).
+
+    Per-image checks on the answer: finite scores in 0..scale, else the image is invalid ('out_of_range').
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        scale: float,
+        timeout_s: float,
+        retries: int,
+        backoff_s: float,
+        on_failure: str,
+        max_concurrency: int = 1,
+        request_batch: int = 0,
+        max_request_mb: float = 64.0,
+    ) -> None:
+        if on_failure not in ON_FAILURE:
+            raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
+        self.url, self.scale, self.on_failure = url.rstrip("/"), float(scale), on_failure
+        self.max_concurrency, self.request_batch = int(max_concurrency), int(request_batch)
+        self.transport = Transport(
+            self.url, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s, max_request_mb=max_request_mb
+        )
+        self.reward_name = "?"
+
+    @classmethod
+    def from_config(cls, reward: ml_collections.ConfigDict) -> ServerJudge:
+        return cls(
+            reward.url,
+            scale=reward.scale,
+            timeout_s=reward.timeout_s,
+            retries=reward.retries,
+            backoff_s=reward.backoff_s,
+            on_failure=reward.on_failure,
+            max_concurrency=reward.max_concurrency,
+            request_batch=reward.request_batch,
+            max_request_mb=reward.max_request_mb,
+        )
+
+    def check(self) -> dict[str, Any]:
+        """GET /health (with retries); ``RewardError`` if the server is down or speaks another scale."""
+        try:
+            health = self.transport.request("GET", "/health")
+        except TransportError as e:
+            raise RewardError(f"reward server {self.url} is not answering: {e}") from e
+        if not isinstance(health, dict) or health.get("status") != "ok":
+            raise RewardError(f"reward server {self.url}: unexpected /health answer {health!r:.300}")
+        if float(health.get("scale", float("nan"))) != self.scale:
+            raise RewardError(
+                f"reward server {self.url} scores on 0..{health.get('scale')}, "
+                f"but reward.scale={self.scale:g}"
+            )
+        self.reward_name = str(health.get("reward"))
+        _log.info(
+            "reward server %s: reward %r, version %s", self.url, self.reward_name, health.get("version")
+        )
+        return health
+
+    def __call__(self, request: ScoreRequest) -> HostScores:
+        from sfgrpo.rewards.server import request_to_json  # noqa: PLC0415 (server imports jax lazily only)
+
+        b = request.batch_size
+        step = self.request_batch or b
+        parts = [request.rows(i, min(i + step, b)) for i in range(0, b, step)]
+        stop = threading.Event()
+
+        def one(part: ScoreRequest) -> HostScores:
+            return self._parse(part, self.transport.request("POST", "/score", request_to_json(part), stop))
+
+        try:
+            return HostScores.concatenate(parallel_map(one, parts, self.max_concurrency, stop))
+        except TransportError as e:
+            return lost_batch(request, e, self.on_failure, self.url)
+
+    def _parse(self, request: ScoreRequest, answer: Any) -> HostScores:
+        b, r = request.batch_size, request.num_regions
+        try:
+            scores = answer["scores"]
+            arrays = {}
+            for f in RegionScores._fields:
+                shape = (b, r) if f in ("success", "preserve") else (b,)
+                dtype = np.bool_ if f == "valid" else np.float64
+                raw = scores[f]
+                x = np.array(raw if f == "valid" else _nan_for_null(raw), dtype=dtype)
+                if x.shape != shape:
+                    raise ValueError(f"{f} has shape {x.shape}, expected {shape}")
+                arrays[f] = x
+            failures = {k: int(v) for k, v in answer.get("failures", {}).items() if k in FAILURE_REASONS}
+        except (KeyError, TypeError, ValueError) as e:
+            raise RewardError(f"reward server {self.url}: malformed /score answer ({e})") from None
+        valid = arrays.pop("valid")
+        # Only real region slots count: padded ones may hold anything (score_rewards masks them).
+        slot = request.region_valid
+        in_range = np.ones((b,), bool)
+        for x in arrays.values():
+            ok = np.isfinite(x) & (x >= 0) & (x <= self.scale)
+            if x.ndim == 2:
+                ok = ok | ~slot
+                ok = ok.all(axis=1)
+            in_range &= ok
+        bad = valid & ~in_range
+        failures = {**no_failures(), **failures}
+        failures["out_of_range"] += int(bad.sum())
+        if bad.any():
+            _log.warning(
+                "reward server %s: %d image(s) with scores outside 0..%g", self.url, bad.sum(), self.scale
+            )
+        valid = valid & in_range
+        cleaned = {}
+        for f, x in arrays.items():
+            mask = valid.reshape(valid.shape + (1,) * (x.ndim - 1))
+            if x.ndim == 2:
+                mask = mask & slot
+            cleaned[f] = np.where(mask, np.nan_to_num(x), 0.0).astype(np.float32)
+        return HostScores(**cleaned, valid=valid, failures=failures)
+
+
+def _nan_for_null(x: Any) -> Any:
+    if isinstance(x, list):
+        return [_nan_for_null(v) for v in x]
+    return float("nan") if x is None else x
+
+
+# ---------------------------------------------------------------------------------------------- worker
+
+
+class RewardWorker:
+    """Runs a host reward in background threads, at most ``max_pending`` batches at a time.
+
+    ``submit`` blocks while ``max_pending`` batches are in flight (backpressure on the trainer), then
+    returns a future of the batch's ``HostScores``; a ``RewardError`` arrives through the future.
+    """
+
+    def __init__(self, reward: HostReward, max_pending: int) -> None:
+        if int(max_pending) < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+        self.reward = reward
+        self._slots = threading.BoundedSemaphore(int(max_pending))
+        self._pool = concurrent.futures.ThreadPoolExecutor(int(max_pending), thread_name_prefix="reward")
+        self._closed = False
+
+    def submit(self, request: ScoreRequest) -> concurrent.futures.Future[HostScores]:
+        if self._closed:
+            raise RuntimeError("RewardWorker.submit after close()")
+        self._slots.acquire()
+        try:
+            future = self._pool.submit(self.reward, request)
+        except BaseException:
+            self._slots.release()
+            raise
+        future.add_done_callback(lambda _: self._slots.release())
+        return future
+
+    def close(self) -> None:
+        """Waits for the batches in flight, then stops the threads."""
+        self._closed = True
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> RewardWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,491 @@
+"""A fake VLM judge for the shapes task: an OpenAI-compatible chat-completions server on loopback.
+
+It answers the way a VLM does (JSON of SPEC section 5 inside a ```json fence or bare, with prose around it,
+integer or float scores, reasoning strings), but its scores are meaningful: it decodes the source and
+edited images from the request's data URLs, looks the source up (a hash of its pixels) among the shapes
+examples it was built from, and scores the edit with the shapes scorer against that example's target and
+region masks, optionally judging against the pixel autoencoder's round trip as the trainer's in-graph
+reward does. Faults can be scripted for the fault tests (``FakeVLM.fault``).
+
+In tests::
+
+    with FakeVLM(ShapesOracle.from_records(records)) as vlm:
+        judge = VLMJudge(vlm.url, vlm.model, ...)
+
+As a process, for a demo run with ``reward.kind='vlm'``, ``reward.url='http://127.0.0.1:P/v1'``,
+``reward.model='fake-shapes-judge'``::
+
+    python tests/fake_vlm.py --port P --resolution 64 --pool 4 --seed 0 --train 4096 --eval 32 --max-edits 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import re
+import sys
+import threading
+from collections.abc import Iterable, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import PIL.Image
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sfgrpo.data.pipeline import fit_to_resolution  # noqa: E402
+from sfgrpo.data.records import EditRecord  # noqa: E402
+from sfgrpo.data.shapes import ShapesConfig, ShapesSource  # noqa: E402
+from sfgrpo.models.tiny import PixelAutoencoder  # noqa: E402
+from sfgrpo.rewards.base import SCORE_SCALE, ScoreRequest  # noqa: E402
+from sfgrpo.rewards.synthetic import shapes_scores  # noqa: E402
+
+_log = logging.getLogger("fake_vlm")
+MODEL = "fake-shapes-judge"
+FAULTS = ("slow", "malformed", "missing_region", "extra_region", "out_of_range", "http_500", "die")
+
+
+def pixel_key(image: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(image, np.uint8).tobytes()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """A shapes example at the judged resolution: (H, W, 3) uint8 images, (K, 4) boxes, (K, H, W) masks."""
+
+    source: np.ndarray
+    target: np.ndarray
+    boxes: np.ndarray
+    masks: np.ndarray
+    labels: tuple[str, ...]
+    instruction: str
+
+
+class ShapesOracle:
+    """Source pixels -> the example's ground truth, and the shapes scorer of one edit.
+
+    ``pool`` > 0 judges against ``PixelAutoencoder(pool)``'s round trip of source and target, like the
+    trainer's in-graph reward (``Programs._scores``).
+    """
+
+    def __init__(self, examples: Iterable[Example], *, pool: int = 0, scale: float = SCORE_SCALE) -> None:
+        self.examples = {pixel_key(e.source): e for e in examples}
+        self.scale = scale
+        ae = PixelAutoencoder(pool=pool) if pool else None
+
+        @jax.jit
+        def score(
+            edited: jax.Array, source: jax.Array, target: jax.Array, masks: jax.Array, boxes: jax.Array
+        ):
+            if ae is not None:
+                grid = ae.grid(source.shape[1], source.shape[2])
+                source = ae.decode(ae.encode(source), grid)
+                target = ae.decode(ae.encode(target), grid)
+            valid = jnp.ones(boxes.shape[:2], bool)
+            return shapes_scores(
+                edited.astype(jnp.float32) / 255.0, source, target, masks, boxes, valid, scale=scale
+            )
+
+        self._score = score
+
+    @classmethod
+    def from_records(
+        cls, records: Iterable[EditRecord], resolution: int, *, pool: int = 0, scale: float = SCORE_SCALE
+    ) -> ShapesOracle:
+        """The examples as the data pipeline presents them at ``resolution`` ('resize' mode)."""
+        examples = []
+        for rec in records:
+            source, target, boxes, valid, masks = fit_to_resolution(rec, (resolution, resolution))
+            keep = np.flatnonzero(valid)
+            labels = tuple(rec.regions[k].label for k in keep)
+            examples.append(Example(source, target, boxes[keep], masks[keep], labels, rec.instruction))
+        return cls(examples, pool=pool, scale=scale)
+
+    def judge(self, source: np.ndarray, edited: np.ndarray) -> tuple[Example, dict[str, Any]]:
+        """The example of ``source`` and the scores of ``edited`` (floats; per-region lists)."""
+        example = self.examples.get(pixel_key(source))
+        if example is None:
+            raise KeyError("the source image is not one of this judge's shapes examples")
+        out = jax.device_get(
+            self._score(
+                edited[None],
+                example.source[None],
+                example.target[None],
+                example.masks[None],
+                example.boxes[None],
+            )
+        )
+        return example, {
+            "success": [float(v) for v in out.success[0]],
+            "preserve": [float(v) for v in out.preserve[0]],
+            **{
+                f: float(getattr(out, f)[0])
+                for f in ("background", "naturalness", "artifacts", "overall_success", "overall_preserve")
+            },
+        }
+
+
+def request_from_examples(examples: Sequence[Example], edited: np.ndarray, r_max: int) -> ScoreRequest:
+    """A ScoreRequest of ``edited`` (B, H, W, 3) uint8 images of these examples, padded to ``r_max`` slots."""
+    b = len(examples)
+    h, w = examples[0].source.shape[:2]
+    boxes = np.zeros((b, r_max, 4), np.float32)
+    valid = np.zeros((b, r_max), bool)
+    labels = np.full((b, r_max), "", dtype=object)
+    masks = np.zeros((b, r_max, h, w), bool)
+    for i, e in enumerate(examples):
+        k = len(e.labels)
+        boxes[i, :k], valid[i, :k], labels[i, :k], masks[i, :k] = e.boxes, True, e.labels, e.masks
+    return ScoreRequest(
+        source=np.stack([e.source for e in examples]),
+        edited=np.asarray(edited, np.uint8),
+        instructions=[e.instruction for e in examples],
+        boxes=boxes,
+        region_valid=valid,
+        region_labels=labels,
+        target=np.stack([e.target for e in examples]),
+        region_masks=masks,
+    )
+
+
+def edited_variants(examples, seed=0):
+    """(B, H, W, 3) uint8 edits of graded quality: perfect, none, noisy, half-way, one region fixed."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, e in enumerate(examples):
+        src, tgt = e.source.astype(np.float32), e.target.astype(np.float32)
+        kind = i % 5
+        if kind == 0:
+            img = tgt
+        elif kind == 1:
+            img = src
+        elif kind == 2:
+            img = tgt + rng.normal(0, 30, tgt.shape)
+        elif kind == 3:
+            img = 0.5 * (src + tgt)
+        else:
+            img = src.copy()
+            img[e.masks[0]] = tgt[e.masks[0]]
+        out.append(np.clip(np.rint(img), 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+# ---------------------------------------------------------------------------------------------- answers
+
+
+def _num(x: float, integer: bool) -> float | int:
+    return int(round(x)) if integer else round(x, 3)
+
+
+def semantic_answer(example: Example, scores: dict[str, Any], regions: list[dict], style: int) -> str:
+    """A VLM-like answer: the SPEC section 5 JSON in one of three wrappings, integer scores in style 1."""
+    integer = style == 1
+    entries = [
+        {
+            "id": r["id"],
+            "label": r["label"],
+            "bbox_2d": r["bbox_2d"],
+            "score": [_num(scores["success"][k], integer), _num(scores["preserve"][k], integer)],
+            "reasoning": f"The {r['label']} {'matches' if scores['success'][k] > 12 else 'misses'} the edit.",
+        }
+        for k, r in enumerate(regions)
+    ]
+    obj = {
+        "edit_region": entries,
+        "background": {"score": _num(scores["background"], integer), "reasoning": "Outside the boxes."},
+        "overall_score": [
+            _num(scores["overall_success"], integer),
+            _num(scores["overall_preserve"], integer),
+        ],
+    }
+    return _wrap(json.dumps(obj, indent=2), style)
+
+
+def quality_answer(scores: dict[str, Any], style: int) -> str:
+    integer = style == 1
+    obj = {"score": [_num(scores["naturalness"], integer), _num(scores["artifacts"], integer)]}
+    return _wrap(json.dumps(obj), style)
+
+
+def _wrap(text: str, style: int) -> str:
+    if style == 0:
+        return f"Let me compare the two images carefully.\n\n```json\n{text}\n```\n\nThese are my scores."
+    if style == 1:
+        return f"Assessment: {text}\nI am fairly confident in this judgement."
+    return f"```\n{text}\n```"
+
+
+# ---------------------------------------------------------------------------------------------- server
+
+
+@dataclasses.dataclass
+class _Fault:
+    kind: str
+    times: int | None  # None: every matching request
+    only: str | None  # 'semantic', 'quality' or None (both)
+    delay_s: float
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: FakeVLM
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        _log.debug(format, *args)
+
+    def _send(self, status: int, payload: dict[str, Any]) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.path.rstrip("/") == "/v1/models":
+            self._send(200, {"object": "list", "data": [{"id": self.server.model, "object": "model"}]})
+        else:
+            self._send(404, {"error": {"message": f"no route {self.path}"}})
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path.rstrip("/") != "/v1/chat/completions":
+            self._send(404, {"error": {"message": f"no route {self.path}"}})
+            return
+        self.server.authorization = self.headers.get("Authorization")
+        try:
+            request = json.loads(body)
+            images, text = _content(request["messages"])
+            semantic = "edit_region" in text
+            if semantic:
+                regions = json.loads(re.search(r"Regions \(JSON\): (\[.*\])", text).group(1))
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            self._send(400, {"error": {"message": f"bad request: {e}"}})
+            return
+        kind = "semantic" if semantic else "quality"
+        fault = self.server.take_fault(kind)
+        if fault is not None and fault.kind == "die":
+            self.server.die()
+            self.close_connection = True
+            return  # no answer: the connection drops, as when the process dies mid-request
+        if fault is not None and fault.kind == "slow":
+            self.server.closing.wait(fault.delay_s)
+        if fault is not None and fault.kind == "http_500":
+            self._send(500, {"error": {"message": "internal error (scripted)"}})
+            return
+        try:
+            source, edited = images
+            example, scores = self.server.oracle.judge(source, edited)
+        except (KeyError, ValueError) as e:
+            self._send(400, {"error": {"message": str(e)}})
+            return
+        style = self.server.next_style()
+        if semantic:
+            problem = _check_regions(regions, example)
+            if problem:
+                self._send(400, {"error": {"message": problem}})
+                return
+            scores = _apply_fault(scores, fault)
+            if fault is not None and fault.kind == "missing_region":
+                regions = regions[:-1]
+            if fault is not None and fault.kind == "extra_region":
+                regions = [*regions, {"id": len(regions) + 1, "label": "extra", "bbox_2d": [0, 0, 10, 10]}]
+                scores["success"] = [*scores["success"], 10.0]
+                scores["preserve"] = [*scores["preserve"], 10.0]
+            answer = semantic_answer(example, scores, regions, style)
+        else:
+            answer = quality_answer(_apply_fault(scores, fault), style)
+        if fault is not None and fault.kind == "malformed":
+            answer = answer.replace("}", "", 1).replace("```", "")
+        self.server.count(kind)
+        self._send(
+            200,
+            {
+                "id": f"chatcmpl-{self.server.served}",
+                "object": "chat.completion",
+                "model": self.server.model,
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}
+                ],
+            },
+        )
+
+
+def _content(messages: list[dict]) -> tuple[list[np.ndarray], str]:
+    images, texts = [], []
+    for part in messages[-1]["content"]:
+        if part["type"] == "image_url":
+            url = part["image_url"]["url"]
+            head, _, data = url.partition(",")
+            if head != "data:image/png;base64":
+                raise ValueError(f"expected a base64 PNG data URL, got {head!r}")
+            with PIL.Image.open(io.BytesIO(base64.b64decode(data, validate=True))) as pil:
+                images.append(np.asarray(pil.convert("RGB"), np.uint8))
+        elif part["type"] == "text":
+            texts.append(part["text"])
+    if len(images) != 2:
+        raise ValueError(f"expected two images (source, edited), got {len(images)}")
+    return images, "\n".join(texts)
+
+
+def _check_regions(regions: list[dict], example: Example) -> str | None:
+    """The prompt's regions must be the example's, in order, with boxes within a unit of the 0..1000 grid."""
+    if len(regions) != len(example.labels):
+        return f"the prompt lists {len(regions)} regions, the example has {len(example.labels)}"
+    for k, r in enumerate(regions):
+        if r["id"] != k + 1 or r["label"] != example.labels[k]:
+            return (
+                f"region {k}: got id {r['id']} label {r['label']!r}, expected {k + 1} {example.labels[k]!r}"
+            )
+        if np.max(np.abs(np.asarray(r["bbox_2d"]) - example.boxes[k] * 1000)) > 1.0:
+            return f"region {k}: bbox_2d {r['bbox_2d']} is not the example's box {example.boxes[k] * 1000}"
+    return None
+
+
+def _apply_fault(scores: dict[str, Any], fault: _Fault | None) -> dict[str, Any]:
+    scores = dict(scores)
+    if fault is not None and fault.kind == "out_of_range":
+        if "success" in scores and scores["success"]:
+            scores["success"] = [scores["success"][0] + 40.0, *scores["success"][1:]]
+        scores["naturalness"] = scores["naturalness"] + 40.0
+    return scores
+
+
+class FakeVLM(ThreadingHTTPServer):
+    """The fake judge's server on 127.0.0.1 (port 0: ephemeral), run in a thread by the context manager."""
+
+    daemon_threads = False  # server_close joins the handler threads: nothing outlives the context
+
+    def __init__(self, oracle: ShapesOracle, *, port: int = 0, host: str = "127.0.0.1", model: str = MODEL):
+        super().__init__((host, port), _Handler)
+        self.oracle, self.model = oracle, model
+        self._lock = threading.Lock()
+        self._faults: list[_Fault] = []
+        self._style = 0
+        self.served = 0
+        self.counts = {"semantic": 0, "quality": 0}
+        self._thread: threading.Thread | None = None
+        self._dead = False
+        self.authorization: str | None = None  # the last request's Authorization header
+        self.closing = threading.Event()  # cuts scripted delays short at exit
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that timed out and left is part of the fault tests, not an error of the server.
+        _log.debug("request from %s ended early", client_address)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def fault(
+        self, kind: str, times: int | None = None, *, only: str | None = None, delay_s: float = 1.0
+    ) -> None:
+        """Scripts a fault for the next ``times`` matching requests (None: all of them until cleared).
+
+        slow: answer after ``delay_s``; malformed: broken JSON; missing_region / extra_region: one region too
+        few / many; out_of_range: a score 40 above its true value; http_500: a server error; die: drop the
+        connection and stop listening (every later request is refused).
+        """
+        if kind not in FAULTS:
+            raise ValueError(f"unknown fault {kind!r}; known: {FAULTS}")
+        with self._lock:
+            self._faults.append(_Fault(kind, times, only, delay_s))
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def take_fault(self, kind: str) -> _Fault | None:
+        with self._lock:
+            for f in self._faults:
+                if f.only in (None, kind):
+                    if f.times is not None:
+                        f.times -= 1
+                        if f.times <= 0:
+                            self._faults.remove(f)
+                    return f
+        return None
+
+    def next_style(self) -> int:
+        with self._lock:
+            self._style = (self._style + 1) % 3
+            return self._style
+
+    def count(self, kind: str) -> None:
+        with self._lock:
+            self.counts[kind] += 1
+            self.served += 1
+
+    def die(self) -> None:
+        """Stops listening now (later connections are refused), as when the judge's process dies."""
+        with self._lock:
+            if self._dead:
+                return
+            self._dead = True
+
+        def stop() -> None:
+            self.shutdown()
+            self.server_close()
+
+        threading.Thread(target=stop, daemon=True).start()
+
+    def __enter__(self) -> FakeVLM:
+        self._thread = threading.Thread(
+            target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.closing.set()
+        if not self._dead:
+            self.shutdown()
+        self.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="A fake OpenAI-compatible VLM judge of the shapes task.")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--resolution", type=int, default=64, help="config.data.resolution")
+    parser.add_argument(
+        "--pool", type=int, default=0, help="judge against PixelAutoencoder(pool)'s round trip"
+    )
+    parser.add_argument("--seed", "--split-seed", dest="seed", type=int, default=0, help="config.seed")
+    parser.add_argument("--train", type=int, default=4096, help="config.data.shapes_train")
+    parser.add_argument("--eval", type=int, default=32, help="config.data.shapes_eval")
+    parser.add_argument("--max-edits", type=int, default=3, help="min(3, config.data.r_max)")
+    parser.add_argument("--scale", type=float, default=SCORE_SCALE)
+    parser.add_argument("--model", default=MODEL)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ShapesConfig(image_size=args.resolution, max_edits=args.max_edits)
+    records = [
+        *ShapesSource(args.train, split="train", seed=args.seed, config=config),
+        *ShapesSource(args.eval, split="test", seed=args.seed, config=config),
+    ]
+    oracle = ShapesOracle.from_records(records, args.resolution, pool=args.pool, scale=args.scale)
+    server = FakeVLM(oracle, port=args.port, host=args.host, model=args.model)
+    _log.info("fake VLM judge %r of %d shapes examples at %s", args.model, len(oracle.examples), server.url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()

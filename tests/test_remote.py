@@ -1,0 +1,258 @@
+"""Remote rewards: config checks, the server client under faults (real HTTP on loopback), the worker."""
+
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+from fake_vlm import ShapesOracle, request_from_examples
+
+from sfgrpo.data.shapes import ShapesConfig, ShapesSource
+from sfgrpo.rewards.base import HostScores, RegionScores, RewardError
+from sfgrpo.rewards.remote import (
+    RewardWorker,
+    check_reward_config,
+    make_host_reward,
+    reward_config_defaults,
+)
+from sfgrpo.rewards.server import register_reward, serve_in_thread
+
+RES, R_MAX = 64, 3
+
+
+@pytest.fixture(scope="module")
+def request_():
+    source = ShapesSource(8, split="train", seed=3, config=ShapesConfig(image_size=RES))
+    examples = list(ShapesOracle.from_records(source, RES).examples.values())[:4]
+    return request_from_examples(examples, np.stack([e.target for e in examples]), R_MAX)
+
+
+def _config(url, **over):
+    c = reward_config_defaults()
+    c.kind, c.url, c.timeout_s, c.retries, c.backoff_s = "server", url, 5.0, 2, 0.01
+    c.update(over)
+    return c
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Scripted:
+    """A host reward that scores a constant, after a delay or failing as scripted."""
+
+    def __init__(self):
+        self.delay_s, self.fail_times, self.value, self.calls = 0.0, 0, 20.0, 0
+        self.lock = threading.Lock()
+
+    def __call__(self, req):
+        with self.lock:
+            self.calls += 1
+            fail = self.fail_times > 0
+            self.fail_times -= 1
+        time.sleep(self.delay_s)
+        if fail:
+            raise RuntimeError("scripted failure")
+        host = HostScores.invalid(req.batch_size, req.num_regions)
+        for f in RegionScores._fields[:-1]:
+            getattr(host, f)[...] = self.value
+        host.valid[...] = True
+        return host
+
+
+SCRIPTED = Scripted()
+register_reward("scripted-test", lambda scale: SCRIPTED)
+
+
+@pytest.fixture
+def scripted():
+    SCRIPTED.__init__()
+    with serve_in_thread("scripted-test") as server:
+        yield server, SCRIPTED
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def test_defaults_are_valid_and_documented():
+    c = reward_config_defaults()
+    check_reward_config(c)
+    assert {"kind", "scale", "url", "model", "api_key_env", "timeout_s", "max_concurrency", "retries"} <= set(
+        c
+    )
+    assert {"backoff_s", "on_failure", "max_pending", "max_request_mb"} <= set(c)
+    check_reward_config(_config("http://127.0.0.1:1"))
+    vlm = _config("https://judge.example:8000/v1", kind="vlm", model="sfreward")
+    check_reward_config(vlm)
+
+
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        (dict(kind="clip"), "config.reward.kind: must be one of"),
+        (dict(url="127.0.0.1:8000"), "config.reward.url: must be an http"),
+        (dict(url=""), "config.reward.url: must be an http"),
+        (dict(timeout_s=0.0), "config.reward.timeout_s: must be a number > 0"),
+        (dict(retries=-1), "config.reward.retries: must be an integer >= 0"),
+        (dict(max_concurrency=0), "config.reward.max_concurrency"),
+        (dict(max_pending=0), "config.reward.max_pending: must be an integer >= 1"),
+        (dict(on_failure="ignore"), "config.reward.on_failure: must be one of"),
+        (dict(scale=float("nan")), "config.reward.scale"),
+        (dict(kind="vlm"), "config.reward.model: the served model name is required"),
+        (dict(kind="vlm", model="m", api_key_env="SFGRPO_TEST_UNSET_KEY"), "SFGRPO_TEST_UNSET_KEY"),
+    ],
+)
+def test_bad_config_names_the_key(over, message):
+    with pytest.raises(ValueError, match=message):
+        check_reward_config(_config(**{"url": "http://127.0.0.1:1", **over}))
+
+
+def test_unknown_and_missing_keys():
+    c = _config("http://127.0.0.1:1")
+    c.timeout = 3.0
+    with pytest.raises(ValueError, match="config.reward.timeout: unknown key"):
+        check_reward_config(c)
+    c = _config("http://127.0.0.1:1")
+    del c["retries"]
+    with pytest.raises(ValueError, match="config.reward.retries: missing"):
+        check_reward_config(c)
+
+
+# ---------------------------------------------------------------------------------------------- server client
+
+
+def test_server_down_at_start_is_a_clear_error():
+    url = f"http://127.0.0.1:{_free_port()}"
+    t0 = time.perf_counter()
+    with pytest.raises(RewardError, match=rf"reward server {url} is not answering.*after 3 attempt\(s\)"):
+        make_host_reward(_config(url))
+    assert time.perf_counter() - t0 < 5
+
+
+def test_scale_mismatch_is_refused(scripted):
+    server, _ = scripted
+    with pytest.raises(RewardError, match="scores on 0..25.0, but reward.scale=10"):
+        make_host_reward(_config(server.url, scale=10.0))
+
+
+def test_server_errors_are_retried_then_succeed(scripted, request_):
+    server, reward = scripted
+    judge = make_host_reward(_config(server.url, retries=2))
+    reward.fail_times = 2  # two 500s, then an answer
+    got = judge(request_)
+    assert reward.calls == 3 and got.valid.all()
+    np.testing.assert_array_equal(got.background, 20.0)
+
+
+@pytest.mark.parametrize("on_failure", ["fail", "skip"])
+def test_persistent_5xx_fails_or_skips(scripted, request_, on_failure):
+    server, reward = scripted
+    judge = make_host_reward(_config(server.url, retries=1, on_failure=on_failure))
+    reward.fail_times = 100
+    if on_failure == "fail":
+        with pytest.raises(
+            RewardError, match=r"after 2 attempt\(s\): HTTP 500: reward 'scripted-test' failed"
+        ):
+            judge(request_)
+    else:
+        got = judge(request_)
+        assert not got.valid.any() and np.all(got.success == 0)
+        assert got.failures["batch_skipped"] == 4 and got.failures["http_error"] == 4
+    assert reward.calls == 2
+
+
+@pytest.mark.parametrize("on_failure", ["fail", "skip"])
+def test_slow_reply_times_out(scripted, request_, on_failure):
+    server, reward = scripted
+    judge = make_host_reward(_config(server.url, timeout_s=0.2, retries=1, on_failure=on_failure))
+    reward.delay_s = 1.0
+    t0 = time.perf_counter()
+    if on_failure == "fail":
+        with pytest.raises(RewardError, match=r"no answer within 0.2 s"):
+            judge(request_)
+    else:
+        got = judge(request_)
+        assert got.failures["timeout"] == 4 and got.failures["batch_skipped"] == 4 and not got.valid.any()
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_out_of_range_scores_invalidate_the_image(scripted, request_):
+    server, reward = scripted
+    reward.value = 30.0
+    got = make_host_reward(_config(server.url))(request_)
+    assert not got.valid.any() and got.failures["out_of_range"] == 4 and np.all(got.success == 0)
+
+
+@pytest.mark.parametrize("on_failure", ["fail", "skip"])
+def test_server_dying_mid_run(request_, on_failure):
+    SCRIPTED.__init__()
+    with serve_in_thread("scripted-test") as server:
+        judge = make_host_reward(_config(server.url, on_failure=on_failure, retries=2))
+        with RewardWorker(judge, max_pending=2) as worker:
+            assert worker.submit(request_).result(timeout=10).valid.all()
+            server.shutdown()
+            server.server_close()  # the process is gone: connections are refused
+            future = worker.submit(request_)
+            if on_failure == "fail":
+                with pytest.raises(RewardError, match=r"after 3 attempt\(s\)"):
+                    future.result(timeout=10)
+            else:
+                got = future.result(timeout=10)
+                assert got.failures["batch_skipped"] == 4 and got.failures["http_error"] == 4
+
+
+def test_request_batch_splits_into_concurrent_requests(scripted, request_):
+    server, reward = scripted
+    judge = make_host_reward(_config(server.url, request_batch=1, max_concurrency=4))
+    got = judge(request_)
+    assert reward.calls == 4 and got.batch_size == 4 and got.valid.all()
+
+
+# ---------------------------------------------------------------------------------------------- worker
+
+
+def test_worker_applies_backpressure_and_keeps_order(request_):
+    gate = threading.Event()
+    order = []
+
+    def reward(req):
+        gate.wait(5)
+        order.append(req.instructions[0])
+        return HostScores.invalid(req.batch_size, req.num_regions)
+
+    worker = RewardWorker(reward, max_pending=1)
+    first = worker.submit(request_.rows(0, 1))
+    done = threading.Event()
+
+    def second():
+        worker.submit(request_.rows(1, 2)).result(timeout=5)
+        done.set()
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    time.sleep(0.2)
+    assert not done.is_set() and not first.done()  # submit blocks: one batch is already in flight
+    gate.set()
+    assert first.result(timeout=5).batch_size == 1
+    thread.join(timeout=5)
+    assert done.is_set() and order == [request_.instructions[0], request_.instructions[1]]
+    worker.close()
+    with pytest.raises(RuntimeError, match="after close"):
+        worker.submit(request_)
+    with pytest.raises(ValueError, match="max_pending"):
+        RewardWorker(reward, max_pending=0)
+
+
+def test_worker_runs_batches_concurrently(request_):
+    def reward(req):
+        time.sleep(0.3)
+        return HostScores.invalid(req.batch_size, req.num_regions)
+
+    with RewardWorker(reward, max_pending=3) as worker:
+        t0 = time.perf_counter()
+        futures = [worker.submit(request_) for _ in range(3)]
+        assert all(f.result(timeout=5).batch_size == 4 for f in futures)
+        assert time.perf_counter() - t0 < 0.8
