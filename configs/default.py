@@ -9,6 +9,8 @@ Variants: ``--config=configs/default.py:runlocal`` is a seconds-long smoke run.
 
 import ml_collections
 
+from sfgrpo.rewards.remote import reward_config_defaults
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -106,8 +108,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rl.max_grad_norm = 1.0
     c.rl.max_consecutive_skips = 3  # stop after this many non-finite updates in a row
 
-    c.reward = ml_collections.ConfigDict()
-    c.reward.kind = "shapes"  # the in-graph JAX reward of the shapes task
+    # The judge. 'shapes' is the in-graph JAX reward of the shapes task; 'server' (sfgrpo's JSON reward
+    # server) and 'vlm' (an OpenAI-compatible VLM) score on the host, overlapping the next rollout.
+    c.reward = reward_config_defaults()
+    c.reward.kind = "shapes"
     c.reward.scale = 25.0
 
     c.train = ml_collections.ConfigDict()

@@ -263,14 +263,6 @@ def build_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, seed
     return _build_klein(config, mesh, hw, cfg)
 
 
-def _place(module: nnx.Module, mesh: jax.sharding.Mesh) -> None:
-    """Moves a loaded module's state onto ``mesh`` by its logical annotations (the rest replicated)."""
-    from sfgrpo import runtime  # noqa: PLC0415
-
-    state = nnx.state(module)
-    nnx.update(module, jax.device_put(state, runtime.state_shardings(state, mesh)))
-
-
 def _build_klein(
     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, hw: tuple[int, int], cfg: bool
 ) -> Model:
@@ -280,57 +272,49 @@ def _build_klein(
 
     m = config.model
     dtype = DTYPES[m.dtype]
+    layers = tuple(int(i) for i in m.text_layers)
     try:
+        # Every component present, and their configs fit together, before any weights are read.
         folder = klein.check_folder(m.folder)
+        klein.check_consistency(folder, layers)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"config.model.folder: {err}") from None
     transformer = flux2.from_pretrained(folder, dtype=dtype, mesh=mesh, remat=m.remat, attention=m.attention)
     autoencoder = vae.load_vae(folder, dtype=dtype, mesh=mesh)
     tokenizer = prompts.PromptTokenizer(folder, max_length=int(m.max_text_tokens))
-    layers = tuple(int(i) for i in m.text_layers)
-    text_encoder = qwen3.load_qwen3(folder, layers=layers, dtype=dtype)
-    _place(text_encoder, mesh)
-    problems = []
-    if transformer.config.in_channels != autoencoder.latent_channels:
-        problems.append(
-            f"the transformer takes {transformer.config.in_channels}-channel tokens but the VAE makes "
-            f"{autoencoder.latent_channels}"
-        )
-    if transformer.config.joint_attention_dim != text_encoder.out_dim:
-        problems.append(
-            f"the transformer takes {transformer.config.joint_attention_dim}-wide text features but the text "
-            f"encoder gives {text_encoder.out_dim} (layers {layers})"
-        )
-    if problems:
-        raise ConfigError(f"config.model.folder: {folder}: " + "; ".join(problems))
     length = int(m.max_text_tokens)
 
     def tokens(instructions: Sequence[str]) -> dict[str, np.ndarray]:
         ids, mask = tokenizer(list(instructions))
         return {"text_ids": ids, "text_mask": mask}
 
+    def text_encoder() -> nnx.Module:
+        return qwen3.load_qwen3(folder, layers=layers, dtype=dtype, mesh=mesh)
+
     if not m.prompt_cache:
-        policy = EditPolicy(transformer, text_encoder, autoencoder)
+        policy = EditPolicy(transformer, text_encoder(), autoencoder)
         uncond = tokens([""]) if cfg else None
         return Model(policy, Conditioner(autoencoder, hw, length, uncond=uncond), tokens)
 
-    # Encode every instruction once, then let the text encoder go (it need not stay in device memory).
-    graphdef, state = nnx.split(text_encoder)
-    encode_jit = jax.jit(lambda s, ids, mask: nnx.merge(graphdef, s)(ids, mask))
-    batch = int(m.prompt_cache_batch)
-
-    def encode(texts: Sequence[str]) -> np.ndarray:
-        arrays = runtime.host_local_to_global(tokens(texts), mesh)
-        return runtime.global_to_host_local(encode_jit(state, arrays["text_ids"], arrays["text_mask"]))
-
-    instructions = [
-        t for split in ("train", "test") for t in prompt_cache.split_instructions(data_source(config, split))
-    ]
+    splits = ("train", "test")
+    instructions = [t for s in splits for t in prompt_cache.split_instructions(data_source(config, s))]
     fingerprint = f"{folder}|layers={list(layers)}|tokens={length}|{m.dtype}"
-    cache = prompt_cache.build(
-        m.prompt_cache, instructions, encode, fingerprint=fingerprint, dtype=m.dtype, batch_size=batch
-    )
-    # Nothing returned refers to the text encoder: its device memory is freed when this returns.
+    cache = prompt_cache.reuse(m.prompt_cache, instructions, fingerprint)
+    if cache is None:
+        # Encode every instruction once; the text encoder is dropped afterwards (nothing returned refers
+        # to it), so it does not stay in device memory while training.
+        graphdef, state = nnx.split(text_encoder())
+        encode_jit = jax.jit(lambda s, ids, mask: nnx.merge(graphdef, s)(ids, mask))
+        # Each host encodes the same instructions as its rows of a global batch split over every device.
+        per_host = -(-int(m.prompt_cache_batch) // jax.local_device_count()) * jax.local_device_count()
+
+        def encode(texts: Sequence[str]) -> np.ndarray:
+            arrays = runtime.host_local_to_global(tokens(texts), mesh)
+            return runtime.global_to_host_local(encode_jit(state, arrays["text_ids"], arrays["text_mask"]))
+
+        cache = prompt_cache.build(
+            m.prompt_cache, instructions, encode, fingerprint=fingerprint, dtype=m.dtype, batch_size=per_host
+        )
 
     def cached(instructions: Sequence[str]) -> dict[str, np.ndarray]:
         return {"text_embeds": cache.lookup(list(instructions))}

@@ -142,6 +142,20 @@ def train(
         )
         eval_source = builders.data_source(config, "test")
         n_eval = len(eval_source) // jax.process_count()
+        shards = builders.batch_shards(config)
+        while n_eval and (n_eval * jax.process_count()) % shards:
+            n_eval -= 1  # the evaluation batch is split over the batch devices too
+        if n_eval == 0:
+            raise builders.ConfigError(
+                f"the test split has {len(eval_source)} examples, fewer than the {shards} batch devices"
+            )
+        if n_eval * jax.process_count() < len(eval_source):
+            _log.warning(
+                "evaluating %d of the %d test examples (a multiple of the %d batch devices)",
+                n_eval * jax.process_count(),
+                len(eval_source),
+                shards,
+            )
         _, eval_batches = batches(eval_source, n_eval, 1, config.seed, shuffle=False)
         eval_host, eval_batch = next(eval_batches)  # fixed held-out inputs, evaluated with ODE sampling
         eval_key = jax.random.key(config.seed + 10_000)

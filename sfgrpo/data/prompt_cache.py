@@ -12,7 +12,7 @@ Layout of the cache directory:
   features.npy   (U, T, D) features (bfloat16 stored as its uint16 bits)
   uncond.npy     (1, T, D) features of the empty instruction
 A cache built for another model, layer choice or length (another fingerprint), or missing an instruction,
-is rebuilt, with a warning saying why.
+is rebuilt, with a warning saying why; a complete one is reused without loading the text encoder.
 """
 
 from __future__ import annotations
@@ -75,6 +75,24 @@ class PromptCache:
         return np.stack([np.asarray(self._features[r]).view(self.dtype) for r in rows])
 
 
+def reuse(directory: str | Path, instructions: Sequence[str], fingerprint: str) -> PromptCache | None:
+    """The cache in ``directory`` if it is complete for ``instructions`` and was built for ``fingerprint``;
+    otherwise None (with a warning saying why, when a cache is there)."""
+    directory = Path(directory)
+    if not (directory / META).is_file():
+        return None
+    cache = PromptCache(directory)
+    if cache.fingerprint != fingerprint:
+        msg = "prompt cache %s was built for %s, not %s: it will be rebuilt"
+        _log.warning(msg, directory, cache.fingerprint, fingerprint)
+        return None
+    if absent := cache.missing(instructions):
+        _log.warning("prompt cache %s lacks %d instruction(s): it will be rebuilt", directory, len(absent))
+        return None
+    _log.info("prompt cache %s: %d instructions, reused", directory, len(cache.rows))
+    return cache
+
+
 def build(
     directory: str | Path,
     instructions: Iterable[str],
@@ -84,12 +102,12 @@ def build(
     dtype: str,
     batch_size: int,
 ) -> PromptCache:
-    """Opens the cache in ``directory``, (re)building it when it is absent, stale or incomplete.
+    """(Re)builds the cache in ``directory`` (replacing what is there) and opens it.
 
     Args:
       instructions: every instruction the run will see (duplicates are encoded once).
-      encode: (n,) instructions -> (n, T, D) features, n <= batch_size (the jitted text encoder).
-      fingerprint: names the encoder (model folder, layers, length, dtype); a different one rebuilds.
+      encode: (batch_size,) instructions -> (batch_size, T, D) features (the jitted text encoder).
+      fingerprint: names the encoder (model folder, layers, length, dtype); ``reuse`` compares it.
       dtype: 'float32' or 'bfloat16', how the features are stored.
       batch_size: instructions per ``encode`` call (the last call is padded to it, to compile once).
     """
@@ -97,20 +115,7 @@ def build(
         raise ValueError(f"prompt cache dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
     directory = Path(directory)
     unique = list(dict.fromkeys(instructions))
-    if (directory / META).is_file():
-        cache = PromptCache(directory)
-        if cache.fingerprint != fingerprint:
-            _log.warning(
-                "prompt cache %s was built for %s, not %s: rebuilding",
-                directory,
-                cache.fingerprint,
-                fingerprint,
-            )
-        elif absent := cache.missing(unique):
-            _log.warning("prompt cache %s lacks %d instruction(s): rebuilding", directory, len(absent))
-        else:
-            _log.info("prompt cache %s: %d instructions, reused", directory, len(cache.rows))
-            return cache
+    if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True, exist_ok=True)
 
