@@ -6,8 +6,10 @@ import shutil
 
 import jax.numpy as jnp
 import pytest
+from flax import nnx
 from tiny_klein import QWEN_HIDDEN, VAE_LATENT_CHANNELS, build_tiny_klein
 
+from sfgrpo import runtime
 from sfgrpo.models import klein
 from sfgrpo.models.flux2 import Flux2Transformer
 from sfgrpo.models.prompts import PromptTokenizer
@@ -55,6 +57,17 @@ def test_without_text_encoder_and_base_model(tmp_path):
     assert parts.is_distilled is False
     assert parts.tokenizer.max_length == 512
     assert parts.transformer.x_embedder.kernel[...].dtype == jnp.bfloat16
+
+
+def test_load_on_a_mesh(folder):
+    mesh = runtime.make_mesh(2, 2, 2)
+    parts = klein.load_klein(folder, mesh=mesh)
+    for array in (
+        parts.transformer.x_embedder.kernel[...],
+        parts.vae.bn.running_mean[...],
+        nnx.state(parts.text_encoder, nnx.Param).flat_state()[0][1][...],
+    ):
+        assert array.sharding.mesh.devices.size == 8, array.sharding
 
 
 def test_missing_index_flag_warns(copy, caplog):
