@@ -38,10 +38,11 @@ def main(argv: list[str]) -> None:
     runtime.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
     from sfgrpo import builders, checkpoint, train  # noqa: PLC0415 - after the runtime is initialised
+    from sfgrpo.rewards.base import RewardError  # noqa: PLC0415
 
     try:
         final = train.train(config, _WORKDIR.value)
-    except (builders.ConfigError, checkpoint.CheckpointError, train.TrainingError) as err:
+    except (builders.ConfigError, checkpoint.CheckpointError, train.TrainingError, RewardError) as err:
         print(f"sfgrpo: {err}", file=sys.stderr)
         sys.exit(2)
     logging.info("done: %s", ", ".join(f"{k}={v:.4f}" for k, v in sorted(final.items())))
