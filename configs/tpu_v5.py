@@ -17,7 +17,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = klein_config()
     # FSDP over the 4 chips of a host, data parallel across the 8 hosts: the frozen bf16 transformer
     # (7.8 GB) is sharded 4 ways inside a host, where its all-gathers ride the fast ICI links of one tray,
-    # and only gradients of the LoRA adapters (25M parameters) cross hosts.
+    # and only gradients of the LoRA adapters (96M parameters) cross hosts.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=4, tensor=1))
     c.model.attention = "xla"  # XLA's fused attention on TPU
     # 32 rollouts per host, 256 per iteration: 16 prompts x G=16. A group stays on one host.

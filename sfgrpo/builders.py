@@ -141,7 +141,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _require(config.train[key] >= 1, f"train.{key}", f"must be >= 1, got {config.train[key]}")
     _require(config.warmstart.steps >= 0, "warmstart.steps", "must be >= 0")
     _require(
-        config.warmstart.batch_size % shards == 0,
+        config.warmstart.steps == 0 or config.warmstart.batch_size % shards == 0,
         "warmstart.batch_size",
         f"{config.warmstart.batch_size} must be a multiple of the {shards} batch devices",
     )

@@ -118,6 +118,7 @@ class RewardStage:
             return pending
         request = self._request(out.edited, host_batch)
         pending.submitted = time.perf_counter()
+        pending.rollout_s = pending.submitted - started  # fetching the images waited for the rollout
         pending.future = self.worker.submit(request)
         pending.future.add_done_callback(lambda _: setattr(pending, "completed", time.perf_counter()))
         return pending
