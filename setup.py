@@ -31,6 +31,9 @@ setup(
         "matplotlib>=3.8,<4",
     ],
     extras_require={
+        # Accelerator builds of jax for the launch scripts (launch/); the CPU jax above runs everything.
+        "tpu": ["jax[tpu]>=0.10.0,<0.11"],
+        "cuda": ["jax[cuda12]>=0.10.0,<0.11"],
         "test": [
             "pytest>=8.0,<10",
             "hypothesis>=6.100,<7",
