@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sfgrpo import runtime
+from sfgrpo.models import weights
 from sfgrpo.models.qwen3 import (
     KLEIN_LAYERS,
     Qwen3Config,
@@ -63,32 +64,12 @@ class Entry:
 
 def resolve_folder(path: str | os.PathLike) -> Path:
     """The folder holding the text encoder's config.json: ``path/text_encoder`` or ``path`` itself."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"Qwen3 text encoder folder {str(path)!r} does not exist (or is not a folder)"
-        )
-    for cand in (path / SUBFOLDER, path):
-        if (cand / CONFIG_NAME).is_file():
-            return cand
-    raise FileNotFoundError(
-        f"{str(path)!r} is not a Qwen3 text encoder folder: neither {path / SUBFOLDER / CONFIG_NAME} "
-        f"nor {path / CONFIG_NAME} exists"
-    )
+    return weights.resolve_folder(path, SUBFOLDER, "Qwen3 text encoder")
 
 
 def weight_files(folder: Path) -> list[Path]:
     """``model.safetensors``, or the shards that ``model.safetensors.index.json`` lists."""
-    if (folder / INDEX_NAME).is_file():
-        index = json.loads((folder / INDEX_NAME).read_text())
-        files = sorted({folder / f for f in index["weight_map"].values()})
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{folder / INDEX_NAME} lists shards that do not exist: {missing}")
-        return files
-    if (folder / WEIGHTS_NAME).is_file():
-        return [folder / WEIGHTS_NAME]
-    raise FileNotFoundError(f"Qwen3 text encoder folder {folder} has no {WEIGHTS_NAME} or {INDEX_NAME}")
+    return weights.weight_files(folder, WEIGHTS_NAME, "Qwen3 text encoder")
 
 
 def read_config(folder: Path) -> Qwen3Config:

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sfgrpo.models.weights import CONFIG_NAME, weight_files
+from sfgrpo.models.weights import CONFIG_NAME, SafetensorsReader, resolve_folder, weight_files
 
 __all__ = [
     "CONFIG_NAME",
@@ -34,27 +32,11 @@ __all__ = [
 _RENAMES = {"downsample": "downsamplers.0", "upsample": "upsamplers.0", "to_out": "to_out.0"}
 # Buffers diffusers saves that we do not use: BatchNorm's update counter (statistics are frozen here).
 _IGNORED = frozenset({"bn.num_batches_tracked"})
-_DTYPES = {
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "F64": np.float64,
-    "I64": np.int64,  # bn.num_batches_tracked
-}
 
 
 def resolve_vae_folder(path: str | os.PathLike) -> Path:
     """The folder holding the VAE's config.json: ``path/vae`` (a pipeline folder) or ``path`` itself."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"VAE folder {str(path)!r} does not exist (or is not a directory)")
-    for cand in (path / "vae", path):
-        if (cand / CONFIG_NAME).is_file():
-            return cand
-    raise FileNotFoundError(
-        f"{str(path)!r} is not a diffusers VAE folder: neither {path / 'vae' / CONFIG_NAME} "
-        f"nor {path / CONFIG_NAME} exists"
-    )
+    return resolve_folder(path, "vae", "diffusers VAE")
 
 
 def read_config_dict(folder: Path) -> dict[str, Any]:
@@ -90,41 +72,13 @@ def _from_torch(t: np.ndarray, is_kernel: bool) -> np.ndarray:
     return t
 
 
-class _Reader:
-    """The tensors of one or more safetensors files, memory-mapped: ``reader[name]`` is a lazy np array."""
-
-    def __init__(self, files: list[Path]) -> None:
-        self.where: dict[str, tuple[Path, str, tuple[int, ...], int]] = {}
-        for file in files:
-            with open(file, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                if info["dtype"] not in _DTYPES:
-                    raise ValueError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']}")
-                self.where[name] = (
-                    file,
-                    info["dtype"],
-                    tuple(info["shape"]),
-                    8 + n + info["data_offsets"][0],
-                )
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.where[name][2]
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        file, dtype, shape, offset = self.where[name]
-        return np.memmap(file, dtype=_DTYPES[dtype], mode="r", offset=offset, shape=shape)
-
-
 def load_state(folder: Path, abstract_state: nnx.State, mesh: Mesh | None) -> nnx.State:
     """Fills an abstract ``Flux2VAE`` state from the folder's safetensors (each variable keeps its dtype).
 
     Missing, unexpected or mis-shaped tensors raise one ``ValueError`` naming the folder and all of them.
     """
-    reader = _Reader(weight_files(folder))
+    reader = SafetensorsReader(weight_files(folder))
+    names = set(reader.keys())
     replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
     missing, wrong, used = [], [], set()
     flat = nnx.to_flat_state(abstract_state)
@@ -134,7 +88,7 @@ def load_state(folder: Path, abstract_state: nnx.State, mesh: Mesh | None) -> nn
         aval = var.get_value()
         is_kernel = path[-1] == "kernel"
         want = torch_shape(tuple(aval.shape), is_kernel)
-        if name not in reader.where:
+        if name not in names:
             missing.append(name)
             continue
         if reader.shape(name) != want:
@@ -142,7 +96,7 @@ def load_state(folder: Path, abstract_state: nnx.State, mesh: Mesh | None) -> nn
             continue
         value = _from_torch(np.asarray(reader[name]), is_kernel).astype(aval.dtype)
         var.set_value(jax.device_put(value, replicated) if replicated is not None else jnp.asarray(value))
-    unexpected = sorted(set(reader.where) - used - _IGNORED)
+    unexpected = sorted(names - used - _IGNORED)
     if missing or unexpected or wrong:
         parts = [
             f"{label} ({len(names)}): {names}"

@@ -116,7 +116,13 @@ def param_table(cfg: Flux2Config) -> dict[str, Entry]:
 
 # ---------------------------------------------------------------------------------------------------------
 # Safetensors, read lazily.
-_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
+_DTYPES = {
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F64": np.float64,
+    "I64": np.int64,  # e.g. a BatchNorm's num_batches_tracked, which loaders skip
+}
 
 
 class SafetensorsReader:
@@ -151,30 +157,37 @@ class SafetensorsReader:
         return np.memmap(file, dtype=_DTYPES[dtype], mode="r", offset=offset, shape=shape)
 
 
-def resolve_folder(path: str | os.PathLike) -> Path:
-    """The folder holding the transformer's config.json: ``path`` itself or ``path/transformer``."""
+def resolve_folder(
+    path: str | os.PathLike, subfolder: str = "transformer", what: str = "diffusers transformer"
+) -> Path:
+    """The folder holding a component's config.json: ``path/subfolder`` (a pipeline) or ``path`` itself."""
     path = Path(path)
-    for cand in (path / "transformer", path):
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} folder {str(path)!r} does not exist (or is not a folder)")
+    for cand in (path / subfolder, path):
         if (cand / CONFIG_NAME).is_file():
             return cand
     raise FileNotFoundError(
-        f"{str(path)!r} is not a diffusers transformer folder: neither {path / 'transformer' / CONFIG_NAME} "
+        f"{str(path)!r} is not a {what} folder: neither {path / subfolder / CONFIG_NAME} "
         f"nor {path / CONFIG_NAME} exists"
     )
 
 
-def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a model folder: one file, or the shards listed in its index."""
-    if (folder / INDEX_NAME).is_file():
-        index = json.loads((folder / INDEX_NAME).read_text())
+def weight_files(folder: Path, weights_name: str = WEIGHTS_NAME, what: str = "") -> list[Path]:
+    """The safetensors files of a model folder: ``weights_name``, or the shards its index lists."""
+    index_name = weights_name + ".index.json"
+    if (folder / index_name).is_file():
+        index = json.loads((folder / index_name).read_text())
         files = sorted({folder / f for f in index["weight_map"].values()})
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
-            raise FileNotFoundError(f"{folder / INDEX_NAME} lists shards that do not exist: {missing}")
+            raise FileNotFoundError(f"{folder / index_name} lists shards that do not exist: {missing}")
         return files
-    if (folder / WEIGHTS_NAME).is_file():
-        return [folder / WEIGHTS_NAME]
-    raise FileNotFoundError(f"{folder} has no {WEIGHTS_NAME} or {INDEX_NAME}")
+    if (folder / weights_name).is_file():
+        return [folder / weights_name]
+    raise FileNotFoundError(
+        f"{what + ' folder ' if what else ''}{folder} has no {weights_name} or {index_name}"
+    )
 
 
 def read_config(folder: Path) -> Flux2Config:
