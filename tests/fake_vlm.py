@@ -27,9 +27,12 @@ import hashlib
 import io
 import json
 import logging
+import queue
 import re
+import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -178,6 +181,34 @@ def edited_variants(examples, seed=0):
             img[e.masks[0]] = tgt[e.masks[0]]
         out.append(np.clip(np.rint(img), 0, 255).astype(np.uint8))
     return np.stack(out)
+
+
+def wait_for_line(proc: subprocess.Popen, pattern: str, timeout_s: float) -> re.Match:
+    """The first line of ``proc``'s stderr (text mode) matching ``pattern``; RuntimeError after ``timeout_s``
+    or if the process exits. Its stderr is drained in a thread from then on, so it never blocks on a pipe."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        for line in proc.stderr:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    seen = []
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            break
+        if line is None:
+            raise RuntimeError(
+                f"the process exited ({proc.wait()}) before logging {pattern!r}: {''.join(seen)[-2000:]}"
+            )
+        seen.append(line)
+        if match := re.search(pattern, line):
+            return match
+    raise RuntimeError(f"no line matching {pattern!r} within {timeout_s} s: {''.join(seen)[-2000:]}")
 
 
 # ---------------------------------------------------------------------------------------------- answers
@@ -470,7 +501,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--scale", type=float, default=SCORE_SCALE)
     parser.add_argument("--model", default=MODEL)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
     config = ShapesConfig(image_size=args.resolution, max_edits=args.max_edits)
     records = [
         *ShapesSource(args.train, split="train", seed=args.seed, config=config),

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import PIL.Image
 import pytest
-from fake_vlm import ShapesOracle, edited_variants, request_from_examples
+from fake_vlm import ShapesOracle, edited_variants, request_from_examples, wait_for_line
 
 from sfgrpo.data.shapes import ShapesConfig, ShapesSource
 from sfgrpo.models.tiny import PixelAutoencoder
@@ -195,14 +195,7 @@ def test_command_line_server_serves_health():
         text=True,
     )
     try:
-        deadline = time.monotonic() + 60
-        url = None
-        while url is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            match = re.search(r"serving reward 'shapes' at (http://127\.0\.0\.1:\d+)", line)
-            url = match.group(1) if match else None
-            assert line or proc.poll() is None, "the server exited"
-        assert url, "the server did not report its address"
+        url = wait_for_line(proc, r"serving reward 'shapes' at (http://127\.0\.0\.1:\d+)", 60).group(1)
         status, health = _http("GET", url + "/health")
         assert status == 200 and health["reward"] == "shapes"
     finally:

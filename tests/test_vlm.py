@@ -7,12 +7,15 @@ scorer's within the rounding of integer answers.
 
 import json
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from fake_vlm import FakeVLM, ShapesOracle, edited_variants, request_from_examples
+from fake_vlm import FakeVLM, ShapesOracle, edited_variants, request_from_examples, wait_for_line
 
 from sfgrpo.data.shapes import ShapesConfig, ShapesSource
 from sfgrpo.models.tiny import PixelAutoencoder
@@ -275,3 +278,42 @@ def test_oversized_request_is_refused_before_sending(vlm, request_):
     with pytest.raises(RewardError, match="exceeds reward.max_request_mb=0.001"):
         judge(request_)
     assert vlm.counts == {"semantic": 0, "quality": 0}
+
+
+def test_fake_judge_runs_as_a_process_for_the_demo():
+    # As the lead's demo runs it: the train and test splits of a seed, judged at the pooled round trip.
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("fake_vlm.py")),
+            "--port",
+            "0",
+            "--resolution",
+            "64",
+            "--pool",
+            "4",
+            "--seed",
+            "0",
+            "--train",
+            "3",
+            "--eval",
+            "2",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = wait_for_line(proc, r"of 5 shapes examples at (http://127\.0\.0\.1:\d+/v1)", 120).group(1)
+        config = ShapesConfig(image_size=RES, max_edits=3)
+        records = [
+            *ShapesSource(3, split="train", seed=0, config=config),
+            ShapesSource(2, split="test", seed=0, config=config)[1],
+        ]
+        examples = list(ShapesOracle.from_records(records, RES).examples.values())
+        req = request_from_examples(examples, edited_variants(examples), R_MAX)
+        got = make_host_reward(_config(url))(req)
+        assert got.valid.all()
+        _assert_close(got, _expected(req, pool=4), req.region_valid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -14,6 +14,7 @@ threads with a bounded number of batches in flight.
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
 import json
 import logging
 import math
@@ -223,7 +224,10 @@ class Transport:
                 last, status = ("http_error", f"HTTP {e.code}: {detail}"), e.code
                 if e.code not in _RETRY_STATUS:
                     break
-            except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as e:
+            except (
+                OSError,
+                http.client.HTTPException,
+            ) as e:  # URLError, refused/reset, timeouts, bad replies
                 reason = getattr(e, "reason", e)
                 if isinstance(e, TimeoutError) or isinstance(reason, TimeoutError):
                     last = ("timeout", f"no answer within {self.timeout_s:g} s")

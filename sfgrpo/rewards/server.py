@@ -487,7 +487,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--option", action="append", default=[], help="KEY=VALUE passed to the reward factory"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
     for module in args.imports:
         importlib.import_module(module)
     options = {}
