@@ -12,8 +12,10 @@ from sfgrpo.data.shapes import ShapesConfig, ShapesSource
 from sfgrpo.rewards.base import HostScores, RegionScores, RewardError
 from sfgrpo.rewards.remote import (
     RewardWorker,
+    TransportError,
     check_reward_config,
     make_host_reward,
+    parallel_map,
     reward_config_defaults,
 )
 from sfgrpo.rewards.server import register_reward, serve_in_thread
@@ -179,9 +181,10 @@ def test_slow_reply_times_out(scripted, request_, on_failure):
     assert time.perf_counter() - t0 < 2.0
 
 
-def test_out_of_range_scores_invalidate_the_image(scripted, request_):
+@pytest.mark.parametrize("value", [30.0, -1.0, float("nan")])
+def test_out_of_range_scores_invalidate_the_image(scripted, request_, value):
     server, reward = scripted
-    reward.value = 30.0
+    reward.value = value
     got = make_host_reward(_config(server.url))(request_)
     assert not got.valid.any() and got.failures["out_of_range"] == 4 and np.all(got.success == 0)
 
@@ -256,3 +259,23 @@ def test_worker_runs_batches_concurrently(request_):
         futures = [worker.submit(request_) for _ in range(3)]
         assert all(f.result(timeout=5).batch_size == 4 for f in futures)
         assert time.perf_counter() - t0 < 0.8
+
+
+def test_parallel_map_stops_at_the_first_failure():
+    stop = threading.Event()
+    started = []
+
+    def job(i):
+        started.append(i)
+        if i == 1:
+            raise TransportError("timeout", "job 1 timed out", attempts=2)
+        if stop.wait(2.0):  # a request whose retries the lost batch cuts short
+            raise TransportError("http_error", "stopped", attempts=0)
+        return i
+
+    t0 = time.perf_counter()
+    with pytest.raises(TransportError, match="job 1 timed out"):
+        parallel_map(job, list(range(8)), 2, stop)
+    assert stop.is_set() and time.perf_counter() - t0 < 1.0
+    assert len(started) < 8  # the queued jobs were cancelled
+    assert parallel_map(lambda x: x * x, [1, 2, 3], 2, threading.Event()) == [1, 4, 9]

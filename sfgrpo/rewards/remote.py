@@ -39,6 +39,7 @@ from sfgrpo.rewards.base import (
     ScoreRequest,
     no_failures,
 )
+from sfgrpo.rewards.server import request_to_json
 
 _log = logging.getLogger(__name__)
 
@@ -224,10 +225,7 @@ class Transport:
                 last, status = ("http_error", f"HTTP {e.code}: {detail}"), e.code
                 if e.code not in _RETRY_STATUS:
                     break
-            except (
-                OSError,
-                http.client.HTTPException,
-            ) as e:  # URLError, refused/reset, timeouts, bad replies
+            except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, garbled
                 reason = getattr(e, "reason", e)
                 if isinstance(e, TimeoutError) or isinstance(reason, TimeoutError):
                     last = ("timeout", f"no answer within {self.timeout_s:g} s")
@@ -280,13 +278,15 @@ def parallel_map(
         return []
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(max_workers, len(items))) as pool:
         futures = [pool.submit(fn, x) for x in items]
-        try:
-            return [f.result() for f in futures]
-        except BaseException:
+        done, pending = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+        failed = [f.exception() for f in done if f.exception() is not None]
+        if failed:
             stop.set()
-            for f in futures:
+            for f in pending:
                 f.cancel()
-            raise
+            # Report a request that really failed, not one cut short by ``stop``.
+            raise max(failed, key=lambda e: getattr(e, "attempts", 1) > 0)
+        return [f.result() for f in futures]
 
 
 # ---------------------------------------------------------------------------------------------- our server
@@ -354,8 +354,6 @@ class ServerJudge:
         return health
 
     def __call__(self, request: ScoreRequest) -> HostScores:
-        from sfgrpo.rewards.server import request_to_json  # noqa: PLC0415 (server imports jax lazily only)
-
         b = request.batch_size
         step = self.request_batch or b
         parts = [request.rows(i, min(i + step, b)) for i in range(0, b, step)]

@@ -15,6 +15,7 @@ regions or holds a score outside 0..C is invalid (scores 0) and counted, never g
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -253,6 +254,4 @@ class VLMJudge:
             scores.overall_preserve[i] = sem.overall_preserve
             scores.naturalness[i], scores.artifacts[i] = nat, art
             scores.valid[i] = True
-        return HostScores(
-            **{f: getattr(scores, f) for f in scores.region_scores()._fields}, failures=failures
-        )
+        return dataclasses.replace(scores, failures=failures)
