@@ -60,7 +60,7 @@ def reward_config_defaults() -> ml_collections.ConfigDict:
     c.url = ""  # 'server': e.g. http://127.0.0.1:8100; 'vlm': the API base, e.g. http://127.0.0.1:8000/v1
     c.model = ""  # 'vlm': the served model name (as GET /v1/models lists it)
     c.api_key_env = ""  # 'vlm': environment variable holding the API key ('' sends none)
-    c.timeout_s = 120.0  # per HTTP request (a VLM answer, or a whole batch on our server)
+    c.timeout_s = 120.0  # seconds a request may wait for the connection or for each read of the reply
     c.max_concurrency = 8  # HTTP requests in flight at once (two per image for 'vlm')
     c.retries = 3  # retries of a request after a timeout, refused connection, 5xx or 429
     c.backoff_s = 1.0  # wait before retry k is backoff_s * 2**k
