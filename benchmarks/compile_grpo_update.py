@@ -35,10 +35,11 @@ sys.path.insert(0, str(ROOT))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from compiled_report import print_compiled  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from sfgrpo import builders, runtime  # noqa: E402
-from sfgrpo.iteration import Conditioner, Programs  # noqa: E402
+from sfgrpo.iteration import Conditioner  # noqa: E402
 from sfgrpo.models import flux2, lora, vae  # noqa: E402
 from sfgrpo.models.policy import EditPolicy  # noqa: E402
 
@@ -81,15 +82,7 @@ def main() -> None:
         optimizer = builders.make_optimizer(config.rl.lr, config.rl.weight_decay, config.rl.max_grad_norm)
         opt_state = jax.eval_shape(optimizer.init, params)
         condition = Conditioner(abstract.autoencoder, (hw, hw), t)
-        programs = Programs(
-            graphdef,
-            optimizer,
-            settings,
-            condition,
-            num_steps=config.sampler.num_steps,
-            eval_steps=config.sampler.eval_steps,
-            token_weights=config.rl.token_weights,
-        )
+        programs = builders.make_programs(config, graphdef, optimizer, condition)
 
         def spec(shape, dt):
             return jax.ShapeDtypeStruct(shape, dt, sharding=runtime.batch_sharding(mesh, len(shape)))
@@ -116,7 +109,6 @@ def main() -> None:
         t2 = time.perf_counter()
 
     count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))  # noqa: E731
-    gib = lambda n: f"{n / 2**30:8.2f} GiB"  # noqa: E731
     print(f"config           configs/{args.config}.py (batch x{args.hosts} hosts)")
     print(
         f"model            FLUX.2-klein-4B {count(frozen) / 1e9:.3f}B frozen params ({m.dtype}), "
@@ -132,22 +124,7 @@ def main() -> None:
     print(f"micro-batches    {settings.micro_batch} samples each, {settings.grad_accum} per optimizer step")
     print(f"lower            {t1 - t0:8.1f} s")
     print(f"compile          {t2 - t1:8.1f} s")
-    mem = compiled.memory_analysis()
-    print("memory_analysis (per device):")
-    for field in (
-        "argument_size_in_bytes",
-        "output_size_in_bytes",
-        "alias_size_in_bytes",
-        "temp_size_in_bytes",
-        "generated_code_size_in_bytes",
-    ):
-        value = getattr(mem, field, None)
-        if value is not None:
-            print(f"  {field:30s} {gib(value)}")
-    if dtype == jnp.bfloat16:
-        # XLA:CPU has no bf16 matmuls: it converts operands to f32, so temp includes f32 copies of weights
-        # that a TPU or GPU does not make; the figure is an upper bound for those.
-        print("  note: on CPU, temp includes f32 copies of bf16 operands; an upper bound for TPU/GPU")
+    print_compiled(compiled, bf16_on_cpu=dtype == jnp.bfloat16 and jax.devices()[0].platform == "cpu")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from compiled_report import print_compiled  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from sfgrpo import runtime  # noqa: E402
@@ -84,7 +85,6 @@ def main():
         t2 = time.perf_counter()
 
     count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))  # noqa: E731
-    gib = lambda n: f"{n / 2**30:8.2f} GiB"  # noqa: E731
     print(f"model            FLUX.2-klein-4B, {count(base) / 1e9:.3f}B base params ({args.dtype})")
     print(f"LoRA             rank {args.rank}, {count(adapter) / 1e6:.1f}M params")
     print(f"tokens           {target_len} target + {image_len - target_len} reference + {args.text_len} text")
@@ -92,26 +92,7 @@ def main():
     print(f"mesh             {dict(mesh.shape)} on {jax.devices()[0].device_kind}")
     print(f"lower            {t1 - t0:8.1f} s")
     print(f"compile          {t2 - t1:8.1f} s")
-    mem = compiled.memory_analysis()
-    print("memory_analysis (per device):")
-    for field in (
-        "argument_size_in_bytes",
-        "output_size_in_bytes",
-        "alias_size_in_bytes",
-        "temp_size_in_bytes",
-        "generated_code_size_in_bytes",
-    ):
-        value = getattr(mem, field, None)
-        if value is not None:
-            print(f"  {field:30s} {gib(value)}")
-    if dtype == jnp.bfloat16 and jax.devices()[0].platform == "cpu":
-        # XLA:CPU has no bf16 matmuls: it converts the operands to f32, hoisting f32 copies of the stacked
-        # weights out of the scan, which inflates temp memory by about 2x the weights. GPUs/TPUs do not.
-        print("  note: on CPU, temp includes f32 copies of the bf16 weights; try --dtype float32 to compare")
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    if cost and "flops" in cost:
-        print(f"flops (XLA estimate)             {cost['flops'] / 1e12:8.2f} TFLOP")
+    print_compiled(compiled, bf16_on_cpu=dtype == jnp.bfloat16 and jax.devices()[0].platform == "cpu")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from flax import nnx
 
 from sfgrpo import reward_stage
 from sfgrpo.data import pipeline, shapes
-from sfgrpo.iteration import Conditioner
+from sfgrpo.iteration import Conditioner, Programs
 from sfgrpo.models import lora
 from sfgrpo.models.flux2 import Flux2Transformer
 from sfgrpo.models.flux2_config import REMAT_POLICIES
@@ -353,6 +353,25 @@ def grpo_filter(config: ml_collections.ConfigDict) -> Any:
     if config.model.lora_rank > 0:
         return lora.LoRAParam
     return nnx.All(nnx.Param, nnx.PathContains("transformer"))
+
+
+def make_programs(
+    config: ml_collections.ConfigDict,
+    graphdef: Any,
+    optimizer: optax.GradientTransformation,
+    condition: Conditioner,
+) -> Programs:
+    """The run's compiled programs for the config's settings, sampler and reward kind."""
+    return Programs(
+        graphdef,
+        optimizer,
+        grpo_settings(config),
+        condition,
+        num_steps=config.sampler.num_steps,
+        eval_steps=config.sampler.eval_steps,
+        token_weights=config.rl.token_weights,
+        in_graph_reward=config.reward.kind in reward_stage.IN_GRAPH_KINDS,
+    )
 
 
 def make_optimizer(lr: float, weight_decay: float, max_grad_norm: float) -> optax.GradientTransformation:

@@ -23,7 +23,7 @@ from flax import nnx
 
 from sfgrpo import builders, checkpoint, metrics, reward_stage, runtime, warmstart
 from sfgrpo.data import pipeline
-from sfgrpo.iteration import Programs, host_numpy
+from sfgrpo.iteration import host_numpy
 from sfgrpo.models.tiny import images_to_uint8
 
 _log = logging.getLogger(__name__)
@@ -113,16 +113,7 @@ def train(
             ref_params = {}
         optimizer = builders.make_optimizer(config.rl.lr, config.rl.weight_decay, config.rl.max_grad_norm)
         opt_state = optimizer.init(params)
-        programs = Programs(
-            graphdef,
-            optimizer,
-            settings,
-            condition,
-            num_steps=config.sampler.num_steps,
-            eval_steps=config.sampler.eval_steps,
-            token_weights=config.rl.token_weights,
-            in_graph_reward=config.reward.kind in reward_stage.IN_GRAPH_KINDS,
-        )
+        programs = builders.make_programs(config, graphdef, optimizer, condition)
         rewards = reward_stage.RewardStage(config.reward, programs, mesh, judge)
         base_key = jax.random.key(config.seed)
         state = {"params": params, "opt_state": opt_state, "step": 0, "rng": base_key}

@@ -9,7 +9,6 @@ from flax import nnx
 
 from sfgrpo import builders, runtime
 from sfgrpo.data import pipeline
-from sfgrpo.iteration import Programs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,15 +68,7 @@ class Setup:
             )
             self.optimizer = builders.make_optimizer(config.rl.lr, 0.0, 1.0)
             self.opt_state = self.optimizer.init(self.params)
-            self.programs = Programs(
-                self.graphdef,
-                self.optimizer,
-                builders.grpo_settings(config),
-                self.condition,
-                num_steps=config.sampler.num_steps,
-                eval_steps=config.sampler.eval_steps,
-                token_weights=config.rl.token_weights,
-            )
+            self.programs = builders.make_programs(config, self.graphdef, self.optimizer, self.condition)
             pcfg = builders.pipeline_config(
                 config, batch_size=config.rl.batch_size, group_size=config.rl.group_size, seed=0
             )

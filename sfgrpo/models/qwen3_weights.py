@@ -10,16 +10,14 @@ and the final norm unless the last hidden state is selected.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -32,7 +30,7 @@ from sfgrpo.models.qwen3 import (
     config_from_dict,
     normalize_layers,
 )
-from sfgrpo.models.weights import SafetensorsReader
+from sfgrpo.models.weights import Entry, SafetensorsReader, shard_callback
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -50,16 +48,6 @@ _LAYER_LINEARS = (
     "mlp.down_proj",
 )
 _LAYER_NORMS = ("self_attn.q_norm", "self_attn.k_norm", "input_layernorm", "post_attention_layernorm")
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """Our parameter <- checkpoint tensor(s): one name per layer when ``stacked``; ``transpose`` for torch
-    ``Linear.weight`` (out, in) -> our ``kernel`` (in, out)."""
-
-    names: tuple[str, ...]
-    stacked: bool
-    transpose: bool
 
 
 def resolve_folder(path: str | os.PathLike) -> Path:
@@ -91,24 +79,6 @@ def param_table(num_layers: int, final_norm: bool, prefix: str) -> dict[str, Ent
     return table
 
 
-def _callback(reader: SafetensorsReader, entry: Entry, dtype: Any) -> Callable[[tuple], np.ndarray]:
-    """Builds the shard at ``index`` (a tuple of slices into our parameter) from the source tensors."""
-
-    def read(name: str, index: tuple) -> np.ndarray:
-        if entry.transpose:  # ours (in, out)[i, o] == theirs (out, in)[o, i]
-            return np.asarray(reader[name][index[1], index[0]]).T
-        return np.asarray(reader[name][index])
-
-    def cb(index: tuple) -> np.ndarray:
-        if entry.stacked:
-            out = np.stack([read(entry.names[i], index[1:]) for i in range(len(entry.names))[index[0]]])
-        else:
-            out = read(entry.names[0], index)
-        return out.astype(dtype)
-
-    return cb
-
-
 def load_state(
     reader: SafetensorsReader, abstract_state: nnx.State, mesh: Mesh, table: dict[str, Entry], where: str
 ) -> nnx.State:
@@ -135,7 +105,7 @@ def load_state(
                 wrong.append(f"{name}: file {reader.shape(name)}, expected {want}")
                 ok = False
         if ok:
-            cb = _callback(reader, entry, aval.dtype)
+            cb = shard_callback(reader, entry, aval.dtype)
             var.set_value(jax.make_array_from_callback(aval.shape, sharding.get_value(), cb))
     if missing or wrong:
         parts = [

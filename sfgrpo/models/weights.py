@@ -97,7 +97,8 @@ def linear_modules(cfg: Flux2Config) -> list[Module]:
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """Our parameter <- diffusers tensor(s): ``names`` has one name per layer for a stacked parameter."""
+    """Our parameter <- checkpoint tensor(s): ``names`` has one name per layer for a stacked parameter;
+    ``transpose`` for torch ``Linear.weight`` (out, in) -> our ``kernel`` (in, out)."""
 
     names: tuple[str, ...]
     stacked: bool
@@ -195,7 +196,7 @@ def read_config(folder: Path) -> Flux2Config:
     return config_from_dict(json.loads(file.read_text()), source=str(file))
 
 
-def _callback(reader: SafetensorsReader, entry: Entry, dtype: Any) -> Callable[[tuple], np.ndarray]:
+def shard_callback(reader: SafetensorsReader, entry: Entry, dtype: Any) -> Callable[[tuple], np.ndarray]:
     """Builds the shard at ``index`` (a tuple of slices into our parameter) from the source tensors."""
 
     def read(name: str, index: tuple) -> np.ndarray:
@@ -242,7 +243,7 @@ def load_state(
         if not (set(entry.names) <= available) or any(reader.shape(n) != want for n in entry.names):
             continue
         value = jax.make_array_from_callback(
-            aval.shape, sharding.get_value(), _callback(reader, entry, aval.dtype)
+            aval.shape, sharding.get_value(), shard_callback(reader, entry, aval.dtype)
         )
         var.set_value(value)
     unexpected = sorted(available - used)
