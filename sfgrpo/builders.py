@@ -125,9 +125,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     else:
         _validate_klein(config)
     _require(m.lora_rank >= 0, "model.lora_rank", f"must be >= 0, got {m.lora_rank}")
-    kinds = reward_stage.IN_GRAPH_KINDS + reward_stage.REMOTE_KINDS
+    kinds = reward_stage.IN_GRAPH_KINDS + reward_stage.HOST_KINDS
     _require(config.reward.kind in kinds, "reward.kind", f"one of {kinds}, got {config.reward.kind!r}")
-    if config.reward.kind in reward_stage.REMOTE_KINDS:
+    if config.reward.kind in reward_stage.HOST_KINDS:
         from sfgrpo.rewards.remote import check_reward_config  # noqa: PLC0415
 
         try:

@@ -1,7 +1,7 @@
 """The reward stage of a GRPO iteration: in-graph, or a host/remote judge that overlaps the next rollout.
 
 With the in-graph shapes reward the scores are a JAX function of the rollout and the stage is one compiled
-program. With a remote judge (``reward.kind`` 'server' or 'vlm') the edited images go to the host, a
+program. With a host judge (``reward.kind`` 'host', 'server' or 'vlm') the edited images go to the host, a
 ``RewardWorker`` scores them in background threads, and the trainer rolls out the next batch meanwhile;
 ``result`` waits for the scores and turns them into credit on the device. The loss stays correct under
 this lag because the update's old log-probabilities are the rollout policy's, recorded in the trajectory.
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from sfgrpo.rewards.base import HostReward, HostScores, ScoreRequest
 
 IN_GRAPH_KINDS = ("shapes",)
-REMOTE_KINDS = ("server", "vlm")
+HOST_KINDS = ("host", "server", "vlm")  # scored on the host: in-process, our server, or a VLM
 
 
 @dataclasses.dataclass
@@ -54,12 +54,17 @@ class Pending:
 
 
 def connect(reward: ml_collections.ConfigDict) -> HostReward | None:
-    """The host-side judge of a remote reward kind, checked to answer (with retries); None when in-graph."""
-    if reward.kind not in REMOTE_KINDS:
+    """The host-side judge of a host reward kind (a remote one checked to answer, with retries); None when
+    the reward is in-graph. A judge that cannot be made raises ``RewardError``."""
+    if reward.kind not in HOST_KINDS:
         return None
+    from sfgrpo.rewards.base import RewardError  # noqa: PLC0415
     from sfgrpo.rewards.remote import make_host_reward  # noqa: PLC0415
 
-    return make_host_reward(reward)
+    try:
+        return make_host_reward(reward)
+    except ValueError as err:
+        raise RewardError(str(err)) from None
 
 
 class RewardStage:
@@ -83,7 +88,7 @@ class RewardStage:
         self.programs = programs
         self.mesh = mesh
         self.worker = None
-        if self.remote:
+        if self.on_host:
             if judge is None:
                 raise ValueError(f"reward.kind={self.kind!r} needs a judge: pass connect(config.reward)")
             from sfgrpo.rewards.remote import RewardWorker  # noqa: PLC0415
@@ -91,8 +96,8 @@ class RewardStage:
             self.worker = RewardWorker(judge, max_pending=int(reward.max_pending))
 
     @property
-    def remote(self) -> bool:
-        return self.kind in REMOTE_KINDS
+    def on_host(self) -> bool:
+        return self.kind in HOST_KINDS
 
     def start(
         self,
@@ -110,7 +115,7 @@ class RewardStage:
         ``policy``: (params, frozen) of the rollout, for an in-graph reward that uses the autoencoder.
         """
         pending = Pending(step, batch, out, version, started, rollout_s)
-        if not self.remote:
+        if not self.on_host:
             t0 = time.perf_counter()
             scored = self.programs("reward", *policy, out.edited, batch, out.weights)
             credit_, metrics = jax.block_until_ready(scored)

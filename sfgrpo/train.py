@@ -153,7 +153,7 @@ def train(
 
         def evaluate(step: int, grid_name: str | None) -> dict[str, float]:
             edited, m = programs("evaluate", state["params"], frozen, eval_batch, eval_key)
-            if rewards.remote:
+            if rewards.on_host:
                 m = rewards.evaluate(edited, eval_batch, eval_host)
             m = {k: float(v) for k, v in host_numpy(m).items()}
             if grid_name is not None and jax.process_index() == 0:
@@ -175,7 +175,7 @@ def train(
         # With a remote judge, batch k's rewards are computed while batch k+1 rolls out (a lag of one
         # update). The pipeline drains before every evaluation and checkpoint, so a resumed run starts from
         # exactly the state the original had there.
-        overlap = rewards.remote and config.reward.overlap
+        overlap = rewards.on_host and config.reward.overlap
         pending: reward_stage.Pending | None = None
         skipped_in_a_row = 0
         last_eval: dict[str, float] = {}
@@ -259,7 +259,7 @@ def train(
                 key = jax.random.fold_in(state["rng"], step)
                 version = int(state["step"])  # updates the rollout policy has seen
                 t0 = time.perf_counter()
-                if config.train.fuse_step and not rewards.remote:
+                if config.train.fuse_step and not rewards.on_host:
                     fused = programs(
                         "iteration", state["params"], frozen, state["opt_state"], ref_params, batch, key
                     )
@@ -269,7 +269,7 @@ def train(
                 else:
                     rollout_key, _ = jax.random.split(key)
                     out = programs("rollout", state["params"], frozen, batch, rollout_key)
-                    if not rewards.remote:
+                    if not rewards.on_host:
                         jax.block_until_ready(out)  # to time the stages apart
                     rollout_s = time.perf_counter() - t0
                     policy_args = (state["params"], frozen)

@@ -123,6 +123,50 @@ def test_unknown_and_missing_keys():
         check_reward_config(c)
 
 
+# ---------------------------------------------------------------------------------------------- host callable
+
+
+def test_a_registered_host_reward_runs_in_process(request_):
+    SCRIPTED.__init__()
+    c = _config("", kind="host", host_reward="scripted-test")
+    judge = make_host_reward(c)
+    scores = judge(request_)
+    assert scores.valid.all() and np.all(scores.background == 20.0) and SCRIPTED.calls == 1
+
+
+def test_a_host_reward_that_raises_fails_or_skips(request_):
+    SCRIPTED.__init__()
+    SCRIPTED.fail_times = 2
+    with pytest.raises(
+        RewardError, match="host reward 'scripted-test' raised RuntimeError: scripted failure"
+    ):
+        make_host_reward(_config("", kind="host", host_reward="scripted-test"))(request_)
+    skipped = make_host_reward(_config("", kind="host", host_reward="scripted-test", on_failure="skip"))(
+        request_
+    )
+    b = request_.batch_size
+    assert (
+        not skipped.valid.any() and skipped.failures["host_error"] == skipped.failures["batch_skipped"] == b
+    )
+
+
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        (dict(host_reward=""), "config.reward.host_reward: the registered reward's name is required"),
+        (dict(host_reward="x", host_options="pool"), "config.reward.host_options: 'pool' is not key=value"),
+        (dict(host_reward="nope"), "unknown reward 'nope'"),
+        (
+            dict(host_reward="x", host_import="sfgrpo_no_such_module"),
+            "config.reward.host_import: cannot import",
+        ),
+    ],
+)
+def test_bad_host_reward_configs_name_the_key(over, message):
+    with pytest.raises(ValueError, match=message):
+        make_host_reward(_config("", kind="host", **over))
+
+
 # ---------------------------------------------------------------------------------------------- server client
 
 

@@ -52,6 +52,19 @@ def test_rewards_overlap_the_next_rollout_with_a_lag_of_one(server, tmp_path):
     assert final
 
 
+def test_an_in_process_host_reward_trains_like_the_server(server, tmp_path):
+    c = remote_config("", 2, kind="host")
+    c.reward.host_reward, c.reward.host_options = "shapes", f"pool={c.model.pixel_pool}"
+    train.train(c, tmp_path / "host")
+    train.train(remote_config(server.url, 2), tmp_path / "server")
+    # The same scorer in-process and behind HTTP: the same rewards, so the same updates.
+    a, b = grpo_records(tmp_path / "host"), grpo_records(tmp_path / "server")
+    assert [r["policy_lag"] for r in a] == [0.0, 1.0]
+    for x, y in zip(a, b, strict=True):
+        assert x["reward/mean"] == pytest.approx(y["reward/mean"], abs=1e-6)
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
+
+
 def test_resume_across_the_overlap_is_exact(server, tmp_path):
     full = tmp_path / "full"
     train.train(remote_config(server.url, 4), full)

@@ -95,6 +95,7 @@ FAILURE_REASONS: tuple[str, ...] = (
     "out_of_range",
     "timeout",
     "http_error",
+    "host_error",  # an in-process host reward raised
     "batch_skipped",
 )
 _SCORE_FIELDS = RegionScores._fields

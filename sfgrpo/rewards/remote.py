@@ -1,10 +1,13 @@
 """Host-side rewards from remote judges, their configuration, and the worker that runs them off-thread.
 
-``make_host_reward(config.reward)`` connects to the judge named by ``reward.kind``:
+``make_host_reward(config.reward)`` makes the judge named by ``reward.kind``:
+  'host'    a reward registered with ``sfgrpo.rewards.server.register_reward``, run in this process
+            (``reward.host_reward``, after importing ``reward.host_import``); its exceptions follow
+            ``on_failure`` like transport failures;
   'server'  our JSON reward server (``sfgrpo.rewards.server``) at ``reward.url``;
   'vlm'     an OpenAI-compatible chat-completions endpoint (vLLM, SGLang, ...) at ``reward.url``
             (``sfgrpo.rewards.vlm``).
-Both check at start-up that the judge answers (GET /health, GET /models) and raise ``RewardError`` after
+The two remote ones check at start-up that the judge answers (GET /health, GET /models) and raise ``RewardError`` after
 the retries if it does not. Transport failures (refused connection, timeout, 5xx, 429) are retried with
 exponential backoff; after the retries ``on_failure='fail'`` raises ``RewardError`` and 'skip' returns the
 batch with every image invalid, counted in ``failures``. ``RewardWorker`` runs a host reward in background
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import http.client
+import importlib
 import json
 import logging
 import math
@@ -43,8 +47,9 @@ from sfgrpo.rewards.server import request_to_json
 
 _log = logging.getLogger(__name__)
 
-KINDS = ("shapes", "server", "vlm")
+KINDS = ("shapes", "host", "server", "vlm")
 REMOTE_KINDS = ("server", "vlm")
+HOST_KINDS = ("host", *REMOTE_KINDS)  # scored on the host, by the RewardWorker
 ON_FAILURE = ("fail", "skip")
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
@@ -55,7 +60,9 @@ _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 def reward_config_defaults() -> ml_collections.ConfigDict:
     """``config.reward`` with every key at its default."""
     c = ml_collections.ConfigDict()
-    c.kind = "shapes"  # 'shapes' (in-graph JAX), 'server' (our JSON reward server) or 'vlm' (OpenAI API)
+    # 'shapes' (in-graph JAX), 'host' (a registered host callable, in-process), 'server' (our JSON reward
+    # server) or 'vlm' (an OpenAI-compatible VLM judge)
+    c.kind = "shapes"
     c.scale = 25.0  # C: scores lie in 0..C
     c.url = ""  # 'server': e.g. http://127.0.0.1:8100; 'vlm': the API base, e.g. http://127.0.0.1:8000/v1
     c.model = ""  # 'vlm': the served model name (as GET /v1/models lists it)
@@ -72,7 +79,10 @@ def reward_config_defaults() -> ml_collections.ConfigDict:
     c.request_batch = 0  # 'server': images per HTTP request, sent concurrently; 0 = the whole batch in one
     c.max_tokens = 1024  # 'vlm': answer budget per request
     c.temperature = 0.0  # 'vlm': sampling temperature of the judge
-    c.overlap = True  # remote kinds: score batch k while batch k+1 rolls out (one step of policy lag)
+    c.overlap = True  # host kinds: score batch k while batch k+1 rolls out (one step of policy lag)
+    c.host_reward = ""  # 'host': a reward registered with sfgrpo.rewards.server.register_reward
+    c.host_import = ""  # 'host': a module imported first (where the reward registers itself)
+    c.host_options = ""  # 'host': "key=value,key=value" passed to the reward's factory
     return c
 
 
@@ -102,7 +112,15 @@ def check_reward_config(reward: ml_collections.ConfigDict) -> None:
     if kind not in KINDS:
         raise ValueError(f"config.reward.kind: must be one of {KINDS}, got {kind!r}")
     number("scale", 0, strict=True)
-    if kind not in REMOTE_KINDS:
+    if kind not in HOST_KINDS:
+        return
+    number("max_pending", 1, strict=False, integer=True)
+    if get("on_failure") not in ON_FAILURE:
+        raise ValueError(f"config.reward.on_failure: must be one of {ON_FAILURE}, got {reward.on_failure!r}")
+    if kind == "host":
+        if not isinstance(get("host_reward"), str) or not reward.host_reward:
+            raise ValueError("config.reward.host_reward: the registered reward's name is required for 'host'")
+        host_options(get("host_options"))
         return
     url = get("url")
     parsed = urllib.parse.urlparse(url) if isinstance(url, str) else None
@@ -112,10 +130,7 @@ def check_reward_config(reward: ml_collections.ConfigDict) -> None:
     number("max_concurrency", 1, strict=False, integer=True)
     number("retries", 0, strict=False, integer=True)
     number("backoff_s", 0, strict=False)
-    number("max_pending", 1, strict=False, integer=True)
     number("max_request_mb", 0, strict=True)
-    if get("on_failure") not in ON_FAILURE:
-        raise ValueError(f"config.reward.on_failure: must be one of {ON_FAILURE}, got {reward.on_failure!r}")
     if kind == "server":
         number("request_batch", 0, strict=False, integer=True)
     if kind == "vlm":
@@ -130,9 +145,56 @@ def check_reward_config(reward: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.reward.api_key_env: environment variable {env!r} is not set")
 
 
+def host_options(text: Any) -> dict[str, str]:
+    """``reward.host_options`` ("key=value,key=value") as a dict; raises ValueError naming the key."""
+    if not isinstance(text, str):
+        raise ValueError(f"config.reward.host_options: must be a 'key=value,...' string, got {text!r}")
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"config.reward.host_options: {item!r} is not key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+class HostCallableJudge:
+    """A registered host reward run in-process. Its exceptions follow ``on_failure``: 'fail' raises
+    ``RewardError`` naming the reward, 'skip' masks the batch out and counts it ('host_error')."""
+
+    def __init__(self, fn: HostReward, name: str, on_failure: str) -> None:
+        self.fn, self.name, self.on_failure = fn, name, on_failure
+
+    def __call__(self, request: ScoreRequest) -> HostScores:
+        try:
+            return self.fn(request)
+        except Exception as err:  # noqa: BLE001 - a user's scorer may raise anything; it is reported
+            if self.on_failure == "fail":
+                raise RewardError(
+                    f"host reward {self.name!r} raised {type(err).__name__}: {err} "
+                    "(reward.on_failure='fail'; 'skip' would mask the batch out)"
+                ) from err
+            _log.warning("host reward %r raised %s: %s; batch masked out", self.name, type(err).__name__, err)
+            b = request.batch_size
+            return HostScores.invalid(b, request.num_regions, {"host_error": b, "batch_skipped": b})
+
+
 def make_host_reward(reward: ml_collections.ConfigDict) -> HostReward:
-    """The host-side judge of ``reward.kind`` ('server' or 'vlm'), checked to answer at start-up."""
+    """The host-side judge of ``reward.kind`` ('host', 'server' or 'vlm'); remote ones are checked to
+    answer at start-up."""
     check_reward_config(reward)
+    if reward.kind == "host":
+        from sfgrpo.rewards.server import make_reward  # noqa: PLC0415
+
+        if reward.host_import:
+            try:
+                importlib.import_module(reward.host_import)
+            except ImportError as err:
+                raise ValueError(
+                    f"config.reward.host_import: cannot import {reward.host_import!r}: {err}"
+                ) from None
+        fn = make_reward(reward.host_reward, reward.scale, **host_options(reward.host_options))
+        return HostCallableJudge(fn, reward.host_reward, reward.on_failure)
     if reward.kind == "server":
         judge: HostReward = ServerJudge.from_config(reward)
     elif reward.kind == "vlm":
