@@ -118,6 +118,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.steps = 40  # GRPO iterations
     c.train.fuse_step = False  # one compiled step; False compiles rollout/reward/update apart to time them
     c.train.eval_every = 10
+    c.train.eval_examples = 0  # held-out examples evaluated (the first ones); 0: the whole test split
     c.train.checkpoint_every = 10
     c.train.keep_checkpoints = 2
     c.train.log_every = 1

@@ -139,6 +139,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(config.train.steps >= 1, "train.steps", f"must be >= 1, got {config.train.steps}")
     for key in ("eval_every", "checkpoint_every", "keep_checkpoints", "log_every"):
         _require(config.train[key] >= 1, f"train.{key}", f"must be >= 1, got {config.train[key]}")
+    _require(
+        config.train.eval_examples >= 0,
+        "train.eval_examples",
+        f"must be >= 0 (0: the whole test split), got {config.train.eval_examples}",
+    )
     _require(config.warmstart.steps >= 0, "warmstart.steps", "must be >= 0")
     _require(
         config.warmstart.steps == 0 or config.warmstart.batch_size % shards == 0,

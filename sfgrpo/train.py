@@ -132,7 +132,8 @@ def train(
             data_state,
         )
         eval_source = builders.data_source(config, "test")
-        n_eval = len(eval_source) // jax.process_count()
+        wanted = config.train.eval_examples or len(eval_source)  # 0: the whole test split
+        n_eval = min(wanted, len(eval_source)) // jax.process_count()
         shards = builders.batch_shards(config)
         while n_eval and (n_eval * jax.process_count()) % shards:
             n_eval -= 1  # the evaluation batch is split over the batch devices too
@@ -140,11 +141,11 @@ def train(
             raise builders.ConfigError(
                 f"the test split has {len(eval_source)} examples, fewer than the {shards} batch devices"
             )
-        if n_eval * jax.process_count() < len(eval_source):
+        if n_eval * jax.process_count() < min(wanted, len(eval_source)):
             _log.warning(
-                "evaluating %d of the %d test examples (a multiple of the %d batch devices)",
+                "evaluating %d of the %d test examples asked for (a multiple of the %d batch devices)",
                 n_eval * jax.process_count(),
-                len(eval_source),
+                min(wanted, len(eval_source)),
                 shards,
             )
         _, eval_batches = batches(eval_source, n_eval, 1, config.seed, shuffle=False)

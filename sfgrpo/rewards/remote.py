@@ -7,11 +7,11 @@
   'server'  our JSON reward server (``sfgrpo.rewards.server``) at ``reward.url``;
   'vlm'     an OpenAI-compatible chat-completions endpoint (vLLM, SGLang, ...) at ``reward.url``
             (``sfgrpo.rewards.vlm``).
-The two remote ones check at start-up that the judge answers (GET /health, GET /models) and raise ``RewardError`` after
-the retries if it does not. Transport failures (refused connection, timeout, 5xx, 429) are retried with
-exponential backoff; after the retries ``on_failure='fail'`` raises ``RewardError`` and 'skip' returns the
-batch with every image invalid, counted in ``failures``. ``RewardWorker`` runs a host reward in background
-threads with a bounded number of batches in flight.
+The two remote ones check at start-up that the judge answers (GET /health, GET /models) and raise
+``RewardError`` after the retries if it does not. Transport failures (refused connection, timeout, 5xx,
+429) are retried with exponential backoff; after the retries ``on_failure='fail'`` raises ``RewardError``
+and 'skip' returns the batch with every image invalid, counted in ``failures``. ``RewardWorker`` runs a
+host reward in background threads with a bounded number of batches in flight.
 """
 
 from __future__ import annotations
