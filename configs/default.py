@@ -9,7 +9,7 @@ Variants: ``--config=configs/default.py:runlocal`` is a seconds-long smoke run.
 
 import ml_collections
 
-from sfgrpo.rewards.remote import reward_config_defaults
+from sfgrpo.rewards.reward_config import reward_config_defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

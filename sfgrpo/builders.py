@@ -18,7 +18,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sfgrpo import reward_stage
 from sfgrpo.data import pipeline, shapes
 from sfgrpo.iteration import Conditioner, Programs
 from sfgrpo.models import lora
@@ -26,6 +25,7 @@ from sfgrpo.models.flux2 import Flux2Transformer
 from sfgrpo.models.flux2_config import REMAT_POLICIES
 from sfgrpo.models.policy import EditPolicy
 from sfgrpo.models.tiny import PixelAutoencoder, WordTextEncoder
+from sfgrpo.rewards import reward_config
 from sfgrpo.rl.loss import CREDIT_MODES
 from sfgrpo.rl.step import GRPOSettings
 from sfgrpo.sampling.rollout import window_size
@@ -125,13 +125,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     else:
         _validate_klein(config)
     _require(m.lora_rank >= 0, "model.lora_rank", f"must be >= 0, got {m.lora_rank}")
-    kinds = reward_stage.IN_GRAPH_KINDS + reward_stage.HOST_KINDS
+    kinds = reward_config.IN_GRAPH_KINDS + reward_config.HOST_KINDS
     _require(config.reward.kind in kinds, "reward.kind", f"one of {kinds}, got {config.reward.kind!r}")
-    if config.reward.kind in reward_stage.HOST_KINDS:
-        from sfgrpo.rewards.remote import check_reward_config  # noqa: PLC0415
-
+    if config.reward.kind in reward_config.HOST_KINDS:
         try:
-            check_reward_config(config.reward)
+            reward_config.check_reward_config(config.reward)
         except ValueError as err:
             raise ConfigError(
                 str(err) if str(err).startswith("config.") else f"config.reward: {err}"
@@ -375,7 +373,7 @@ def make_programs(
         num_steps=config.sampler.num_steps,
         eval_steps=config.sampler.eval_steps,
         token_weights=config.rl.token_weights,
-        in_graph_reward=config.reward.kind in reward_stage.IN_GRAPH_KINDS,
+        in_graph_reward=config.reward.kind in reward_config.IN_GRAPH_KINDS,
     )
 
 

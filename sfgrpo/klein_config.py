@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from sfgrpo.rewards.remote import reward_config_defaults
+from sfgrpo.rewards.reward_config import reward_config_defaults
 
 
 def klein_config() -> ml_collections.ConfigDict:

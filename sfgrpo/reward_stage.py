@@ -22,13 +22,11 @@ from sfgrpo import runtime
 from sfgrpo.iteration import Programs, RolloutOut
 from sfgrpo.models.tiny import images_to_uint8
 from sfgrpo.rewards.base import RegionScores
+from sfgrpo.rewards.reward_config import HOST_KINDS
 from sfgrpo.rl.step import Credit
 
 if TYPE_CHECKING:
     from sfgrpo.rewards.base import HostReward, HostScores, ScoreRequest
-
-IN_GRAPH_KINDS = ("shapes",)
-HOST_KINDS = ("host", "server", "vlm")  # scored on the host: in-process, our server, or a VLM
 
 
 @dataclasses.dataclass

@@ -21,7 +21,8 @@ from sfgrpo.data.shapes import ShapesConfig, ShapesSource
 from sfgrpo.models.tiny import PixelAutoencoder
 from sfgrpo.rewards.base import RegionScores, RewardError
 from sfgrpo.rewards.judgement import JudgementError, extract_json, parse_quality, parse_semantic
-from sfgrpo.rewards.remote import RewardWorker, make_host_reward, reward_config_defaults
+from sfgrpo.rewards.remote import RewardWorker, make_host_reward
+from sfgrpo.rewards.reward_config import reward_config_defaults
 from sfgrpo.rewards.synthetic import shapes_scores
 from sfgrpo.rewards.vlm import region_entries
 

@@ -28,8 +28,9 @@ import numpy as np
 
 from sfgrpo.rewards.base import HostScores, RewardError, ScoreRequest, no_failures
 from sfgrpo.rewards.judgement import JudgementError, parse_quality, parse_semantic
-from sfgrpo.rewards.remote import ON_FAILURE, Transport, TransportError, lost_batch, parallel_map
-from sfgrpo.rewards.server import png_b64
+from sfgrpo.rewards.remote import Transport, TransportError, lost_batch, parallel_map
+from sfgrpo.rewards.reward_config import ON_FAILURE
+from sfgrpo.rewards.wire import png_b64
 
 _log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class VLMJudge:
       url: the API base, e.g. ``http://127.0.0.1:8000/v1`` (requests go to ``{url}/chat/completions``).
       model: the served model name.  api_key: sent as a Bearer token when given.
       max_concurrency: requests in flight at once, over every batch this judge scores concurrently.
-      Other arguments as in ``config.reward`` (``sfgrpo.rewards.remote.reward_config_defaults``).
+      Other arguments as in ``config.reward`` (``sfgrpo.rewards.reward_config.reward_config_defaults``).
     """
 
     def __init__(
