@@ -134,6 +134,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(
                 str(err) if str(err).startswith("config.") else f"config.reward: {err}"
             ) from None
+    _require(
+        not (config.train.fuse_step and config.reward.kind in reward_config.HOST_KINDS),
+        "train.fuse_step",
+        f"one fused step needs an in-graph reward; reward.kind={config.reward.kind!r} is scored on the host",
+    )
     _require(config.train.steps >= 1, "train.steps", f"must be >= 1, got {config.train.steps}")
     for key in ("eval_every", "checkpoint_every", "keep_checkpoints", "log_every"):
         _require(config.train[key] >= 1, f"train.{key}", f"must be >= 1, got {config.train[key]}")

@@ -160,12 +160,17 @@ def test_non_finite_updates_are_skipped_then_stop(full_run, tmp_path):
         ("rl.micro_batch", 12, "micro_batch"),
         ("rl.credit", "pixel", "rl.credit"),
         ("model.text_dim", 7, "joint_attention_dim"),
+        ("train.fuse_step", True, "fused step needs an in-graph reward"),
+        ("train.eval_examples", -1, "train.eval_examples"),
+        ("model.name", "sd3", "model.name"),
     ],
 )
 def test_incompatible_configs(key, value, message):
     c = tiny_config()
     if key == "sampler.window_size":
         c.sampler.window = "random"
+    if key == "train.fuse_step":
+        c.reward.kind, c.reward.url = "server", "http://127.0.0.1:1"
     section, name = key.split(".")
     c[section][name] = value
     with pytest.raises(builders.ConfigError, match=message):
