@@ -47,6 +47,7 @@ class Pending:
     submitted: float = 0.0
     scored: tuple[Credit, dict[str, Any]] | None = None
     updated: tuple[Any, Any, dict[str, jax.Array]] | None = None
+    data_state: Any = None  # the input pipeline's state just after this batch (what its checkpoint saves)
     future: concurrent.futures.Future[HostScores] | None = None
     completed: float | None = None  # when the judge's answer arrived (perf_counter)
 

@@ -231,7 +231,8 @@ def train(
                 m |= last_eval
             if step % config.train.log_every == 0 or step == config.train.steps:
                 writer.write(step, "grpo", m)
-            ckpt.save(step, state, train_iter.get_state(), meta, force=step == config.train.steps)
+            # The data position right after this batch: with the overlap, the next batch is already drawn.
+            ckpt.save(step, state, p.data_state, meta, force=step == config.train.steps)
             if on_step is not None:
                 on_step(step, m)
 
@@ -257,6 +258,7 @@ def train(
                 disable=jax.process_index() != 0,
             ):
                 host_batch, batch = next(train_batches)
+                data_state = train_iter.get_state()
                 key = jax.random.fold_in(state["rng"], step)
                 version = int(state["step"])  # updates the rollout policy has seen
                 t0 = time.perf_counter()
@@ -275,6 +277,7 @@ def train(
                     rollout_s = time.perf_counter() - t0
                     policy_args = (state["params"], frozen)
                     p = rewards.start(step, out, batch, host_batch, version, t0, rollout_s, policy_args)
+                p.data_state = data_state
                 if pending is not None:
                     finish(pending)  # the previous batch: its rewards came in while this one rolled out
                     pending = None
