@@ -17,9 +17,12 @@ repo_dir=${SFGRPO_DIR:-sfgrpo}
 ssh_all() { gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all --command "$1"; }
 case $action in
   setup)
-    gcloud compute tpus tpu-vm scp --zone "$zone" --worker=all --recurse "$(cd "$(dirname "$0")/.." && pwd)" \
-      "$tpu:$repo_dir"
-    ssh_all "cd $repo_dir && python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[tpu]'"
+    # The committed tree (git archive: no virtualenv, no workdirs), unpacked and installed on every host.
+    archive=$(mktemp -d)/sfgrpo.tar.gz
+    git -C "$(dirname "$0")/.." archive --format=tar.gz -o "$archive" HEAD
+    gcloud compute tpus tpu-vm scp --zone "$zone" --worker=all "$archive" "$tpu:sfgrpo.tar.gz"
+    ssh_all "mkdir -p $repo_dir && tar -xzf sfgrpo.tar.gz -C $repo_dir && cd $repo_dir && \
+      python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[tpu]'"
     ;;
   train)
     [[ $# -ge 1 ]] || usage
