@@ -30,7 +30,7 @@ from sfgrpo.models.qwen3 import (
     config_from_dict,
     normalize_layers,
 )
-from sfgrpo.models.weights import Entry, SafetensorsReader, shard_callback
+from sfgrpo.models.weights import Entry, SafetensorsReader
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -82,39 +82,10 @@ def param_table(num_layers: int, final_norm: bool, prefix: str) -> dict[str, Ent
 def load_state(
     reader: SafetensorsReader, abstract_state: nnx.State, mesh: Mesh, table: dict[str, Entry], where: str
 ) -> nnx.State:
-    """Fills an abstract state with the reader's tensors, each placed with its logical sharding on
-    ``mesh``. Missing or mis-shaped tensors raise one ValueError naming them all and ``where``."""
-    shardings = nnx.to_flat_state(runtime.state_shardings(abstract_state, mesh))
-    available = set(reader.keys())
-    missing, wrong = [], []
-    flat = nnx.to_flat_state(abstract_state)
-    for (path, var), (_, sharding) in zip(flat, shardings, strict=True):
-        key = ".".join(map(str, path))
-        entry = table.get(key)
-        if entry is None:
-            raise ValueError(f"parameter {key!r} has no entry in the Qwen3 name table")
-        aval = var.get_value()
-        per_layer = aval.shape[1:] if entry.stacked else aval.shape
-        want = tuple(reversed(per_layer)) if entry.transpose else tuple(per_layer)
-        ok = True
-        for name in entry.names:
-            if name not in available:
-                missing.append(name)
-                ok = False
-            elif reader.shape(name) != want:
-                wrong.append(f"{name}: file {reader.shape(name)}, expected {want}")
-                ok = False
-        if ok:
-            cb = shard_callback(reader, entry, aval.dtype)
-            var.set_value(jax.make_array_from_callback(aval.shape, sharding.get_value(), cb))
-    if missing or wrong:
-        parts = [
-            f"{label} ({len(names)}): {names}"
-            for label, names in (("missing", missing), ("wrong shape", wrong))
-            if names
-        ]
-        raise ValueError(f"Qwen3 checkpoint {where} does not match its config: " + "; ".join(parts))
-    return nnx.from_flat_state(flat)
+    """Fills an abstract state from the reader (``weights.fill_state``). Tensors the encoder does not need
+    (lm_head, layers above the last one used) are skipped on purpose."""
+    what = f"Qwen3 checkpoint {where}"
+    return weights.fill_state(reader, abstract_state, mesh, table, what=what, unused_ok=True)
 
 
 def load(

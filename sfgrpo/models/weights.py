@@ -215,13 +215,19 @@ def shard_callback(reader: SafetensorsReader, entry: Entry, dtype: Any) -> Calla
     return cb
 
 
-def load_state(
-    reader: SafetensorsReader, abstract_state: nnx.State, mesh: Mesh, cfg: Flux2Config
+def fill_state(
+    reader: SafetensorsReader,
+    abstract_state: nnx.State,
+    mesh: Mesh,
+    table: Mapping[str, Entry],
+    *,
+    what: str,
+    unused_ok: bool = False,
 ) -> nnx.State:
-    """Fills an abstract state (from ``nnx.eval_shape``) with the reader's tensors, each placed with the
-    sharding of its logical axes on ``mesh``. Missing, unexpected or mis-shaped tensors raise one
-    ``ValueError`` naming them all."""
-    table = param_table(cfg)
+    """Fills an abstract state (from ``nnx.eval_shape``) with the reader's tensors through a name table,
+    each placed with the sharding of its logical axes on ``mesh``. Missing or mis-shaped tensors, and
+    tensors the table does not use (unless ``unused_ok``), raise one ``ValueError`` naming them all and
+    ``what`` (the checkpoint)."""
     shardings = nnx.to_flat_state(runtime.state_shardings(abstract_state, mesh))
     available = set(reader.keys())
     missing, wrong, used = [], [], set()
@@ -230,31 +236,38 @@ def load_state(
         key = ".".join(map(str, path))
         entry = table.get(key)
         if entry is None:
-            raise ValueError(f"parameter {key!r} has no entry in the Flux2 name table")
+            raise ValueError(f"parameter {key!r} has no entry in the name table of the {what}")
         aval = var.get_value()
         per_layer = aval.shape[1:] if entry.stacked else aval.shape
         want = tuple(reversed(per_layer)) if entry.transpose else tuple(per_layer)
+        ok = True
         for name in entry.names:
             used.add(name)
             if name not in available:
                 missing.append(name)
+                ok = False
             elif reader.shape(name) != want:
                 wrong.append(f"{name}: file {reader.shape(name)}, expected {want}")
-        if not (set(entry.names) <= available) or any(reader.shape(n) != want for n in entry.names):
-            continue
-        value = jax.make_array_from_callback(
-            aval.shape, sharding.get_value(), shard_callback(reader, entry, aval.dtype)
-        )
-        var.set_value(value)
-    unexpected = sorted(available - used)
+                ok = False
+        if ok:
+            cb = shard_callback(reader, entry, aval.dtype)
+            var.set_value(jax.make_array_from_callback(aval.shape, sharding.get_value(), cb))
+    unexpected = [] if unused_ok else sorted(available - used)
     if missing or unexpected or wrong:
         parts = [
             f"{label} ({len(names)}): {names}"
             for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
             if names
         ]
-        raise ValueError("Flux2 checkpoint does not match its config: " + "; ".join(parts))
+        raise ValueError(f"{what} does not match its config: " + "; ".join(parts))
     return nnx.from_flat_state(flat)
+
+
+def load_state(
+    reader: SafetensorsReader, abstract_state: nnx.State, mesh: Mesh, cfg: Flux2Config
+) -> nnx.State:
+    """Fills an abstract Flux2 state from the reader (see ``fill_state``)."""
+    return fill_state(reader, abstract_state, mesh, param_table(cfg), what="Flux2 checkpoint")
 
 
 def load_flux2(
