@@ -228,30 +228,10 @@ def edit_pixels(
 
 
 def edit_image(
-    parts: KleinParts,
-    image: np.ndarray | PIL.Image.Image,
-    prompt: str,
-    *,
-    steps: int | None = None,
-    seed: int = 0,
-    guidance_scale: float | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    noise: np.ndarray | jax.Array | None = None,
+    parts: KleinParts, image: np.ndarray | PIL.Image.Image, prompt: str, **options: Any
 ) -> np.ndarray:
-    """``edit_pixels`` as an (H, W, 3) uint8 image (the pipeline's PIL output); the same arguments."""
-    pixels = edit_pixels(
-        parts,
-        image,
-        prompt,
-        steps=steps,
-        seed=seed,
-        guidance_scale=guidance_scale,
-        height=height,
-        width=width,
-        noise=noise,
-    )
-    return to_uint8(pixels)
+    """``edit_pixels`` (the same arguments) as an (H, W, 3) uint8 image (the pipeline's PIL output)."""
+    return to_uint8(edit_pixels(parts, image, prompt, **options))
 
 
 # --- the command ------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from sfgrpo.rewards.base import (
     ScoreRequest,
     no_failures,
 )
-from sfgrpo.rewards.reward_config import ON_FAILURE, check_reward_config, host_options
+from sfgrpo.rewards.reward_config import ON_FAILURE, check_reward_config, host_options, judge_options
 from sfgrpo.rewards.wire import request_to_json
 
 _log = logging.getLogger(__name__)
@@ -275,17 +275,7 @@ class ServerJudge:
 
     @classmethod
     def from_config(cls, reward: ml_collections.ConfigDict) -> ServerJudge:
-        return cls(
-            reward.url,
-            scale=reward.scale,
-            timeout_s=reward.timeout_s,
-            retries=reward.retries,
-            backoff_s=reward.backoff_s,
-            on_failure=reward.on_failure,
-            max_concurrency=reward.max_concurrency,
-            request_batch=reward.request_batch,
-            max_request_mb=reward.max_request_mb,
-        )
+        return cls(reward.url, request_batch=reward.request_batch, **judge_options(reward))
 
     def check(self) -> dict[str, Any]:
         """GET /health (with retries); ``RewardError`` if the server is down or speaks another scale."""

@@ -120,3 +120,9 @@ def host_options(text: Any) -> dict[str, str]:
             raise ValueError(f"config.reward.host_options: {item!r} is not key=value")
         out[key.strip()] = value.strip()
     return out
+
+
+def judge_options(reward: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The keyword arguments every remote judge takes from ``config.reward``."""
+    keys = ("scale", "timeout_s", "retries", "backoff_s", "on_failure", "max_concurrency", "max_request_mb")
+    return {k: reward[k] for k in keys}

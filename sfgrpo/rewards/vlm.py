@@ -29,7 +29,7 @@ import numpy as np
 from sfgrpo.rewards.base import HostScores, RewardError, ScoreRequest, no_failures
 from sfgrpo.rewards.judgement import JudgementError, parse_quality, parse_semantic
 from sfgrpo.rewards.remote import Transport, TransportError, lost_batch, parallel_map
-from sfgrpo.rewards.reward_config import ON_FAILURE
+from sfgrpo.rewards.reward_config import ON_FAILURE, judge_options
 from sfgrpo.rewards.wire import png_b64
 
 _log = logging.getLogger(__name__)
@@ -181,16 +181,10 @@ class VLMJudge:
         return cls(
             reward.url,
             reward.model,
-            scale=reward.scale,
-            timeout_s=reward.timeout_s,
-            retries=reward.retries,
-            backoff_s=reward.backoff_s,
-            on_failure=reward.on_failure,
-            max_concurrency=reward.max_concurrency,
             api_key=os.environ[env] if env else None,
             max_tokens=reward.max_tokens,
             temperature=reward.temperature,
-            max_request_mb=reward.max_request_mb,
+            **judge_options(reward),
         )
 
     def check(self) -> None:
