@@ -256,6 +256,15 @@ def _wrap(text: str, style: int) -> str:
     return f"```\n{text}\n```"
 
 
+def reasoning_answer(answer: str, draft: str) -> str:
+    """``answer`` after a reasoning block, as reasoning-mode VLMs write it: the block holds stray braces and
+    ``draft``, a first attempt in the answer's schema that the answer then corrects."""
+    return (
+        "<think>\nThe boxes are {x1, y1, x2, y2} on the 0..1000 grid. A first draft:\n"
+        f"{draft}\nNo, let me look at the edited image again.\n</think>\n\n{answer}"
+    )
+
+
 # ---------------------------------------------------------------------------------------------- server
 
 
@@ -337,6 +346,12 @@ class _Handler(BaseHTTPRequestHandler):
             answer = quality_answer(_apply_fault(scores, fault), style)
         if fault is not None and fault.kind == "malformed":
             answer = answer.replace("}", "", 1).replace("```", "")
+        if self.server.reasoning:
+            zero = {k: [0.0] * len(v) if isinstance(v, list) else 0.0 for k, v in scores.items()}
+            draft = (
+                semantic_answer(example, zero, regions, style) if semantic else quality_answer(zero, style)
+            )
+            answer = reasoning_answer(answer, draft)
         self.server.count(kind)
         self._send(
             200,
@@ -396,9 +411,18 @@ class FakeVLM(ThreadingHTTPServer):
 
     daemon_threads = False  # server_close joins the handler threads: nothing outlives the context
 
-    def __init__(self, oracle: ShapesOracle, *, port: int = 0, host: str = "127.0.0.1", model: str = MODEL):
+    def __init__(
+        self,
+        oracle: ShapesOracle,
+        *,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        model: str = MODEL,
+        reasoning: bool = False,
+    ):
         super().__init__((host, port), _Handler)
         self.oracle, self.model = oracle, model
+        self.reasoning = reasoning  # answers start with a <think> block holding a wrong draft
         self._lock = threading.Lock()
         self._faults: list[_Fault] = []
         self._style = 0
@@ -500,6 +524,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-edits", type=int, default=3, help="min(3, config.data.r_max)")
     parser.add_argument("--scale", type=float, default=SCORE_SCALE)
     parser.add_argument("--model", default=MODEL)
+    parser.add_argument(
+        "--reasoning", action="store_true", help="answer after a <think> block, as reasoning-mode VLMs do"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
@@ -510,7 +537,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         *ShapesSource(args.eval, split="test", seed=args.seed, config=config),
     ]
     oracle = ShapesOracle.from_records(records, args.resolution, pool=args.pool, scale=args.scale)
-    server = FakeVLM(oracle, port=args.port, host=args.host, model=args.model)
+    server = FakeVLM(oracle, port=args.port, host=args.host, model=args.model, reasoning=args.reasoning)
     _log.info("fake VLM judge %r of %d shapes examples at %s", args.model, len(oracle.examples), server.url)
     try:
         server.serve_forever()

@@ -99,7 +99,48 @@ def test_quality_answer():
     assert parse_quality('Quality: ```json\n{"score": [22, 24.5]}\n```', 25.0) == (22.0, 24.5)
     with pytest.raises(JudgementError, match="out_of_range"):
         parse_quality('{"score": [22, 99]}', 25.0)
-    assert extract_json('a {"x": 1} b {"y": 2}') == {"x": 1}
+    assert extract_json('a {"x": 1} b {"y": 2}') == {"y": 2}  # no fields asked: the last object
+
+
+DRAFT = {**ANSWER, "overall_score": [1, 1]}  # a draft in the reasoning: the schema's fields, other scores
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # The draft carries every field and the reasoning holds stray braces: only the answer counts.
+        "<think>Regions {1, 2}; draft: " + json.dumps(DRAFT) + " no, {wait}.</think>\n" + json.dumps(ANSWER),
+        # The chat template opened the block: only its closing tag is in the answer.
+        "Draft " + json.dumps(DRAFT) + "\n</think>\n\n```json\n" + json.dumps(ANSWER, indent=1) + "\n```",
+        # An object before the answer that is not the answer (a region restated), and a corrected answer.
+        'Region {"id": 1, "label": "red circle"}. First ' + json.dumps(DRAFT) + " then " + json.dumps(ANSWER),
+        "<THINK>{}</THINK> Scores: " + json.dumps(ANSWER) + " -- as for the format, see {the prompt}.",
+    ],
+)
+def test_the_answer_after_a_reasoning_block_is_read(text):
+    s = parse_semantic(text, [1, 2], 25.0)
+    assert (s.success, s.overall_success, s.overall_preserve) == ((20.0, 3.0), 12.5, 24.0)
+    quality = '<think>Maybe {"score": [3, 4]}? Artifacts {none}.</think>{"score": [22, 24.5]}'
+    assert parse_quality(quality, 25.0) == (22.0, 24.5)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("<think>Draft " + json.dumps(ANSWER), r"'<think>' is never closed"),  # cut off by the token limit
+        ("<think>Draft " + json.dumps(ANSWER) + "</think>\n  ", r"nothing after the reasoning block"),
+        ("<think>a</think> " + json.dumps(ANSWER) + " <think>more", r"'<think>' is never closed"),
+        ('<think>x</think> {"score": [1, 2]} {"note": 3}', r"with the fields \['edit_region'"),
+        (
+            "</think> " + json.dumps({k: v for k, v in ANSWER.items() if k != "background"}),
+            "no 'background' field",
+        ),
+    ],
+)
+def test_a_reasoning_answer_without_a_usable_object_is_unparsable(text, message):
+    with pytest.raises(JudgementError, match=message) as info:
+        parse_semantic(text, [1, 2], 25.0)
+    assert info.value.reason == "unparsable"
 
 
 # ---------------------------------------------------------------------------------------------- client
@@ -179,6 +220,13 @@ def test_vlm_judges_against_the_autoencoder_round_trip(records, request_):
     with FakeVLM(ShapesOracle.from_records(records, RES, pool=4)) as vlm:
         got = make_host_reward(_config(vlm.url))(request_)
     _assert_close(got, _expected(request_, pool=4), request_.region_valid)
+
+
+def test_vlm_reads_a_reasoning_judge(oracle, request_):
+    with FakeVLM(oracle, reasoning=True) as server:
+        got = make_host_reward(_config(server.url))(request_)
+    assert got.valid.all() and sum(got.failures.values()) == 0
+    _assert_close(got, _expected(request_), request_.region_valid)
 
 
 def test_wrong_model_and_server_down_at_start(vlm):

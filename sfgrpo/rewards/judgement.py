@@ -1,9 +1,11 @@
 """Reading a judge's answer: the JSON of SPEC section 5, found in free text and checked field by field.
 
-A VLM answers in prose: the JSON may sit inside a ```json fence or between sentences, and scores may be
-integers, floats or numeric strings. What is read must be complete and in range; anything else raises
-``JudgementError`` with the failure reason (``sfgrpo.rewards.base.FAILURE_REASONS``) so the image is marked
-invalid and counted, never given a default score.
+A VLM answers in prose: the JSON may sit inside a ```json fence or between sentences, after a reasoning
+block (``<think> ... </think>``, which may hold braces and draft objects), and scores may be integers,
+floats or numeric strings. The answer is the last object carrying the schema's top-level fields. What is
+read must be complete and in range; anything else raises ``JudgementError`` with the failure reason
+(``sfgrpo.rewards.base.FAILURE_REASONS``) so the image is marked invalid and counted, never given a
+default score.
 
 Semantic answer (one per edited image), on 0..C:
   {"edit_region": [{"id", "label", "bbox_2d", "score": [success, preserve], "reasoning"}, ...],
@@ -20,6 +22,11 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 _FENCE = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\n?(.*?)```", re.DOTALL)
+_THINK_OPEN = re.compile(r"<think>", re.IGNORECASE)
+_THINK_CLOSE = re.compile(r"</think>", re.IGNORECASE)
+# The top-level fields of each answer: they pick the answer among the objects of the text.
+SEMANTIC_FIELDS = ("edit_region", "background", "overall_score")
+QUALITY_FIELDS = ("score",)
 
 
 class JudgementError(ValueError):
@@ -40,22 +47,66 @@ class SemanticScores(NamedTuple):
     overall_preserve: float
 
 
-def extract_json(text: str) -> dict[str, Any]:
-    """The first JSON object in ``text``: inside a code fence if there is one, else anywhere in the text."""
+def extract_json(text: str, fields: Sequence[str] = ()) -> dict[str, Any]:
+    """The JSON object of the answer in ``text``: the last one carrying all of ``fields``.
+
+    A reasoning block (``<think> ... </think>``, or only its closing tag when the chat template opened it)
+    comes before the answer and may hold braces or draft objects, so only the text after the last
+    ``</think>`` is read; an unclosed ``<think>`` leaves no answer. Objects in code fences come first (a
+    fence is the model's formal answer), then any object in the text; nested objects are not candidates.
+    With no object carrying every field, the one carrying most of them is returned, so the caller's check
+    names the missing field; with none carrying any, ``JudgementError('unparsable')``.
+    """
     if not isinstance(text, str):
         raise JudgementError("unparsable", f"expected the answer as text, got {type(text).__name__}")
-    candidates = [m.group(1) for m in _FENCE.finditer(text)] + [text]
+    answer = _after_reasoning(text)
+    fenced = [o for m in _FENCE.finditer(answer) for o in _objects(m.group(1))]
+    anywhere = _objects(answer)
+    for objects in (fenced, anywhere):
+        complete = [o for o in objects if all(f in o for f in fields)]
+        if complete:
+            return complete[-1]
+    partial = [o for o in anywhere if any(f in o for f in fields)]
+    if partial:
+        return max(reversed(partial), key=lambda o: sum(f in o for f in fields))
+    what = f"with the fields {list(fields)} " if fields and anywhere else ""
+    raise JudgementError("unparsable", f"no JSON object {what}in the answer {_preview(answer)}")
+
+
+def _after_reasoning(text: str) -> str:
+    """The text after the last ``</think>``; ``JudgementError`` if a ``<think>`` is left open or nothing
+    follows the reasoning."""
+    closes = list(_THINK_CLOSE.finditer(text))
+    answer = text[closes[-1].end() :] if closes else text
+    if _THINK_OPEN.search(answer):
+        raise JudgementError(
+            "unparsable",
+            f"the reasoning block '<think>' is never closed, so there is no answer after it "
+            f"(cut off by the token limit?): ...{text[-200:]!r}",
+        )
+    if closes and not answer.strip():
+        raise JudgementError(
+            "unparsable", f"nothing after the reasoning block '</think>': ...{text[-200:]!r}"
+        )
+    return answer
+
+
+def _objects(text: str) -> list[dict[str, Any]]:
+    """The top-level JSON objects in ``text``, in order (an object's inner objects are not listed)."""
     decoder = json.JSONDecoder()
-    for chunk in candidates:
-        for start in (m.start() for m in re.finditer(r"\{", chunk)):
-            try:
-                obj, _ = decoder.raw_decode(chunk, start)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(obj, dict):
-                return obj
-    preview = text if len(text) <= 200 else text[:200] + "..."
-    raise JudgementError("unparsable", f"no JSON object in the answer {preview!r}")
+    out, pos = [], 0
+    while (start := text.find("{", pos)) != -1:
+        try:
+            obj, pos = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            pos = start + 1
+            continue
+        out.append(obj)
+    return out
+
+
+def _preview(text: str) -> str:
+    return repr(text if len(text) <= 200 else text[:200] + "...")
 
 
 def parse_semantic(answer: str | dict[str, Any], ids: Sequence[int], scale: float) -> SemanticScores:
@@ -64,7 +115,7 @@ def parse_semantic(answer: str | dict[str, Any], ids: Sequence[int], scale: floa
     Entries are matched by their ``id``; entries without ids are taken in order when their number is
     right. A missing, extra or duplicated region raises 'missing_region'.
     """
-    obj = extract_json(answer) if isinstance(answer, str) else answer
+    obj = extract_json(answer, SEMANTIC_FIELDS) if isinstance(answer, str) else answer
     regions = _field(obj, "edit_region")
     if not isinstance(regions, list) or not all(isinstance(e, dict) for e in regions):
         raise JudgementError("unparsable", f"'edit_region' must be a list of objects, got {regions!r:.200}")
@@ -101,7 +152,7 @@ def parse_semantic(answer: str | dict[str, Any], ids: Sequence[int], scale: floa
 
 def parse_quality(answer: str | dict[str, Any], scale: float) -> tuple[float, float]:
     """(naturalness, artifacts) from a quality answer."""
-    obj = extract_json(answer) if isinstance(answer, str) else answer
+    obj = extract_json(answer, QUALITY_FIELDS) if isinstance(answer, str) else answer
     return _pair(_field(obj, "score"), "score", scale)
 
 
