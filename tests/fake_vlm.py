@@ -510,6 +510,146 @@ class FakeVLM(ThreadingHTTPServer):
             self._thread.join(timeout=5)
 
 
+# ---------------------------------------------------------------------------------------------- grounding
+
+GROUNDING_FAULTS = (
+    "malformed",
+    "prose",
+    "no_region",
+    "box_outside",
+    "too_many",
+    "unlabelled",
+    "think_unclosed",
+    "http_400",
+    "http_500",
+    "slow",
+    "die",
+)
+
+
+def grounding_boxes(example: Example) -> list[list[int]]:
+    """The example's region boxes on the 0..1000 grid, rounded outwards so that they cover the shapes."""
+    boxes = np.asarray(example.boxes, np.float64) * 1000
+    lo, hi = np.floor(boxes[:, :2] + 1e-6), np.ceil(boxes[:, 2:] - 1e-6)
+    return np.concatenate([lo, hi], axis=1).astype(int).tolist()
+
+
+def grounding_answer(example: Example, style: int, fault: str | None = None) -> str:
+    """A grounding VLM's answer naming the example's regions, in one of three styles: 0 Qwen-VL's own list
+    in a json fence; 1 a <think> block (braces, a wrong draft) then {"regions": ...} with string numbers;
+    2 a bare {"edit_region": ...} with ids. ``fault`` breaks it in one of the ``GROUNDING_FAULTS`` ways."""
+    if fault == "prose":
+        return "I could not find anything in this image that the instruction refers to."
+    if fault == "think_unclosed":
+        return '<think>\nThe instruction names {the shapes}. Their boxes are [{"bbox_2d": [12, 40'
+    boxes, labels = grounding_boxes(example), list(example.labels)
+    confidence = [round(0.9 - 0.1 * k, 2) for k in range(len(boxes))]
+    if fault == "too_many":
+        boxes, labels, confidence = boxes * 12, labels * 12, confidence * 12
+    if fault == "box_outside":
+        boxes = [[*boxes[0][:2], 1200, boxes[0][3]], *boxes[1:]]
+    if fault == "no_region":
+        boxes, labels, confidence = [], [], []
+    entries: list[dict[str, Any]] = []
+    for k, (box, label, c) in enumerate(zip(boxes, labels, confidence, strict=True)):
+        if style == 0:
+            entries.append({"bbox_2d": box, "label": label})
+        elif style == 1:
+            entries.append({"label": label, "bbox_2d": [str(v) for v in box], "confidence": str(c)})
+        else:
+            entries.append({"id": k + 1, "label": label, "bbox_2d": box, "confidence": c})
+    if fault == "unlabelled" and entries:
+        del entries[0]["label"]
+    payload = json.dumps(
+        [entries, {"regions": entries}, {"edit_region": entries}][style], indent=style or None
+    )
+    if fault == "malformed":
+        payload = payload.replace("}", "", 1)
+    if style == 0:
+        return f"Here are the regions to edit.\n```json\n{payload}\n```"
+    if style == 1:
+        draft = json.dumps([{"bbox_2d": [0, 0, 10, 10], "label": "draft"}])
+        return (
+            f"<think>\nThe instruction names {{the shapes}}. A first draft: {draft}\nNo, the boxes are "
+            f"elsewhere.\n</think>\n\n{payload}"
+        )
+    return payload
+
+
+class _GroundingHandler(_Handler):
+    server: FakeGroundingVLM
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        try:
+            content = json.loads(body)["messages"][-1]["content"]
+            grounding = sum(p.get("type") == "image_url" for p in content) == 1
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            grounding = False
+        if self.path.rstrip("/") != "/v1/chat/completions" or not grounding:
+            self.rfile = io.BytesIO(body)  # the judge's requests: the base handler reads the body again
+            super().do_POST()
+            return
+        self.server.count_grounding()
+        self.server.authorization = self.headers.get("Authorization")
+        fault = self.server.take_fault("grounding")
+        if fault is not None and fault.kind == "die":
+            self.server.die()
+            self.close_connection = True
+            return
+        if fault is not None and fault.kind == "slow":
+            self.server.closing.wait(fault.delay_s)
+        if fault is not None and fault.kind in ("http_400", "http_500"):
+            status = int(fault.kind[-3:])
+            self._send(status, {"error": {"message": f"scripted {status}"}})
+            return
+        try:
+            images, texts = [], []
+            for part in content:
+                if part["type"] == "image_url":
+                    data = part["image_url"]["url"].partition(",")[2]
+                    with PIL.Image.open(io.BytesIO(base64.b64decode(data, validate=True))) as pil:
+                        images.append(np.asarray(pil.convert("RGB"), np.uint8))
+                elif part["type"] == "text":
+                    texts.append(part["text"])
+            example = self.server.oracle.examples[pixel_key(images[0])]
+        except (KeyError, ValueError, OSError) as e:
+            self._send(400, {"error": {"message": f"bad grounding request or unknown image: {e!r}"}})
+            return
+        if example.instruction not in "\n".join(texts):
+            problem = f"the prompt lacks the instruction {example.instruction!r}"
+            self._send(400, {"error": {"message": problem}})
+            return
+        kind = None if fault is None else fault.kind
+        answer = grounding_answer(example, self.server.next_style(), kind)
+        message = {"role": "assistant", "content": answer}
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        self._send(200, {"id": "chatcmpl-ground", "object": "chat.completion", "choices": [choice]})
+
+
+class FakeGroundingVLM(FakeVLM):
+    """The fake judge that also grounds: a request with one image (a source) is answered with the boxes and
+    labels of that shapes example's edit regions (``grounding_answer``); two-image requests are judged as
+    by ``FakeVLM``. ``grounding_requests`` counts the grounding requests received."""
+
+    def __init__(self, oracle: ShapesOracle, **kwargs: Any) -> None:
+        super().__init__(oracle, **kwargs)
+        self.RequestHandlerClass = _GroundingHandler
+        self.grounding_requests = 0
+
+    def count_grounding(self) -> None:
+        with self._lock:
+            self.grounding_requests += 1
+
+    def ground_fault(self, kind: str, times: int | None = None, *, delay_s: float = 1.0) -> None:
+        """Scripts a grounding fault (``GROUNDING_FAULTS``) for the next ``times`` grounding requests (None:
+        all until cleared): a broken answer of that kind, an HTTP 400/500, a slow answer or a dead server."""
+        if kind not in GROUNDING_FAULTS:
+            raise ValueError(f"unknown grounding fault {kind!r}; known: {GROUNDING_FAULTS}")
+        with self._lock:
+            self._faults.append(_Fault(kind, times, "grounding", delay_s))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="A fake OpenAI-compatible VLM judge of the shapes task.")
     parser.add_argument("--port", type=int, required=True)
