@@ -8,6 +8,7 @@ status 2, not a traceback.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -37,15 +38,32 @@ def main(argv: list[str]) -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
     runtime.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
-    from sfgrpo import builders, checkpoint, train  # noqa: PLC0415 - after the runtime is initialised
+    from sfgrpo import builders, checkpoint, preemption, train  # noqa: PLC0415 - after the runtime is initialised
     from sfgrpo.rewards.base import RewardError  # noqa: PLC0415
 
     try:
         final = train.train(config, _WORKDIR.value)
+    except preemption.Preempted as stop:
+        print(f"sfgrpo: {stop}", file=sys.stderr, flush=True)
+        _exit(0)
     except (builders.ConfigError, checkpoint.CheckpointError, train.TrainingError, RewardError) as err:
-        print(f"sfgrpo: {err}", file=sys.stderr)
-        sys.exit(2)
+        print(f"sfgrpo: {err}", file=sys.stderr, flush=True)
+        _exit(2)
     logging.info("done: %s", ", ".join(f"{k}={v:.4f}" for k, v in sorted(final.items())))
+
+
+def _exit(status: int) -> None:
+    """Exits with ``status``. With several processes and an error, at once: jax's exit handler would wait
+    up to 5 minutes at a shutdown barrier for processes that may never come (the others, still blocked in
+    a collective, are stopped by the coordinator when this process's heartbeat stops)."""
+    import jax  # noqa: PLC0415
+
+    if status != 0 and jax.process_count() > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 def _config_path() -> str:

@@ -9,13 +9,18 @@ everywhere.
 from __future__ import annotations
 
 import contextlib
+import functools
+import ipaddress
 import logging
+import secrets
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
@@ -62,7 +67,23 @@ def initialize_distributed(
         coordinator_address=coordinator_address,
         num_processes=num_processes,
         process_id=process_id,
+        coordinator_bind_address=coordinator_bind_address(coordinator_address),
     )
+
+
+def coordinator_bind_address(coordinator_address: str | None) -> str | None:
+    """Where process 0's coordinator listens: the coordinator address itself when it is a loopback address
+    (jax's default binds every interface, which would expose a test or single-machine job to the network);
+    None (jax's default, all interfaces) otherwise, so that the other hosts can reach it."""
+    if not coordinator_address or ":" not in coordinator_address:
+        return None
+    host = coordinator_address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return coordinator_address
+    try:
+        return coordinator_address if ipaddress.ip_address(host).is_loopback else None
+    except ValueError:  # a host name: it may resolve to any interface
+        return None
 
 
 def make_mesh(
@@ -178,3 +199,67 @@ def global_to_host_local(x: jax.Array) -> np.ndarray:
         if start not in pieces:
             pieces[start] = np.asarray(shard.data)
     return np.concatenate([pieces[k] for k in sorted(pieces)], axis=0)
+
+
+def first_rows(tree: Any, rows: int) -> Any:
+    """The first ``rows`` rows of each batch-sharded global array, replicated on every device, so that any
+    process can read them as numpy (a grid's few images, not the whole batch). A collective: every process
+    calls it; call under ``use_mesh``. One small program per shape, compiled once."""
+    return _first_rows(tree, rows)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _first_rows(tree: Any, rows: int) -> Any:
+    return jax.tree.map(lambda x: jax.sharding.reshard(x, PartitionSpec())[:rows], tree)
+
+
+def sum_over_processes(values: Mapping[str, float]) -> dict[str, float]:
+    """Host-side scalars (failure counts, valid images) summed over every process; a collective.
+
+    Every process must pass the same keys (they are sent in sorted order, as float32).
+    """
+    if jax.process_count() == 1:
+        return {k: float(v) for k, v in values.items()}
+    keys = sorted(values)
+    local = np.asarray([float(values[k]) for k in keys], np.float32)
+    gathered = np.asarray(multihost_utils.process_allgather(local))  # (processes, len(keys))
+    return {k: float(v) for k, v in zip(keys, gathered.sum(axis=0), strict=True)}
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process (a collective; every process gets the same answer)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(np.asarray(multihost_utils.process_allgather(np.asarray([flag], np.int32))).any())
+
+
+def all_processes(flag: bool) -> bool:
+    """Whether ``flag`` is true on every process (a collective)."""
+    return not any_process(not flag)
+
+
+def writes_here(directory: str | Path) -> bool:
+    """Whether this process writes files meant for every host in ``directory``: on a filesystem the hosts
+    share (NFS, GCS-fuse) only process 0 does; on each host's local disk every process writes its own copy.
+    A collective; it finds out by having process 0 leave a probe file that the others look for."""
+    if jax.process_count() == 1:
+        return True
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    token = int(np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(secrets.randbits(31), np.int32))))
+    probe = directory / f".sfgrpo-shared-probe-{token}"
+    if jax.process_index() == 0:
+        probe.touch()
+    barrier(f"probe written {token}")
+    shared = all_processes(probe.exists())
+    barrier(f"probe read {token}")
+    if jax.process_index() == 0:
+        probe.unlink()
+    _log.info("%s is %s", directory, "shared by the hosts" if shared else "local to each host")
+    return jax.process_index() == 0 or not shared
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier ``name`` (a no-op for one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

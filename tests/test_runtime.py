@@ -1,8 +1,5 @@
 """Mesh creation, logical sharding rules, and host-local batches to global arrays (1 and 2 processes)."""
 
-import os
-import socket
-import subprocess
 import sys
 import textwrap
 
@@ -10,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from multiprocess import Group
 
 from sfgrpo import runtime
 
@@ -55,11 +53,13 @@ def test_host_local_to_global_single_process():
 
 _WORKER = textwrap.dedent(
     """
+    import logging
     import sys
     import numpy as np
     import jax
     from sfgrpo import runtime
     pid, port = int(sys.argv[1]), int(sys.argv[2])
+    logging.basicConfig(level=logging.INFO)
     runtime.initialize_distributed(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
     mesh = runtime.make_mesh(data=-1)
     local = np.full((2, 3), pid, np.float32) + np.arange(2, dtype=np.float32)[:, None] * 10
@@ -67,31 +67,48 @@ _WORKER = textwrap.dedent(
     assert g.shape == (4, 3), g.shape
     total = jax.jit(lambda a: a.sum(axis=1), out_shardings=jax.sharding.NamedSharding(mesh, jax.P()))(g)
     print("ROWS", np.asarray(total).tolist(), flush=True)
+    print("LOCAL", runtime.global_to_host_local(g)[:, 0].tolist(), flush=True)
+    with runtime.use_mesh(mesh):
+        first = runtime.first_rows({"x": g}, 3)["x"]
+    print("FIRST", np.asarray(first)[:, 0].tolist(), flush=True)
+    print("SUM", runtime.sum_over_processes({"b": 1.0 + pid, "a": 10.0}), flush=True)
+    print("ANY", runtime.any_process(pid == 1), runtime.any_process(False), flush=True)
+    print("ALL", runtime.all_processes(pid == 1), runtime.all_processes(True), flush=True)
     jax.distributed.shutdown()
     """
 )
 
 
-def test_host_local_to_global_two_processes(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def test_collectives_on_two_processes(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(pid), str(port)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for pid in (0, 1)
-    ]
-    outputs = [p.communicate(timeout=180)[0] for p in procs]
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out
-    # Global rows in process order: host 0's two rows, then host 1's.
-    for out in outputs:
+    group = Group(
+        lambda pid, port: [sys.executable, str(script), str(pid), str(port)], 2, 2, tmp_path / "logs"
+    )
+    assert group.wait(180) == [0, 0], group.output(0)[-3000:] + group.output(1)[-3000:]
+    outputs = [group.output(i) for i in (0, 1)]
+    # The coordinator of a loopback address listens on loopback only.
+    assert "Starting JAX distributed service on 127.0.0.1:" in outputs[0]
+    # Global rows in process order: host 0's two rows, then host 1's; each host reads back its own.
+    for pid, out in enumerate(outputs):
         assert "ROWS [0.0, 30.0, 3.0, 33.0]" in out, out
+        assert f"LOCAL {[float(pid), 10.0 + pid]}" in out, out
+        assert "FIRST [0.0, 10.0, 1.0]" in out, out  # the first 3 global rows, readable on every host
+        assert "SUM {'a': 20.0, 'b': 3.0}" in out, out
+        assert "ANY True False" in out and "ALL False True" in out, out
+
+
+@pytest.mark.parametrize(
+    "address, bind",
+    [
+        ("127.0.0.1:1234", "127.0.0.1:1234"),
+        ("127.0.0.2:99", "127.0.0.2:99"),
+        ("localhost:1234", "localhost:1234"),
+        ("[::1]:1234", "[::1]:1234"),
+        ("10.0.0.2:1234", None),  # other hosts must reach it: every interface, jax's default
+        ("host0:1234", None),
+        (None, None),
+    ],
+)
+def test_coordinator_binds_loopback_only_for_a_loopback_address(address, bind):
+    assert runtime.coordinator_bind_address(address) == bind
