@@ -123,6 +123,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 2
     c.train.log_every = 1
     c.train.grid_rows = 8
+    # A resume refuses a config that changes the experiment (model, credit, seed, data, reward, lr, ...;
+    # sfgrpo/run_config.py lists the keys that may change freely) unless this is True.
+    c.train.allow_config_change = False
+    # An unreadable newest checkpoint stops the run; True resumes from the newest readable earlier one.
+    c.train.restore_fallback = False
 
     if arg == "runlocal":
         c.warmstart.steps = 20

@@ -307,22 +307,24 @@ def _build_klein(
     splits = ("train", "test")
     instructions = [t for s in splits for t in prompt_cache.split_instructions(data_source(config, s))]
     fingerprint = f"{folder}|layers={list(layers)}|tokens={length}|{m.dtype}"
-    cache = prompt_cache.reuse(m.prompt_cache, instructions, fingerprint)
-    if cache is None:
-        # Encode every instruction once; the text encoder is dropped afterwards (nothing returned refers
-        # to it), so it does not stay in device memory while training.
-        graphdef, state = nnx.split(text_encoder())
-        encode_jit = jax.jit(lambda s, ids, mask: nnx.merge(graphdef, s)(ids, mask))
-        # Each host encodes the same instructions as its rows of a global batch split over every device.
-        per_host = -(-int(m.prompt_cache_batch) // jax.local_device_count()) * jax.local_device_count()
+    # Encode every instruction once; the text encoder is dropped afterwards (nothing returned refers to
+    # it), so it does not stay in device memory while training. It is loaded only when a host lacks the cache.
+    encoder: list[Any] = []
+    # Each host encodes the same instructions as its rows of a global batch split over every device.
+    per_host = -(-int(m.prompt_cache_batch) // jax.local_device_count()) * jax.local_device_count()
 
-        def encode(texts: Sequence[str]) -> np.ndarray:
-            arrays = runtime.host_local_to_global(tokens(texts), mesh)
-            return runtime.global_to_host_local(encode_jit(state, arrays["text_ids"], arrays["text_mask"]))
+    def encode(texts: Sequence[str]) -> np.ndarray:
+        if not encoder:
+            graphdef, state = nnx.split(text_encoder())
+            encoder.extend([jax.jit(lambda s, ids, mask: nnx.merge(graphdef, s)(ids, mask)), state])
+        encode_jit, state = encoder
+        arrays = runtime.host_local_to_global(tokens(texts), mesh)
+        return runtime.global_to_host_local(encode_jit(state, arrays["text_ids"], arrays["text_mask"]))
 
-        cache = prompt_cache.build(
-            m.prompt_cache, instructions, encode, fingerprint=fingerprint, dtype=m.dtype, batch_size=per_host
-        )
+    cache = prompt_cache.open_or_build(
+        m.prompt_cache, instructions, encode, fingerprint=fingerprint, dtype=m.dtype, batch_size=per_host
+    )
+    encoder.clear()
 
     def cached(instructions: Sequence[str]) -> dict[str, np.ndarray]:
         return {"text_embeds": cache.lookup(list(instructions))}

@@ -48,7 +48,14 @@ class CheckpointNotFoundError(CheckpointError):
 
 
 class CheckpointCorruptError(CheckpointError):
-    """A checkpoint exists but cannot be read (missing items, truncated files, foreign layout)."""
+    """A checkpoint exists but cannot be read (missing items, truncated files, foreign layout).
+
+    ``reason``: the underlying error's first line, without the checkpoint's path.
+    """
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -240,9 +247,18 @@ class Checkpointer:
       keep: how many of the latest checkpoints to keep on disk.
       async_save: write in a background thread (arrays are copied off the device before ``save``
         returns, so the caller may donate or overwrite them); ``wait()`` blocks until written.
+      create: create ``directory`` if missing; False to read an existing one without writing anything.
     """
 
-    def __init__(self, directory: str | Path, *, save_every: int, keep: int, async_save: bool = True) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        save_every: int,
+        keep: int,
+        async_save: bool = True,
+        create: bool = True,
+    ) -> None:
         if save_every < 1:
             raise ValueError(f"save_every must be >= 1, got {save_every}")
         if keep < 1:
@@ -250,18 +266,13 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         if self.directory.exists() and not self.directory.is_dir():
             raise CheckpointError(f"checkpoint directory {self.directory} exists and is not a directory")
-        policy = ocp.checkpoint_managers.AnySavePolicy(
-            [
-                ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
-                # Save at the step a preemption notice arrives (multi-host TPU), as Orbax does by default.
-                ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
-            ]
-        )
+        # No PreemptionCheckpointingPolicy: SIGTERM is handled by sfgrpo.preemption, which saves through
+        # ``save(force=True)`` and stops the run (Orbax's policy needs jax.distributed and only saves).
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
-            create=True,
+            create=create,
             enable_async_checkpointing=async_save,
-            save_decision_policy=policy,
+            save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
         )
         self._manager = ocp.CheckpointManager(self.directory, item_names=_ITEMS, options=options)
 
@@ -310,6 +321,15 @@ class Checkpointer:
         )
         return bool(self._manager.save(step, args=args, force=True))
 
+    def read_meta(self, step: int) -> dict:
+        """The JSON metadata of ``step`` alone (no arrays are read); CheckpointCorruptError if unreadable."""
+        where = f"checkpoint {self.directory / str(step)}"
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
+        except Exception as err:  # any read failure means the step is unusable
+            raise CheckpointCorruptError(f"{where} is unreadable ({_brief(err)})", _brief(err)) from err
+        return dict(out[META] or {})
+
     def restore(self, step: int | None = None, *, abstract_train_state: Any) -> tuple[Any, Any, dict]:
         """Reads (train_state, data_state, meta) of ``step`` (default: the latest).
 
@@ -340,7 +360,8 @@ class Checkpointer:
         except Exception as err:  # any read failure means the step is unusable
             raise CheckpointCorruptError(
                 f"{where} is unreadable or not an sfgrpo checkpoint ({_brief(err)}); "
-                f"delete it to fall back to an earlier step (have {steps})"
+                f"delete it to fall back to an earlier step (have {steps})",
+                _brief(err),
             ) from err
         check_layout(saved, tree_layout(abstract_train_state), where)
         target, finish = _restore_plan(abstract_train_state, saved)
@@ -358,7 +379,8 @@ class Checkpointer:
         except Exception as err:
             raise CheckpointCorruptError(
                 f"{where} could not be read ({_brief(err)}); delete it to fall back to an earlier step "
-                f"(have {steps})"
+                f"(have {steps})",
+                _brief(err),
             ) from err
         return finish(out[TRAIN_STATE]), _decode_data_state(out[DATA_STATE]), dict(out[META] or {})
 

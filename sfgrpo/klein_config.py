@@ -119,4 +119,9 @@ def klein_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.log_every = 1
     c.train.grid_rows = 8
+    # A resume refuses a config that changes the experiment (model, credit, seed, data, reward, lr, ...;
+    # sfgrpo/run_config.py lists the keys that may change freely) unless this is True.
+    c.train.allow_config_change = False
+    # An unreadable newest checkpoint stops the run; True resumes from the newest readable earlier one.
+    c.train.restore_fallback = False
     return c

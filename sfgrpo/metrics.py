@@ -176,6 +176,16 @@ class MetricsWriter:
         for key, value in values.items():
             board.add_scalar(f"{stage}/{key}", value, int(step))
 
+    def write_event(self, step: int, stage: str, fields: Mapping[str, Any]) -> None:
+        """Logs one non-scalar record ``{"step", "stage", **fields}`` (JSON values, e.g. the config keys a
+        resume changed) to the JSONL file, and as text to TensorBoard."""
+        if not self.enabled:
+            return
+        record = {"step": int(step), "stage": str(stage), **fields}
+        text = json.dumps(record, default=str)
+        self._file.write(text + "\n")
+        self._board(str(stage)).add_text(f"{stage}/event", text, int(step))
+
     def write_images(self, step: int, stage: str, name: str, image: np.ndarray) -> None:
         """Logs a uint8 ``(H, W, 3)`` image to TensorBoard under ``<stage>/<name>``."""
         if not self.enabled:

@@ -136,10 +136,7 @@ class RewardStage:
         done = time.perf_counter()
         completed = pending.completed or done
         credit_, metrics = self.programs("credit", self._to_device(host), pending.batch, pending.out.weights)
-        metrics = dict(metrics)
-        for reason, count in host.failures.items():
-            metrics[f"reward/failures_{reason}"] = float(count)
-        metrics["reward/valid_images"] = float(np.sum(host.valid))
+        metrics = dict(metrics) | _counts(host, "reward")
         # This host's figures: how long the judge took, and how much of that the host spent waiting (the
         # rest was hidden behind the next rollout).
         metrics["time/reward_s"] = completed - pending.submitted
@@ -152,9 +149,7 @@ class RewardStage:
         """Evaluation metrics of remotely judged images (in-graph kinds score inside 'evaluate')."""
         host = self.worker.submit(self._request(edited, host_batch)).result()
         metrics = dict(self.programs("judge_metrics", self._to_device(host), batch))
-        for reason, count in host.failures.items():
-            metrics[f"eval/reward/failures_{reason}"] = float(count)
-        return metrics
+        return metrics | {k: v for k, v in _counts(host, "eval/reward").items() if "failures" in k}
 
     def _request(self, edited: jax.Array, host_batch: dict[str, np.ndarray]) -> ScoreRequest:
         """This host's rows: its edited images (fetched from the device) with their batch fields."""
@@ -179,3 +174,11 @@ class RewardStage:
     def close(self) -> None:
         if self.worker is not None:
             self.worker.close()
+
+
+def _counts(host: HostScores, prefix: str) -> dict[str, float]:
+    """The judge's failure counts by reason and the valid images, summed over every process (each judges
+    its own rows); a collective."""
+    counts = {f"{prefix}/failures_{reason}": float(n) for reason, n in host.failures.items()}
+    counts[f"{prefix}/valid_images"] = float(np.sum(host.valid))
+    return runtime.sum_over_processes(counts)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,17 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from sfgrpo import builders, checkpoint, metrics, reward_stage, runtime, warmstart
+from sfgrpo import (
+    builders,
+    checkpoint,
+    metrics,
+    preemption,
+    resume,
+    reward_stage,
+    run_config,
+    runtime,
+    warmstart,
+)
 from sfgrpo.data import pipeline
 from sfgrpo.iteration import host_numpy
 from sfgrpo.models.tiny import images_to_uint8
@@ -48,56 +59,103 @@ def train(
     """Runs the configured training in ``workdir`` (resuming if it holds a checkpoint).
 
     ``on_step(step, metrics)`` is called after each GRPO iteration (for tools and tests).
-    Returns the final evaluation metrics.
+    Returns the final evaluation metrics. Raises ``preemption.Preempted`` after a SIGTERM (its checkpoint
+    saved), and the errors of ``builders``, ``checkpoint``, ``resume`` and the judges for a run that
+    cannot start, before anything in the workdir is written.
     """
-    # --- Set-up: config checks, mesh, outputs --------------------------------------------------------
+    with preemption.PreemptionGuard() as guard:
+        return _train(config, Path(workdir).absolute(), on_step, guard)
+
+
+def _train(
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    on_step: Callable[[int, dict[str, float]], None] | None,
+    guard: preemption.PreemptionGuard,
+) -> dict[str, float]:
+    # --- Checks: nothing in the workdir is written until the run is known to be able to start ----------
     builders.validate(config)
     settings = builders.grpo_settings(config)
     mesh = builders.make_mesh(config)
-    workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    _log.info("mesh %s on %d devices (%s)", dict(mesh.shape), jax.device_count(), jax.default_backend())
-
-    ckpt = checkpoint.Checkpointer(
-        workdir / "checkpoints", save_every=config.train.checkpoint_every, keep=config.train.keep_checkpoints
-    )
-    resume_step = ckpt.latest_step()
-    writer = metrics.MetricsWriter(workdir)
-    if resume_step is not None:
-        dropped = writer.truncate_after(resume_step, stage=("grpo", "eval", "compile"))
-        _log.info("resuming from step %d (dropped %d metric lines written after it)", resume_step, dropped)
-
-    def batches(
-        source: Any, batch_size: int, group_size: int, seed: int, state: Any = None, shuffle: bool = True
-    ) -> Any:
-        pcfg = builders.pipeline_config(
-            config, batch_size=batch_size, group_size=group_size, seed=seed, shuffle=shuffle
-        )
-        it = pipeline.make_iterator(source, pcfg, state=state)
-        # (this host's numpy batch, the global device batch): a remote judge needs the host fields.
-        return it, ((b, builders.device_batch(b, mesh, model.text_fields)) for b in it)
-
+    _check_workdir(workdir)
+    snapshot = run_config.snapshot(config, jax.process_count())
+    resume_point = resume.find(workdir / "checkpoints", snapshot, config)
+    train_source = builders.data_source(config, "train")
+    eval_source = builders.data_source(config, "test")
+    n_eval = _eval_rows(config, len(eval_source))
     # A remote judge must answer before hours of set-up and warm start are spent.
     judge = reward_stage.connect(config.reward)
+    _log.info("mesh %s on %d devices (%s)", dict(mesh.shape), jax.device_count(), jax.default_backend())
 
     with runtime.use_mesh(mesh):
-        # --- The policy, and its supervised warm start (cached) ---------------------------------------
         model = builders.build_model(config, mesh, config.seed)
         policy, condition = model.policy, model.condition
-        per_host = config.warmstart.batch_size // jax.process_count()
-        _, warm_batches = batches(builders.data_source(config, "train"), per_host, 1, config.seed + 1)
-        warmstart.run(
-            policy,
-            condition,
-            (device for _, device in warm_batches),
-            steps=config.warmstart.steps,
-            lr=config.warmstart.lr,
-            seed=config.seed,
-            cache_dir=workdir / "warmstart",
-            log_metrics=lambda step, m: writer.write(step, "warmstart", m),
+        warm_cache = workdir / "warmstart"
+        warm_cached = warmstart.load_cached(policy, warm_cache)
+        optimizer = builders.make_optimizer(config.rl.lr, config.rl.weight_decay, config.rl.max_grad_norm)
+        base_key = jax.random.key(config.seed)
+        restored = None
+        if resume_point is not None:
+            if not warm_cached and config.warmstart.steps > 0:
+                raise TrainingError(
+                    f"{workdir} holds GRPO checkpoints but no warm-start cache ({warm_cache}): the adapters "
+                    "were trained on a base that is gone; use a fresh workdir"
+                )
+            # Raises CheckpointMismatchError, listing the paths, when the workdir holds another model shape.
+            abstract = _abstract_train_state(policy, config, optimizer, base_key)
+            restored = resume_point.restore(abstract)
+
+        # --- Outputs: from here on the run writes in the workdir ------------------------------------------
+        workdir.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:
+            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        writer = metrics.MetricsWriter(workdir)
+        if resume_point is None:
+            dropped = writer.truncate_after(-1, stage=("grpo", "eval", "compile", "resume"))
+            if dropped:
+                _log.info("no GRPO checkpoint yet: dropped %d metric lines of an earlier attempt", dropped)
+        else:
+            dropped = writer.truncate_after(resume_point.step, stage=("grpo", "eval", "compile", "resume"))
+            _log.info(
+                "resuming from step %d (dropped %d metric lines written after it)", resume_point.step, dropped
+            )
+            if resume_point.changes:
+                writer.write_event(resume_point.step, "resume", {"config_changes": resume_point.changes})
+            resume_point.set_aside()
+        ckpt = checkpoint.Checkpointer(
+            workdir / "checkpoints",
+            save_every=config.train.checkpoint_every,
+            keep=config.train.keep_checkpoints,
         )
+
+        def batches(
+            source: Any, batch_size: int, group_size: int, seed: int, state: Any = None, **kw: Any
+        ) -> Any:
+            pcfg = builders.pipeline_config(
+                config, batch_size=batch_size, group_size=group_size, seed=seed, **kw
+            )
+            it = pipeline.make_iterator(source, pcfg, state=state)
+            # (this host's numpy batch, the global device batch): a remote judge needs the host fields.
+            return it, ((b, builders.device_batch(b, mesh, model.text_fields)) for b in it)
+
+        # --- The supervised warm start (cached) ----------------------------------------------------------
+        if not warm_cached:
+            dropped = writer.truncate_after(-1, stage="warmstart")
+            if dropped:
+                _log.info("warm start: restarting; dropped %d metric lines of an interrupted one", dropped)
+            per_host = config.warmstart.batch_size // jax.process_count()
+            _, warm_batches = batches(train_source, per_host, 1, config.seed + 1)
+            warmstart.run(
+                policy,
+                condition,
+                (device for _, device in warm_batches),
+                steps=config.warmstart.steps,
+                lr=config.warmstart.lr,
+                seed=config.seed,
+                cache_dir=warm_cache,
+                log_metrics=lambda step, m: writer.write(step, "warmstart", m),
+                should_stop=guard.should_stop,
+            )
 
         # --- GRPO state: what trains, the reference, the optimizer --------------------------------------
         adapted = builders.add_lora(policy, config, config.seed + 2)
@@ -111,64 +169,41 @@ def train(
             ref_params = jax.tree.map(lambda x: x * 0 if adapted else x.copy(), params)
         else:
             ref_params = {}
-        optimizer = builders.make_optimizer(config.rl.lr, config.rl.weight_decay, config.rl.max_grad_norm)
-        opt_state = optimizer.init(params)
+        state = {"params": params, "opt_state": optimizer.init(params), "step": 0, "rng": base_key}
+        data_state = None
+        if restored is not None:
+            state, data_state = restored
         programs = builders.make_programs(config, graphdef, optimizer, condition)
         rewards = reward_stage.RewardStage(config.reward, programs, mesh, judge)
-        base_key = jax.random.key(config.seed)
-        state = {"params": params, "opt_state": opt_state, "step": 0, "rng": base_key}
-        meta = {"model": _signature(params), "credit": settings.credit}
+        meta = {"model": _signature(params), "credit": settings.credit, "config": snapshot}
 
-        # --- Data, and the resume point ------------------------------------------------------------------
-        data_state = None
-        if resume_step is not None:
-            # Raises CheckpointMismatchError, listing the paths, when the workdir holds another model shape.
-            state, data_state, _ = ckpt.restore(abstract_train_state=state)
+        # --- Data ----------------------------------------------------------------------------------------
         train_iter, train_batches = batches(
-            builders.data_source(config, "train"),
-            config.rl.batch_size,
-            config.rl.group_size,
-            config.seed,
-            data_state,
+            train_source, config.rl.batch_size, config.rl.group_size, config.seed, data_state
         )
-        eval_source = builders.data_source(config, "test")
-        wanted = config.train.eval_examples or len(eval_source)  # 0: the whole test split
-        n_eval = min(wanted, len(eval_source)) // jax.process_count()
-        shards = builders.batch_shards(config)
-        while n_eval and (n_eval * jax.process_count()) % shards:
-            n_eval -= 1  # the evaluation batch is split over the batch devices too
-        if n_eval == 0:
-            raise builders.ConfigError(
-                f"the test split has {len(eval_source)} examples, fewer than the {shards} batch devices"
-            )
-        if n_eval * jax.process_count() < min(wanted, len(eval_source)):
-            _log.warning(
-                "evaluating %d of the %d test examples asked for (a multiple of the %d batch devices)",
-                n_eval * jax.process_count(),
-                min(wanted, len(eval_source)),
-                shards,
-            )
         _, eval_batches = batches(eval_source, n_eval, 1, config.seed, shuffle=False)
         eval_host, eval_batch = next(eval_batches)  # fixed held-out inputs, evaluated with ODE sampling
         eval_key = jax.random.key(config.seed + 10_000)
 
         def evaluate(step: int, grid_name: str | None) -> dict[str, float]:
+            """Held-out metrics (the same on every process); the grid is drawn by process 0. Collective."""
             edited, m = programs("evaluate", state["params"], frozen, eval_batch, eval_key)
             if rewards.on_host:
                 m = rewards.evaluate(edited, eval_batch, eval_host)
             m = {k: float(v) for k, v in host_numpy(m).items()}
-            if grid_name is not None and jax.process_index() == 0:
-                rows = config.train.grid_rows
-                b = host_numpy({k: eval_batch[k] for k in ("source", "target", "boxes", "region_valid")})
-                grid = metrics.eval_grid(
-                    b["source"][:rows],
-                    images_to_uint8(host_numpy(edited)[:rows]),
-                    b["target"][:rows],
-                    b["boxes"][:rows],
-                    b["region_valid"][:rows],
+            if grid_name is not None:
+                rows = min(config.train.grid_rows, edited.shape[0])
+                fields = ("source", "target", "boxes", "region_valid")
+                # Every process takes part in the gather of the grid's rows; process 0 draws and writes.
+                b = host_numpy(
+                    runtime.first_rows({**{k: eval_batch[k] for k in fields}, "edited": edited}, rows)
                 )
-                metrics.save_png(workdir / grid_name, grid)
-                writer.write_images(step, "eval", "grid", grid)
+                if jax.process_index() == 0:
+                    grid = metrics.eval_grid(
+                        b["source"], images_to_uint8(b["edited"]), b["target"], b["boxes"], b["region_valid"]
+                    )
+                    metrics.save_png(workdir / grid_name, grid)
+                    writer.write_images(step, "eval", "grid", grid)
             _log.info("eval at step %d: reward %.4f", step, m["eval/reward/mean"])
             return m
 
@@ -181,7 +216,7 @@ def train(
         skipped_in_a_row = 0
         last_eval: dict[str, float] = {}
 
-        def finish(p: reward_stage.Pending) -> None:
+        def finish(p: reward_stage.Pending, *, force_save: bool = False) -> None:
             """Waits for a batch's rewards, updates the policy on it, and does the step's bookkeeping."""
             nonlocal state, skipped_in_a_row, last_eval
             step = p.step
@@ -232,7 +267,8 @@ def train(
             if step % config.train.log_every == 0 or step == config.train.steps:
                 writer.write(step, "grpo", m)
             # The data position right after this batch: with the overlap, the next batch is already drawn.
-            ckpt.save(step, state, p.data_state, meta, force=step == config.train.steps)
+            force = force_save or step == config.train.steps
+            ckpt.save(step, state, p.data_state, meta, force=force)
             if on_step is not None:
                 on_step(step, m)
 
@@ -245,8 +281,28 @@ def train(
                 or step == config.train.steps
             )
 
+        def stop_on_sigterm() -> None:
+            """After a SIGTERM on any process: finish the batch in flight, save its step, and stop."""
+            nonlocal pending
+            if pending is not None:
+                finish(pending, force_save=True)
+                pending = None
+            step = int(state["step"])
+            ckpt.wait()
+            ckpt.close()
+            writer.close()
+            if step == 0:
+                raise preemption.Preempted(
+                    "stopped on SIGTERM before the first GRPO iteration: nothing to save (the warm start is "
+                    "cached); rerun the same command to start GRPO"
+                )
+            raise preemption.Preempted(
+                f"stopped on SIGTERM after GRPO iteration {step}; checkpoint {ckpt.directory / str(step)} is "
+                "saved; rerun the same command to resume from it"
+            )
+
         start = int(state["step"])
-        if start == 0:
+        if resume_point is None:
             writer.write(0, "eval", evaluate(0, "eval_grid_step0.png"))
         try:
             for step in tqdm.trange(
@@ -257,6 +313,8 @@ def train(
                 total=config.train.steps,
                 disable=jax.process_index() != 0,
             ):
+                if guard.should_stop():  # agreed by every process, so all stop after the same iteration
+                    stop_on_sigterm()
                 host_batch, batch = next(train_batches)
                 data_state = train_iter.get_state()
                 key = jax.random.fold_in(state["rng"], step)
@@ -296,12 +354,57 @@ def train(
         compile_times = {f"time/compile_{k}_s": v for k, v in programs.compile_seconds.items()}
         if compile_times:
             writer.write(config.train.steps, "compile", compile_times)
+        if not last_eval:
+            last_eval = evaluate(int(state["step"]), None)
         writer.close()
         if jax.process_index() == 0:
             metrics.plot_rewards(workdir / metrics.METRICS_FILE, workdir / "rewards.png")
-        if not last_eval:
-            last_eval = evaluate(int(state["step"]), None)
         return last_eval
+
+
+def _check_workdir(workdir: Path) -> None:
+    """Refuses a workdir that is a file or cannot be written, before anything is written in it."""
+    if workdir.exists() and not workdir.is_dir():
+        raise TrainingError(f"--workdir {workdir} is a file, not a directory")
+    existing = next((p for p in (workdir, *workdir.parents) if p.exists()), None)
+    if existing is None or not os.access(existing, os.W_OK | os.X_OK):
+        raise TrainingError(f"--workdir {workdir}: {existing} is not writable")
+
+
+def _eval_rows(config: ml_collections.ConfigDict, available: int) -> int:
+    """This host's rows of the evaluation batch: the examples asked for, a multiple of the batch devices."""
+    wanted = min(config.train.eval_examples or available, available)  # 0: the whole test split
+    shards = builders.batch_shards(config)
+    n_eval = wanted // jax.process_count()
+    while n_eval and (n_eval * jax.process_count()) % shards:
+        n_eval -= 1  # the evaluation batch is split over the batch devices too
+    if n_eval == 0:
+        raise builders.ConfigError(
+            f"config.train.eval_examples: the test split has {available} examples, fewer than the {shards} "
+            "batch devices"
+        )
+    if n_eval * jax.process_count() < wanted:
+        _log.warning(
+            "evaluating %d of the %d test examples asked for (a multiple of the %d batch devices)",
+            n_eval * jax.process_count(),
+            wanted,
+            shards,
+        )
+    return n_eval
+
+
+def _abstract_train_state(
+    policy: Any, config: ml_collections.ConfigDict, optimizer: Any, key: jax.Array
+) -> dict[str, Any]:
+    """Shapes and shardings of the GRPO train state (adapters or weights, optimizer state, step, RNG), from
+    the policy without changing it: the restore target of a checkpoint, known before the warm start."""
+
+    def make(p: Any) -> dict[str, Any]:
+        builders.add_lora(p, config, config.seed + 2)
+        _, params, _ = nnx.split(p, builders.grpo_filter(config), ...)
+        return {"params": params, "opt_state": optimizer.init(params)}
+
+    return {**nnx.eval_shape(make, policy), "step": 0, "rng": key}
 
 
 def final_params(workdir: str | Path) -> dict[str, np.ndarray]:

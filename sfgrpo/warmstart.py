@@ -22,6 +22,7 @@ from flax import nnx
 
 from sfgrpo import checkpoint
 from sfgrpo.models.policy import EditPolicy
+from sfgrpo.preemption import Preempted
 from sfgrpo.rl.step import PolicyParts, merge
 
 _log = logging.getLogger(__name__)
@@ -47,6 +48,24 @@ def flow_matching_loss(
     return jnp.mean((v - (noise - x0)) ** 2)
 
 
+def _split(policy: EditPolicy) -> tuple[Any, Any, Any]:
+    # The autoencoder (the FLUX.2 VAE, when the policy carries one) is not what the warm start trains.
+    return nnx.split(policy, nnx.All(nnx.Param, nnx.Not(nnx.PathContains("autoencoder"))), ...)
+
+
+def load_cached(policy: EditPolicy, cache_dir: Path) -> bool:
+    """Loads the cached warm start into ``policy`` if ``cache_dir`` holds one; returns whether it did.
+
+    Reads only. Raises checkpoint.CheckpointMismatchError when the cache was written for another model.
+    """
+    if not cache_dir.exists():
+        return False
+    _, params, _ = _split(policy)
+    nnx.update(policy, checkpoint.load_params(cache_dir, params))
+    _log.info("warm start: loaded the cached parameters from %s", cache_dir)
+    return True
+
+
 def run(
     policy: EditPolicy,
     condition: Any,
@@ -57,31 +76,22 @@ def run(
     seed: int,
     cache_dir: Path,
     log_metrics: Callable[[int, dict[str, float]], None],
-) -> bool:
-    """Trains every parameter of ``policy`` but the autoencoder's for ``steps`` steps, or loads the cache.
+    should_stop: Callable[[], bool] = lambda: False,
+) -> None:
+    """Trains every parameter of ``policy`` but the autoencoder's for ``steps`` steps and caches them.
 
     Args:
       policy: updated in place.
       condition: the run's ``iteration.Conditioner`` (conditioning and the autoencoder).
       batches: device batches with 'source', 'target', 'text_ids'.
-      cache_dir: where the trained parameters are cached.
+      cache_dir: where the trained parameters are cached (see ``load_cached``).
       log_metrics: called with (step, scalars) every few steps.
-
-    Returns:
-      True when the parameters came from the cache.
+      should_stop: asked before every step (a collective on several processes); True raises Preempted.
     """
-    # The autoencoder (the FLUX.2 VAE, when the policy carries one) is not what the warm start trains.
-    graphdef, params, rest = nnx.split(
-        policy, nnx.All(nnx.Param, nnx.Not(nnx.PathContains("autoencoder"))), ...
-    )
-    if cache_dir.exists():
-        restored = checkpoint.load_params(cache_dir, params)
-        nnx.update(policy, restored)
-        _log.info("warm start: loaded the cached parameters from %s", cache_dir)
-        return True
+    graphdef, params, rest = _split(policy)
     if steps == 0:
         _log.info("warm start: skipped (warmstart.steps = 0)")
-        return False
+        return
 
     optimizer = optax.chain(
         optax.clip_by_global_norm(1.0), optax.adamw(optax.cosine_decay_schedule(lr, steps))
@@ -99,6 +109,11 @@ def run(
     losses: list[jax.Array] = []
     start = time.perf_counter()
     for step in range(1, steps + 1):
+        if should_stop():
+            raise Preempted(
+                f"stopped on SIGTERM during the warm start, at step {step - 1} of {steps}: nothing is saved "
+                "before it ends; rerunning the same command restarts the warm start"
+            )
         batch = next(batches)
         step_key = jax.random.fold_in(key, step)
         if step_fn is None:
@@ -114,4 +129,3 @@ def run(
             _log.info("warm start %d/%d: flow-matching loss %.4f", step, steps, mean)
     checkpoint.save_params(cache_dir, params)
     nnx.update(policy, params)
-    return False

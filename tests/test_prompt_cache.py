@@ -1,10 +1,15 @@
-"""The prompt-embedding cache: build, lookup, bfloat16 storage, reuse, and rebuilds when it is stale."""
+"""The prompt-embedding cache: build, lookup, bfloat16 storage, reuse, rebuilds when it is stale, and two
+hosts on a shared or on local disks."""
 
 import logging
+import re
+import sys
+import textwrap
 
 import ml_dtypes
 import numpy as np
 import pytest
+from multiprocess import Group
 
 from sfgrpo.data import prompt_cache, shapes
 
@@ -78,3 +83,62 @@ def test_split_instructions_reads_records():
 def test_a_bad_dtype_is_refused(tmp_path):
     with pytest.raises(ValueError, match="dtype must be one of"):
         build(tmp_path, ["a"], dtype="int8")
+
+
+_HOSTS = textwrap.dedent(
+    """
+    import logging
+    import sys
+    import numpy as np
+    import jax
+    from sfgrpo import runtime
+    from sfgrpo.data import prompt_cache
+    logging.basicConfig(level=logging.INFO)
+    pid, port, base, shared = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4] == "shared"
+    runtime.initialize_distributed(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+    mesh = runtime.make_mesh(data=-1)
+    # A collective fake encoder: each host's rows of one global batch, through a program on every device.
+    encode_jit = jax.jit(lambda x: x[:, None, :] * np.arange(1, 5, dtype=np.float32)[None, :, None])
+    calls = []
+
+    def encode(texts):
+        calls.append(len(texts))
+        rows = np.asarray([[len(t), t.count("a"), 1.0] for t in texts], np.float32)
+        out = encode_jit(runtime.host_local_to_global({"x": rows}, mesh)["x"])
+        return runtime.global_to_host_local(out)[: len(texts)]
+
+    directory = f"{base}/cache" if shared else f"{base}/host{pid}/cache"
+    texts = ["make it red", "a banana", "x", "make it red"]
+    kw = dict(fingerprint="f", dtype="float32", batch_size=2)
+    cache = prompt_cache.open_or_build(directory, texts, encode, **kw)
+    print("CALLS", len(calls), "SUM", float(cache.lookup(texts).sum()), flush=True)
+    again = prompt_cache.open_or_build(directory, texts, encode, **kw)
+    print("REUSED", len(calls), float(again.lookup(texts).sum()), flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("where", ["shared", "local"])
+def test_two_hosts_build_once_on_a_shared_disk_and_each_on_local_disks(tmp_path, where):
+    script = tmp_path / "hosts.py"
+    script.write_text(_HOSTS)
+    group = Group(
+        lambda pid, port: [sys.executable, str(script), str(pid), str(port), str(tmp_path), where],
+        2,
+        2,
+        tmp_path / "logs",
+    )
+    assert group.wait(240) == [0, 0], group.output(0)[-3000:] + group.output(1)[-3000:]
+    outputs = [group.output(i) for i in (0, 1)]
+    writers = ["prompt cache: writing" in out for out in outputs]
+    # Shared: process 0 alone writes, both read the same file; local disks: each host writes its own.
+    assert writers == ([True, False] if where == "shared" else [True, True])
+    sums = [re.search(r"CALLS (\d+) SUM (\S+)", out).groups() for out in outputs]
+    assert sums[0] == sums[1] and sums[0][0] == "3"  # "" then 3 distinct instructions in batches of 2
+    # A second call finds the cache on every host: no encoder call, the same features.
+    for out, (calls, total) in zip(outputs, sums, strict=True):
+        assert f"REUSED {calls} {total}" in out
+    if where == "local":
+        assert (tmp_path / "host0" / "cache" / "meta.json").is_file()
+        assert (tmp_path / "host1" / "cache" / "meta.json").is_file()
+    assert not list(tmp_path.rglob(".sfgrpo-shared-probe-*"))

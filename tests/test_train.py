@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from helpers import ROOT, tiny_config
 
-from sfgrpo import builders, checkpoint, metrics, train
+from sfgrpo import builders, checkpoint, metrics, resume, train
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _compiles: list[str] = []
@@ -132,13 +133,122 @@ def test_eight_devices_match_one_device(full_run, tmp_path):
     assert np.mean(diff > 1e-5) < 1e-3, f"{np.sum(diff > 1e-5)} of {diff.size} parameters differ"
 
 
-def test_checkpoint_of_another_model_shape_is_refused(full_run, tmp_path):
+def _tree_digest(root):
+    """(path, size, sha1) of every file under ``root``: what a refused run must leave as it was."""
+    import hashlib  # noqa: PLC0415
+
+    return sorted(
+        (str(p.relative_to(root)), p.stat().st_size, hashlib.sha1(p.read_bytes()).hexdigest())
+        for p in root.rglob("*")
+        if p.is_file()
+    )
+
+
+def test_checkpoint_of_another_model_is_refused_before_anything_is_written(full_run, tmp_path):
     workdir = tmp_path / "other"
     shutil.copytree(full_run[0], workdir)
+    before = _tree_digest(workdir)
     c = _config(5)
     c.model.transformer.num_single_layers = 2
+    with pytest.raises(resume.ConfigChangeError, match="model.transformer.num_single_layers 1 -> 2"):
+        train.train(c, workdir)
+    assert _tree_digest(workdir) == before
+    # Told to go on with the change, the saved arrays still cannot fit the model: refused, listing them.
+    c.train.allow_config_change = True
     with pytest.raises(checkpoint.CheckpointMismatchError, match="single_transformer_blocks"):
         train.train(c, workdir)
+    assert _tree_digest(workdir) == before
+
+
+@pytest.mark.parametrize(
+    "key, value, shown",
+    [
+        ("rl.credit", "scalar", "rl.credit 'spatial' -> 'scalar'"),
+        ("seed", 3, "seed 0 -> 3"),
+        ("rl.lr", 1e-3, "rl.lr"),
+    ],
+)
+def test_resume_with_a_changed_experiment_is_refused(full_run, tmp_path, key, value, shown):
+    workdir = tmp_path / "changed"
+    shutil.copytree(full_run[0], workdir)
+    before = _tree_digest(workdir)
+    c = _config(5)
+    section, _, name = key.rpartition(".")
+    (c[section] if section else c)[name] = value
+    with pytest.raises(resume.ConfigChangeError, match=re.escape(shown)):
+        train.train(c, workdir)
+    assert _tree_digest(workdir) == before
+
+
+def test_allowed_config_change_is_logged_and_recorded(full_run, tmp_path):
+    workdir = tmp_path / "allowed"
+    shutil.copytree(full_run[0], workdir)
+    c = _config(5)
+    c.rl.lr = 1e-3
+    c.train.eval_every = 50  # harmless: recorded, never refused
+    c.train.allow_config_change = True
+    train.train(c, workdir)
+    (event,) = [r for r in metrics.read_metrics(workdir / "metrics.jsonl") if r["stage"] == "resume"]
+    assert event["step"] == 4
+    assert event["config_changes"]["rl.lr"] == [tiny_config().rl.lr, 1e-3]
+    assert event["config_changes"]["train.eval_every"] == [100, 50]
+    steps = [r["step"] for r in metrics.read_metrics(workdir / "metrics.jsonl") if r["stage"] == "grpo"]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def _break_newest_checkpoint(workdir):
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    newest = workdir / "checkpoints" / str(steps[-1])
+    for f in (newest / "train_state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return steps
+
+
+def test_unreadable_newest_checkpoint_stops_or_falls_back(full_run, tmp_path):
+    workdir = tmp_path / "broken"
+    shutil.copytree(full_run[0], workdir)
+    steps = _break_newest_checkpoint(workdir)
+    assert steps == [3, 4]
+    before = _tree_digest(workdir)
+    with pytest.raises(
+        checkpoint.CheckpointCorruptError, match="the newest checkpoint, step 4, cannot be read"
+    ):
+        train.train(_config(4), workdir)
+    assert _tree_digest(workdir) == before
+    c = _config(4)
+    c.train.restore_fallback = True
+    train.train(c, workdir)  # resumes from step 3 and redoes step 4
+    _assert_same_params(train.final_params(workdir), train.final_params(full_run[0]))
+    steps = [r["step"] for r in metrics.read_metrics(workdir / "metrics.jsonl") if r["stage"] == "grpo"]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_rerun_after_a_kill_before_any_checkpoint_keeps_one_line_per_step(full_run, tmp_path, caplog):
+    # What a kill leaves: an interrupted warm start's lines (no cache), or GRPO lines with no checkpoint.
+    workdir = tmp_path / "killed"
+    workdir.mkdir()
+    stale = [
+        {"step": 1, "stage": "warmstart", "loss": 1.0},
+        {"step": 0, "stage": "eval", "eval/reward/mean": 0.5},
+        {"step": 1, "stage": "grpo", "loss": 0.1},
+    ]
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stale))
+    with caplog.at_level("INFO"):
+        train.train(_config(1), workdir)
+    assert "warm start: restarting; dropped 1 metric lines" in caplog.text
+    records = metrics.read_metrics(workdir / "metrics.jsonl")
+    keys = [(r["stage"], r["step"]) for r in records]
+    assert len(keys) == len(set(keys)), keys
+    assert ("grpo", 1) in keys and ("eval", 0) in keys
+    assert [r for r in records if r["stage"] == "grpo"][0]["loss"] != 0.1
+
+
+def test_workdir_that_is_a_file_is_refused(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("not a directory")
+    with pytest.raises(train.TrainingError, match="is a file"):
+        train.train(_config(1), path)
 
 
 def test_non_finite_updates_are_skipped_then_stop(full_run, tmp_path):

@@ -93,6 +93,40 @@ def reuse(directory: str | Path, instructions: Sequence[str], fingerprint: str) 
     return cache
 
 
+def open_or_build(
+    directory: str | Path,
+    instructions: Sequence[str],
+    encode: Callable[[Sequence[str]], np.ndarray],
+    *,
+    fingerprint: str,
+    dtype: str,
+    batch_size: int,
+) -> PromptCache:
+    """The cache for ``instructions``, reused when every host has it, otherwise built; on N processes.
+
+    ``encode`` is a collective (every host encodes its rows of one global batch), so every process runs
+    the build; the files are written by process 0 alone when ``directory`` is on a filesystem the hosts
+    share, and by every process when it is on each host's local disk (``runtime.writes_here``).
+    """
+    from sfgrpo import runtime  # noqa: PLC0415 - jax stays out of the cache's file handling
+
+    cache = reuse(directory, instructions, fingerprint)
+    if runtime.all_processes(cache is not None):
+        return cache
+    write = runtime.writes_here(directory)
+    build(
+        directory,
+        instructions,
+        encode,
+        fingerprint=fingerprint,
+        dtype=dtype,
+        batch_size=batch_size,
+        write=write,
+    )
+    runtime.barrier("prompt cache written")
+    return PromptCache(directory)
+
+
 def build(
     directory: str | Path,
     instructions: Iterable[str],
@@ -101,8 +135,12 @@ def build(
     fingerprint: str,
     dtype: str,
     batch_size: int,
-) -> PromptCache:
+    write: bool = True,
+) -> PromptCache | None:
     """(Re)builds the cache in ``directory`` (replacing what is there) and opens it.
+
+    With ``write=False`` every instruction is still encoded (``encode`` may be a collective that every
+    process must join) but nothing is written, and None is returned.
 
     Args:
       instructions: every instruction the run will see (duplicates are encoded once).
@@ -115,14 +153,20 @@ def build(
         raise ValueError(f"prompt cache dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
     directory = Path(directory)
     unique = list(dict.fromkeys(instructions))
-    if directory.exists():
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True, exist_ok=True)
 
     def encode_padded(texts: Sequence[str]) -> np.ndarray:
         padded = list(texts) + [""] * (batch_size - len(texts))
         return np.asarray(encode(padded))[: len(texts)].astype(_DTYPES[dtype])
 
+    if not write:
+        encode_padded([""])
+        for start in range(0, len(unique), batch_size):
+            encode_padded(unique[start : start + batch_size])
+        return None
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _log.info("prompt cache: writing %s", directory)
     uncond = encode_padded([""])
     shape = (len(unique), *uncond.shape[1:])
     stored = np.lib.format.open_memmap(
