@@ -8,10 +8,19 @@ import numpy as np
 import PIL.Image
 import pytest
 from fake_vlm import ShapesOracle, edited_variants, request_from_examples
+from png_bomb import zero_png
 
 from sfgrpo.data.shapes import ShapesConfig, ShapesSource
 from sfgrpo.rewards.base import HostScores
-from sfgrpo.rewards.wire import BadRequest, image_from_b64, png_b64, request_from_json, request_to_json
+from sfgrpo.rewards.wire import (
+    BadRequest,
+    TooLarge,
+    image_from_b64,
+    png_b64,
+    png_size,
+    request_from_json,
+    request_to_json,
+)
 
 RES, R_MAX = 64, 3
 
@@ -61,3 +70,51 @@ def test_malformed_requests_name_the_field(request_, change, field):
 def test_invalid_scores_are_all_zero_and_counted():
     s = HostScores.invalid(2, 3, {"batch_skipped": 2})
     assert not s.valid.any() and s.success.shape == (2, 3) and s.failures["batch_skipped"] == 2
+
+
+def test_zero_png_decodes_to_zeros():
+    np.testing.assert_array_equal(image_from_b64(zero_png(37, 20), "x"), np.zeros((20, 37, 3), np.uint8))
+    np.testing.assert_array_equal(image_from_b64(zero_png(37, 20, mask=True), "x", mask=True), False)
+    assert len(zero_png(10_000, 10_000)) < 400_000  # 300 MB of pixels
+
+
+def test_image_size_is_read_from_the_header_and_bounded_before_decoding():
+    assert png_size(zero_png(7, 5), "source[0]") == (7, 5)
+    assert png_size("data:image/png;base64," + zero_png(7, 5), "source[0]") == (7, 5)
+    # 20000 x 20000 is beyond Pillow's own bomb limit, whose error would not name the flag.
+    for width, height in [(20_000, 20_000), (4097, 4096)]:
+        with pytest.raises(
+            TooLarge,
+            match=rf"edited\[1\]: a {width}x{height} image .* exceeds the server's "
+            rf"limit of 16777216 pixels \(--max-image-pixels\)",
+        ):
+            image_from_b64(zero_png(width, height), "edited[1]")
+    with pytest.raises(TooLarge, match=r"region_masks\[0\]\[2\]: a 9x9 image"):
+        image_from_b64(zero_png(9, 9, mask=True), "region_masks[0][2]", mask=True, max_pixels=80)
+    assert image_from_b64(zero_png(4096, 4096), "source[0]").shape == (4096, 4096, 3)  # the limit itself
+    with pytest.raises(BadRequest, match=r"source\[0\]: not a readable PNG \(no IHDR header\)"):
+        png_size(base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(20)).decode(), "source[0]")
+
+
+def test_request_images_are_bounded_in_total_before_any_is_decoded(request_):
+    body = request_to_json(request_)  # 3 rows of 64 x 64: 9 images and 9 masks
+    decoded = (9 * 3 + 9) * 64 * 64
+    assert request_from_json(body, max_decoded_bytes=decoded).batch_size == 3
+    with pytest.raises(
+        TooLarge,
+        match=r"the request's 18 images decode to 0.1 MiB, beyond the server's limit "
+        r"of 0.1 MiB a request \(--max-decoded-mb\)",
+    ):
+        request_from_json(body, max_decoded_bytes=decoded - 1)
+    # An image too large, even the last one, is refused before the first is decoded: a broken first
+    # image would otherwise be reported first.
+    bad = {**body, "source": [body["source"][0][:64], *body["source"][1:]]}  # header, no pixels
+    bad["region_masks"] = [row[:] for row in body["region_masks"]]
+    bad["region_masks"][2][2] = zero_png(5000, 5000, mask=True)
+    with pytest.raises(TooLarge, match=r"region_masks\[2\]\[2\]: a 5000x5000 image"):
+        request_from_json(bad)
+    bad["region_masks"][2][2] = zero_png(64, 32, mask=True)
+    with pytest.raises(
+        BadRequest, match=r"region_masks\[2\]\[2\]: the mask is 32x64 \(HxW\), source\[0\] is 64x64"
+    ):
+        request_from_json({**body, "region_masks": bad["region_masks"]})
