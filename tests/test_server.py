@@ -1,27 +1,35 @@
 """The JSON reward server on loopback: the shapes reward over HTTP equals the in-graph one; clear errors."""
 
 import base64
+import contextlib
+import http.client
 import io
 import json
 import logging
 import re
+import select
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import numpy as np
 import PIL.Image
 import pytest
 from fake_vlm import ShapesOracle, edited_variants, request_from_examples, wait_for_line
+from png_bomb import zero_png
 
 from sfgrpo.data.shapes import ShapesConfig, ShapesSource
 from sfgrpo.models.tiny import PixelAutoencoder
 from sfgrpo.rewards.base import HostScores, RegionScores, RewardError, score_rewards
 from sfgrpo.rewards.remote import ServerJudge
 from sfgrpo.rewards.server import RewardServer, register_reward, registered_rewards, serve_in_thread
+from sfgrpo.rewards.server_limits import ServerLimits
 from sfgrpo.rewards.synthetic import shapes_scores
 from sfgrpo.rewards.wire import request_to_json
 
@@ -129,9 +137,12 @@ def test_health_routes_and_clear_400s(request_):
 
 
 def test_oversized_request_gets_413_and_a_clear_client_error(request_):
-    with serve_in_thread("shapes", max_request_mb=0.02) as server:
+    with serve_in_thread("shapes", limits=ServerLimits(max_request_mb=0.02)) as server:
         status, err = _http("POST", server.url + "/score", b"x" * 50_000)
-        assert status == 413 and "exceeds the server's limit of 0.0 MiB" in err["error"]
+        assert (
+            status == 413
+            and "of 0.0477 MiB exceeds the server's limit of 0.02 MiB (--max-request-mb)" in err["error"]
+        )
         judge = _judge(server.url, retries=3)
         t0 = time.perf_counter()
         with pytest.raises(RewardError, match=r"HTTP 413.*send smaller batches") as info:
@@ -174,7 +185,7 @@ def test_non_loopback_bind_is_warned(caplog):
     assert "any host that reaches it" in caplog.text
 
 
-def test_command_line_server_serves_health():
+def test_command_line_server_serves_health_and_refuses_a_port_in_use():
     proc = subprocess.Popen(
         [sys.executable, "-m", "sfgrpo.rewards.server", "--reward", "shapes", "--port", "0"],
         stderr=subprocess.PIPE,
@@ -184,6 +195,147 @@ def test_command_line_server_serves_health():
         url = wait_for_line(proc, r"serving reward 'shapes' at (http://127\.0\.0\.1:\d+)", 60).group(1)
         status, health = _http("GET", url + "/health")
         assert status == 200 and health["reward"] == "shapes"
+        port = url.rsplit(":", 1)[1]  # a second server on the same port: one line, status 2
+        second = subprocess.run(
+            [sys.executable, "-m", "sfgrpo.rewards.server", "--reward", "shapes", "--port", port],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 2 and second.stdout == ""
+        assert second.stderr == (
+            f"python -m sfgrpo.rewards.server: error: --port {port}: 127.0.0.1:{port} is already in use\n"
+        )
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+# ---------------------------------------------------------------------------------------------- hostile input
+
+
+def _raw(url, data, timeout=3.0):
+    """(status, headers, JSON) of the bytes ``data`` sent as they are; the server's answer must come within
+    ``timeout`` seconds."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=timeout)
+    resp = http.client.HTTPResponse(sock)
+    try:
+        sock.sendall(data)
+        resp.begin()
+        return resp.status, dict(resp.getheaders()), json.loads(resp.read())
+    finally:  # both, or the socket stays open (a server waiting on it would wait for ever)
+        resp.close()
+        sock.close()
+
+
+@pytest.mark.parametrize(
+    "header, status, message",
+    [
+        ("Content-Length: -5\r\n", 400, "Content-Length must be a non-negative integer, got '-5'"),
+        ("Content-Length: abc\r\n", 400, "Content-Length must be a non-negative integer, got 'abc'"),
+        ("Content-Length: 1_0\r\n", 400, "Content-Length must be a non-negative integer, got '1_0'"),
+        ("", 411, "POST needs a Content-Length header"),
+    ],
+)
+def test_bad_content_length_is_refused_at_once(header, status, message):
+    with serve_in_thread("shapes") as server:
+        t0 = time.perf_counter()
+        got, _, err = _raw(server.url, f"POST /score HTTP/1.1\r\nHost: x\r\n{header}\r\n{{}}".encode())
+        assert (got, err["error"]) == (status, message)
+        assert time.perf_counter() - t0 < 2
+
+
+def test_slow_and_silent_clients_are_cut_off_and_free_the_server(request_):
+    body = json.dumps(request_to_json(request_.rows(0, 1))).encode()
+    limits = ServerLimits(read_timeout_s=0.5, max_concurrent=1, max_queue=0)
+    with serve_in_thread("shapes", limits=limits) as server:
+        host, port = server.server_address[:2]
+        # A client trickling its body a few bytes at a time: the deadline is for the whole body.
+        with socket.create_connection((host, port), timeout=3) as sock:
+            sock.sendall(f"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+            t0 = time.perf_counter()
+            for i in range(30):  # a byte every 0.1 s until the server answers
+                if select.select([sock], [], [], 0.1)[0]:
+                    break
+                sock.sendall(body[i : i + 1])
+            with contextlib.closing(http.client.HTTPResponse(sock)) as resp:
+                resp.begin()
+                err = json.loads(resp.read())["error"]
+            assert resp.status == 408 and "--read-timeout-s" in err and f"of {len(body)} bytes" in err
+            assert time.perf_counter() - t0 < 1.5
+        # A client that connects and says nothing is closed.
+        with socket.create_connection((host, port), timeout=3) as sock:
+            t0 = time.perf_counter()
+            assert sock.recv(1) == b""
+            assert time.perf_counter() - t0 < 1.5
+        status, ok = _http("POST", server.url + "/score", body)
+        assert status == 200 and ok["scores"]["valid"] == [True]
+
+
+_GATE = threading.Event()
+_ENTERED = threading.Semaphore(0)
+
+
+@register_reward("gated-test")
+def _make_gated(scale):
+    def score(req):
+        _ENTERED.release()
+        assert _GATE.wait(10)
+        return HostScores.invalid(req.batch_size, req.num_regions)
+
+    return score
+
+
+def test_a_busy_server_answers_503_with_retry_after(request_):
+    body = json.dumps(request_to_json(request_.rows(0, 1))).encode()
+    _GATE.clear()
+    limits = ServerLimits(max_concurrent=1, max_queue=1)
+    with serve_in_thread("gated-test", limits=limits) as server, ThreadPoolExecutor(2) as pool:
+        scoring = pool.submit(_http, "POST", server.url + "/score", body)
+        assert _ENTERED.acquire(timeout=5)  # the first request is being scored
+        waiting = pool.submit(_http, "POST", server.url + "/score", body)
+        time.sleep(0.3)  # the second is admitted and waits for the scoring slot
+        status, headers, err = _raw(
+            server.url, b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        assert status == 503 and headers["Retry-After"] == "1"
+        assert "1 requests scoring and 1 waiting: --max-concurrent, --max-queue" in err["error"]
+        assert _http("GET", server.url + "/health")[0] == 200  # health is never queued
+        _GATE.set()
+        assert scoring.result(10)[0] == 200 and waiting.result(10)[0] == 200
+
+
+def test_images_beyond_the_limits_get_413_naming_the_limit(request_):
+    body = request_to_json(request_.rows(0, 2))
+    limits = ServerLimits(max_image_pixels=64 * 64, max_decoded_mb=0.09)
+    with serve_in_thread("shapes", limits=limits) as server:
+        hostile = {**body, "edited": [body["edited"][0], zero_png(8000, 8000)]}
+        status, err = _http("POST", server.url + "/score", json.dumps(hostile).encode())
+        assert status == 413
+        assert err["error"].startswith(
+            "edited[1]: a 8000x8000 image (64.0 MP) exceeds the server's limit of 4096"
+        )
+        status, err = _http("POST", server.url + "/score", json.dumps(body).encode())  # 0.094 MiB decoded
+        assert (
+            status == 413
+            and "beyond the server's limit of 0.1 MiB a request (--max-decoded-mb)" in err["error"]
+        )
+    with serve_in_thread("shapes") as server:  # beyond Pillow's own limit: still the server's message
+        hostile = {**body, "source": [zero_png(20_000, 20_000), body["source"][1]]}
+        status, err = _http("POST", server.url + "/score", json.dumps(hostile).encode())
+        assert status == 413 and "source[0]: a 20000x20000 image" in err["error"]
+        assert "(--max-image-pixels)" in err["error"]
+
+
+def test_the_listen_backlog_holds_a_burst_of_connections():
+    server = RewardServer(lambda r: None, "x", port=0)  # listening, not yet accepting
+    socks = []
+    try:
+        for _ in range(64):
+            socks.append(socket.create_connection(server.server_address[:2], timeout=0.2))
+    finally:
+        for s in socks:
+            s.close()
+        server.server_close()
+    assert len(socks) == 64

@@ -19,9 +19,14 @@ Request body of /score (JSON; B images, R region slots; PNG strings are plain ba
      "region_labels": [[str]*R]*B, "target": [png]*B (optional), "region_masks": [[png]*R]*B (optional)}
 
 Images are RGB PNGs of one size; masks are 1-bit or greyscale PNGs of that size (non-zero = inside).
-Errors answer JSON ``{"error": message}``: 400 for a malformed request (bad JSON, a missing field, wrong
-shapes, bad base64 or PNG), 404 for an unknown route, 411 without Content-Length, 413 beyond
-``--max-request-mb``, 500 when the reward itself fails.
+Errors answer JSON ``{"error": message}`` naming the field or the limit: 400 for a malformed request (bad
+JSON, a missing field, wrong shapes, bad base64 or PNG, a negative or non-numeric Content-Length), 404 for
+an unknown route, 408 when the body does not arrive within ``--read-timeout-s``, 411 without
+Content-Length, 413 beyond ``--max-request-mb``, ``--max-image-pixels`` or ``--max-decoded-mb`` (checked
+from the PNG headers before decoding), 503 with ``Retry-After`` when ``--max-concurrent`` requests are
+scoring and ``--max-queue`` more wait, 500 when the reward itself fails. The limits and why they bound
+the server's memory: ``sfgrpo.rewards.server_limits``. A bad command line exits with status 2 and one line
+naming the flag.
 
 Registering your own reward: a factory ``(scale: float, **options: str) -> HostReward`` under a name, in a
 module you pass with ``--import``::
@@ -39,13 +44,16 @@ module you pass with ``--import``::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import importlib
+import inspect
 import ipaddress
 import json
 import logging
+import math
+import re
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -54,12 +62,13 @@ import numpy as np
 
 import sfgrpo
 from sfgrpo.rewards.base import SCORE_SCALE, HostReward, HostScores, RegionScores, ScoreRequest
-from sfgrpo.rewards.wire import BadRequest, request_from_json, scores_to_json
+from sfgrpo.rewards.server_limits import RETRY_AFTER_S, Admission, ServerLimits, discard_body, read_body
+from sfgrpo.rewards.wire import BadRequest, TooLarge, request_from_json, scores_to_json
 
 _log = logging.getLogger(__name__)
 
 PROTOCOL = 1
-DEFAULT_MAX_REQUEST_MB = 64.0
+PROG = "python -m sfgrpo.rewards.server"
 RewardFactory = Callable[..., HostReward]
 _REGISTRY: dict[str, RewardFactory] = {}
 
@@ -84,10 +93,23 @@ def registered_rewards() -> tuple[str, ...]:
 
 
 def make_reward(name: str, scale: float = SCORE_SCALE, **options: str) -> HostReward:
-    """The host reward registered as ``name``, built with ``options``."""
+    """The host reward registered as ``name``, built with ``options``; ``ValueError`` naming an option the
+    factory does not take."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown reward {name!r}; registered: {registered_rewards()}")
+    check_options(name, options)
     return _REGISTRY[name](scale, **options)
+
+
+def check_options(name: str, options: dict[str, str]) -> None:
+    """``ValueError`` naming an option that the factory of reward ``name`` does not take."""
+    params = list(inspect.signature(_REGISTRY[name]).parameters.values())[1:]  # after scale
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    known = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in options:
+        if key not in known:
+            raise ValueError(f"reward {name!r} takes no option {key!r}; its options: {known}")
 
 
 @register_reward("shapes")
@@ -97,14 +119,18 @@ def make_shapes_reward(scale: float = SCORE_SCALE, pool: str | int = 0) -> HostR
     Needs each request's ``target`` and ``region_masks``. ``pool`` > 0 first round-trips source and
     target through ``PixelAutoencoder(pool=pool)``, as the trainer's in-graph reward does for the demo.
     """
+    try:
+        pool = int(pool)
+    except ValueError:
+        raise ValueError(f"option pool must be an integer >= 0, got {pool!r}") from None
+    if pool < 0:
+        raise ValueError(f"option pool must be an integer >= 0, got {pool}")
+
     import jax  # noqa: PLC0415 (the wire codec and clients do not need jax)
 
     from sfgrpo.models.tiny import PixelAutoencoder  # noqa: PLC0415
     from sfgrpo.rewards.synthetic import shapes_scores  # noqa: PLC0415
 
-    pool = int(pool)
-    if pool < 0:
-        raise ValueError(f"shapes reward: pool must be >= 0, got {pool}")
     ae = PixelAutoencoder(pool=pool) if pool else None
 
     @jax.jit
@@ -146,14 +172,21 @@ def make_shapes_reward(scale: float = SCORE_SCALE, pool: str | int = 0) -> HostR
 class _Handler(BaseHTTPRequestHandler):
     server: RewardServer
 
+    def setup(self) -> None:
+        # The socket timeout of every read and write: a silent client does not hold a thread for ever.
+        self.timeout = self.server.limits.read_timeout_s
+        super().setup()
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
         _log.debug("%s " + format, self.address_string(), *args)
 
-    def _send(self, status: int, payload: dict[str, Any]) -> None:
+    def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload, allow_nan=False).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
         self.end_headers()
         self.wfile.write(data)
 
@@ -164,36 +197,71 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, {"error": f"no route GET {self.path}; routes: GET /health, POST /score"})
 
     def do_POST(self) -> None:  # noqa: N802
+        limits = self.server.limits
+        value = self.headers.get("Content-Length")
+        if value is None:
+            self._refuse_and_close(411, "POST needs a Content-Length header")
+            return
+        if not re.fullmatch(r"[0-9]+", value.strip()):
+            self._refuse_and_close(400, f"Content-Length must be a non-negative integer, got {value!r}")
+            return
+        length = int(value)
         if self.path.rstrip("/") != "/score":
-            self._drain(self._content_length() or 0)
-            self._send(404, {"error": f"no route POST {self.path}; routes: GET /health, POST /score"})
+            self._answer_without_body(
+                length, 404, f"no route POST {self.path}; routes: GET /health, POST /score"
+            )
             return
-        length = self._content_length()
-        if length is None:
-            self.close_connection = True
-            self._send(411, {"error": "POST /score needs a Content-Length header"})
-            return
-        limit = self.server.max_request_bytes
-        if length > limit:
-            self._drain(length)
-            self._send(
+        if length > limits.max_request_bytes:
+            self._answer_without_body(
+                length,
                 413,
-                {
-                    "error": f"request of {length / 2**20:.1f} MiB exceeds the server's limit of "
-                    f"{limit / 2**20:.1f} MiB (--max-request-mb); send smaller batches"
-                },
+                f"request of {length / 2**20:.3g} MiB exceeds the server's limit of "
+                f"{limits.max_request_mb:g} MiB (--max-request-mb); send smaller batches",
+            )
+            return
+        if not self.server.admission.try_enter():
+            self._answer_without_body(
+                length,
+                503,
+                f"the server is busy ({limits.max_concurrent} requests scoring and {limits.max_queue} "
+                f"waiting: --max-concurrent, --max-queue); retry after {RETRY_AFTER_S} s",
+                {"Retry-After": str(RETRY_AFTER_S)},
             )
             return
         try:
-            body = json.loads(self.rfile.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            self._send(400, {"error": f"the body is not valid JSON: {e}"})
-            return
+            try:
+                raw = read_body(self.connection, self.rfile, length, limits.read_timeout_s)
+            except TimeoutError as e:
+                self.close_connection = True
+                message = f"the body did not arrive within the server's read timeout (--read-timeout-s): {e}"
+                self._send(408, {"error": message})
+                return
+            except (EOFError, OSError):  # the client left mid-body: nobody to answer
+                self.close_connection = True
+                return
+            with self.server.admission.scoring():
+                status, payload = self._score(raw)
+        finally:
+            self.server.admission.leave()
+        self._send(status, payload)
+
+    def _score(self, raw: bytearray) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, JSON answer) of one /score body."""
+        name, limits = self.server.reward_name, self.server.limits
         try:
-            request = request_from_json(body)
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return 400, {"error": f"the body is not valid JSON: {e}"}
+        del raw
+        try:
+            request = request_from_json(
+                body, max_image_pixels=limits.max_image_pixels, max_decoded_bytes=limits.max_decoded_bytes
+            )
+        except TooLarge as e:
+            return 413, {"error": str(e)}
         except BadRequest as e:
-            self._send(400, {"error": str(e)})
-            return
+            return 400, {"error": str(e)}
+        del body
         try:
             scores = self.server.reward(request)
             if scores.batch_size != request.batch_size or scores.success.shape[1] != request.num_regions:
@@ -201,39 +269,56 @@ class _Handler(BaseHTTPRequestHandler):
                     f"the reward returned scores of shape {scores.success.shape} for a batch of "
                     f"{request.batch_size} with {request.num_regions} region slots"
                 )
-            payload = {"reward": self.server.reward_name, **scores_to_json(scores)}
+            return 200, {"reward": name, **scores_to_json(scores)}
         except ValueError as e:  # the reward refusing this request (e.g. a field it needs is absent)
-            self._send(400, {"error": f"reward {self.server.reward_name!r}: {e}"})
-            return
+            return 400, {"error": f"reward {name!r}: {e}"}
         except Exception as e:  # noqa: BLE001 (any failure of the user's reward becomes a clear 500)
-            _log.exception("reward %r failed", self.server.reward_name)
-            self._send(500, {"error": f"reward {self.server.reward_name!r} failed: {type(e).__name__}: {e}"})
+            _log.exception("reward %r failed", name)
+            return 500, {"error": f"reward {name!r} failed: {type(e).__name__}: {e}"}
+
+    def _answer_without_body(
+        self, length: int, status: int, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        """Discards the body (up to 4 request limits, within the read timeout), then answers: a client
+        still sending when the connection closes would read a reset, not the error."""
+        limits = self.server.limits
+        if length > 4 * limits.max_request_bytes:
+            self._refuse_and_close(status, message, headers)
             return
-        self._send(200, payload)
-
-    def _content_length(self) -> int | None:
-        value = self.headers.get("Content-Length")
         try:
-            return int(value) if value is not None else None
-        except ValueError:
-            return None
-
-    def _drain(self, length: int) -> None:
-        """Reads and discards a body, so the client can read the error instead of a reset connection."""
-        remaining = min(length, 4 * self.server.max_request_bytes)
-        while remaining > 0:
-            chunk = self.rfile.read(min(remaining, 1 << 20))
-            if not chunk:
-                break
-            remaining -= len(chunk)
-        if length > 4 * self.server.max_request_bytes:
+            discard_body(self.connection, self.rfile, length, limits.read_timeout_s)
+        except (TimeoutError, EOFError, OSError):
             self.close_connection = True
+        self._send(status, {"error": message}, headers)
+
+    def _refuse_and_close(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        """Answers, then closes after reading what the client still sends (its length unknown) for at most
+        a second, so that the answer is read rather than reset."""
+        self.close_connection = True
+        self._send(status, {"error": message}, headers)
+        deadline = time.monotonic() + 1.0
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            while (left := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(left)
+                if not self.connection.recv(1 << 16):
+                    break
+        except OSError:  # timed out or reset: the connection closes either way
+            pass
 
 
 class RewardServer(ThreadingHTTPServer):
-    """The HTTP server of one host reward (a thread per connection; closing joins them)."""
+    """The HTTP server of one host reward (a thread per connection; closing joins them).
+
+    ``limits`` bound what requests may cost (``sfgrpo.rewards.server_limits``); ``ValueError`` for a bad
+    ``scale``, ``OSError`` when the address cannot be bound.
+    """
 
     daemon_threads = False
+    # Connections waiting to be accepted: a burst of clients (a trainer's concurrent sub-requests, several
+    # hosts) must queue, not be refused (the default 5 reset 32 concurrent clients of a fresh server).
+    request_queue_size = 128
 
     def __init__(
         self,
@@ -243,15 +328,16 @@ class RewardServer(ThreadingHTTPServer):
         host: str = "127.0.0.1",
         port: int = 0,
         scale: float = SCORE_SCALE,
-        max_request_mb: float = DEFAULT_MAX_REQUEST_MB,
+        limits: ServerLimits | None = None,
     ) -> None:
-        if max_request_mb <= 0:
-            raise ValueError(f"max_request_mb must be > 0, got {max_request_mb}")
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"--scale must be a finite number > 0, got {scale}")
+        self.limits = limits if limits is not None else ServerLimits()
+        self.admission = Admission(self.limits.max_concurrent, self.limits.max_queue)
+        super().__init__((host, port), _Handler)
         if not _is_loopback(host):
             _log.warning("the reward server listens on %s: any host that reaches it can use it", host)
-        super().__init__((host, port), _Handler)
         self.reward, self.reward_name, self.scale = reward, reward_name, float(scale)
-        self.max_request_bytes = int(max_request_mb * 2**20)
 
     @property
     def url(self) -> str:
@@ -279,13 +365,13 @@ def serve_in_thread(
     host: str = "127.0.0.1",
     port: int = 0,
     scale: float = SCORE_SCALE,
-    max_request_mb: float = DEFAULT_MAX_REQUEST_MB,
+    limits: ServerLimits | None = None,
     **options: str,
 ) -> Iterator[RewardServer]:
     """A running server (port 0: an ephemeral one) in a background thread, shut down on exit."""
     name = reward if isinstance(reward, str) else getattr(reward, "__name__", "custom")
     fn = make_reward(reward, scale, **options) if isinstance(reward, str) else reward
-    server = RewardServer(fn, name, host=host, port=port, scale=scale, max_request_mb=max_request_mb)
+    server = RewardServer(fn, name, host=host, port=port, scale=scale, limits=limits)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
@@ -306,48 +392,10 @@ def _is_loopback(host: str) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reward", required=True, help="registered reward name, e.g. shapes")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    parser.add_argument("--scale", type=float, default=SCORE_SCALE, help="C, the top of the score scale")
-    parser.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST_MB)
-    parser.add_argument(
-        "--import", dest="imports", action="append", default=[], help="module registering rewards"
-    )
-    parser.add_argument(
-        "--option", action="append", default=[], help="KEY=VALUE passed to the reward factory"
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
-    for module in args.imports:
-        importlib.import_module(module)
-    options = {}
-    for item in args.option:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            parser.error(f"--option expects KEY=VALUE, got {item!r}")
-        options[key] = value
-    if args.reward not in _REGISTRY:
-        parser.error(f"unknown reward {args.reward!r}; registered: {registered_rewards()}")
-    reward = make_reward(args.reward, args.scale, **options)
-    server = RewardServer(
-        reward,
-        args.reward,
-        host=args.host,
-        port=args.port,
-        scale=args.scale,
-        max_request_mb=args.max_request_mb,
-    )
-    _log.info("serving reward %r at %s (max request %.0f MiB)", args.reward, server.url, args.max_request_mb)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    """The command line (``sfgrpo.rewards.server_cli``): serve a registered reward until interrupted."""
+    from sfgrpo.rewards.server_cli import main as cli_main  # noqa: PLC0415 (it imports this module)
+
+    cli_main(argv)
 
 
 if __name__ == "__main__":
