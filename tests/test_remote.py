@@ -3,6 +3,8 @@
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -12,12 +14,14 @@ from sfgrpo.data.shapes import ShapesConfig, ShapesSource
 from sfgrpo.rewards.base import HostScores, RegionScores, RewardError
 from sfgrpo.rewards.remote import (
     RewardWorker,
+    Transport,
     TransportError,
     make_host_reward,
     parallel_map,
 )
 from sfgrpo.rewards.reward_config import reward_config_defaults
 from sfgrpo.rewards.server import register_reward, serve_in_thread
+from sfgrpo.rewards.server_limits import ServerLimits
 
 RES, R_MAX = 64, 3
 
@@ -208,6 +212,57 @@ def test_request_batch_splits_into_concurrent_requests(scripted, request_):
     judge = make_host_reward(_config(server.url, request_batch=1, max_concurrency=4))
     got = judge(request_)
     assert reward.calls == 4 and got.batch_size == 4 and got.valid.all()
+
+
+def test_a_busy_server_is_retried_after_its_retry_after(request_):
+    SCRIPTED.__init__()
+    SCRIPTED.delay_s = 0.6
+    limits = ServerLimits(max_concurrent=1, max_queue=0)
+    with serve_in_thread("scripted-test", limits=limits) as server:
+        judge = make_host_reward(_config(server.url, retries=2, backoff_s=0.01))
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(judge, request_)
+            while SCRIPTED.calls == 0:  # the first batch is being scored
+                time.sleep(0.01)
+            t0 = time.perf_counter()
+            got = judge(request_)  # 503, Retry-After: 1, then scored (backoffs of 0.01 s would give up)
+            waited = time.perf_counter() - t0
+            assert first.result(10).valid.all()
+    assert got.valid.all() and SCRIPTED.calls == 2
+    assert 0.95 < waited < 3
+
+
+class _Busy(BaseHTTPRequestHandler):
+    """503 with the class's Retry-After for the first answer, then 200 {"ok": true}."""
+
+    retry_after, answered = "3600", 0
+
+    def do_GET(self):  # noqa: N802
+        busy = type(self).answered == 0
+        type(self).answered += 1
+        self.send_response(503 if busy else 200)
+        if busy:
+            self.send_header("Retry-After", type(self).retry_after)
+        self.send_header("Content-Length", "12")
+        self.end_headers()
+        self.wfile.write(b'{"ok": true}')
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("retry_after, low, high", [("3600", 0.28, 1.5), ("soon", 0.0, 0.25)])
+def test_retry_after_is_capped_at_the_timeout(retry_after, low, high):
+    _Busy.retry_after, _Busy.answered = retry_after, 0
+    with ThreadingHTTPServer(("127.0.0.1", 0), _Busy) as stub:
+        threading.Thread(target=stub.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        transport = Transport(
+            f"http://127.0.0.1:{stub.server_address[1]}", timeout_s=0.3, retries=1, backoff_s=0.01
+        )
+        t0 = time.perf_counter()
+        assert transport.request("GET", "/x") == {"ok": True}
+        assert low < time.perf_counter() - t0 < high
+        stub.shutdown()
 
 
 # ---------------------------------------------------------------------------------------------- worker

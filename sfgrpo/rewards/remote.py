@@ -113,7 +113,8 @@ class Transport:
     """JSON over HTTP with retries and exponential backoff (stdlib only).
 
     Timeouts, refused connections, 408/429/5xx are retried ``retries`` times, waiting ``backoff_s * 2**k``
-    before retry k; other 4xx answers are final (a malformed or oversized request does not heal).
+    before retry k, or longer when the answer says ``Retry-After`` (seconds, at most ``timeout_s``: a busy
+    server's 503); other 4xx answers are final (a malformed or oversized request does not heal).
     ``stop``, when set, ends the retries early (a batch already lost).
     """
 
@@ -151,10 +152,10 @@ class Transport:
                     f"{self.max_request_mb:g}; send smaller batches or raise the limit"
                 )
         last = ("http_error", "no attempt made")
-        attempts, status = 0, None
+        attempts, status, retry_after = 0, None, 0.0
         for attempt in range(self.retries + 1):
             if attempt:
-                delay = self.backoff_s * 2 ** (attempt - 1)
+                delay = max(self.backoff_s * 2 ** (attempt - 1), retry_after)
                 if stop is None:
                     time.sleep(delay)
                 elif stop.wait(delay):
@@ -176,6 +177,7 @@ class Transport:
             except urllib.error.HTTPError as e:
                 detail = _error_detail(e)
                 last, status = ("http_error", f"HTTP {e.code}: {detail}"), e.code
+                retry_after = min(_retry_after_s(e.headers.get("Retry-After")), self.timeout_s)
                 if e.code not in _RETRY_STATUS:
                     break
             except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, garbled
@@ -184,10 +186,19 @@ class Transport:
                     last = ("timeout", f"no answer within {self.timeout_s:g} s")
                 else:
                     last = ("http_error", f"{type(reason).__name__}: {reason}")
-                status = None
+                status, retry_after = None, 0.0
             _log.debug("%s %s attempt %d failed: %s", method, url, attempts, last[1])
         message = f"{method} {url} failed after {attempts} attempt(s): {last[1]}"
         raise TransportError(last[0], message, attempts, status)
+
+
+def _retry_after_s(value: str | None) -> float:
+    """The seconds a ``Retry-After`` header asks for; 0 when absent or an HTTP date (the backoff decides)."""
+    try:
+        seconds = float(value) if value is not None else 0.0
+    except ValueError:
+        return 0.0
+    return seconds if 0 < seconds < float("inf") else 0.0
 
 
 def _error_detail(e: urllib.error.HTTPError) -> str:
