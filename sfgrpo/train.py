@@ -408,13 +408,18 @@ def _abstract_train_state(
 
 
 def final_params(workdir: str | Path) -> dict[str, np.ndarray]:
-    """The trainable parameters of the newest checkpoint in ``workdir``, as numpy (for comparisons)."""
+    """The trainable parameters of the newest checkpoint in ``workdir``, as numpy (for comparisons).
+
+    Reads onto this process's first device, whatever mesh or number of processes wrote the checkpoint.
+    """
     import orbax.checkpoint as ocp  # noqa: PLC0415
 
     directory = Path(workdir).absolute() / "checkpoints"
+    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     with ocp.CheckpointManager(directory) as manager:
         step = manager.latest_step()
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {directory}")
-        restored = manager.restore(step, args=ocp.args.Composite(train_state=ocp.args.StandardRestore()))
+        restore = ocp.args.StandardRestore(fallback_sharding=one_device)
+        restored = manager.restore(step, args=ocp.args.Composite(train_state=restore))
     return jax.tree.map(np.asarray, restored["train_state"]["params"])

@@ -27,9 +27,11 @@ def free_port() -> int:
 
 
 def env(devices: int) -> dict[str, str]:
-    """The environment of one test process: ``devices`` CPU devices and the tests' XLA flags."""
+    """The environment of one test process: ``devices`` CPU devices, the tests' XLA flags, and ``tests/``
+    on the path (for test judges such as brightness_judge)."""
     flags = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
-    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    path = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", PYTHONPATH=path)
 
 
 class Group:
