@@ -132,3 +132,46 @@ def test_bad_arguments():
         policy_loss(logp, logp, jnp.ones((B, L)), mode="spatial", clip_range=CLIP, mask=jnp.ones(3))
     with pytest.raises(ValueError, match="clip_range"):
         policy_loss(logp, logp, jnp.ones((B, L)), mode="spatial", clip_range=(0.1,))
+
+
+def _mode_inputs(mode, seed):
+    """Random logp (B, L), logp_old, advantages and a loss mask of the mode's shapes."""
+    k = jax.random.split(jax.random.key(seed), 3)
+    logp_old = _logp(seed)
+    logp = logp_old + 0.1 * jax.random.normal(k[0], (B, L))
+    shape = {"spatial": (B, L), "region": (B, 3), "scalar": (B,)}[mode]
+    adv = jax.random.normal(k[1], shape)
+    mask = jax.random.uniform(k[2], shape, minval=0.2, maxval=1.0) if mode == "spatial" else jnp.ones(shape)
+    return logp, logp_old, adv, mask
+
+
+@pytest.mark.parametrize("poison", ["nan", "huge_log_ratio"])
+@pytest.mark.parametrize("mode", ["spatial", "region", "scalar"])
+def test_poisoned_masked_sample_leaves_loss_and_gradient_to_the_valid_samples(mode, poison):
+    """SPEC section 8: excluded by selection, so 0 * NaN and 0 * exp(1e4) never reach loss or gradient."""
+    logp, logp_old, adv, mask = _mode_inputs(mode, 11)
+    weights = _weights()
+    bad = 1
+    mask = mask.at[bad].set(0.0)
+    if poison == "nan":
+        logp_old = logp_old.at[bad].set(jnp.nan)
+        adv = adv.at[bad].set(jnp.nan)
+    else:
+        logp = logp.at[bad].add(1e4)
+    kw = dict(mode=mode, clip_range=CLIP)
+
+    def full(lp):
+        return policy_loss(lp, logp_old, adv, weights=weights, mask=mask, **kw)
+
+    keep = np.array([i != bad for i in range(B)])
+
+    def alone(lp):
+        return policy_loss(lp, logp_old[keep], adv[keep], weights=weights[keep], mask=mask[keep], **kw)[0]
+
+    (loss, metrics), grad = jax.value_and_grad(full, has_aux=True)(logp)
+    loss_alone, grad_alone = jax.value_and_grad(alone)(logp[keep])
+    assert np.isfinite(float(loss)) and all(np.isfinite(float(v)) for v in metrics.values())
+    np.testing.assert_allclose(loss, loss_alone, rtol=1e-6)
+    np.testing.assert_allclose(grad[keep], grad_alone, rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(grad[bad], 0.0)
+    assert float(jnp.abs(grad_alone).max()) > 0

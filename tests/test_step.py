@@ -1,14 +1,17 @@
 """The GRPO stages on the tiny policy: on-policy ratio, credit modes, skipped updates, LoRA, shuffling."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from helpers import Setup, tiny_config
 
 from sfgrpo import builders, runtime
 from sfgrpo.rewards.base import Rewards
-from sfgrpo.rl.step import GRPOSettings, PolicyParts, _micro_batches, credit, rescore
+from sfgrpo.rl.step import Credit, GRPOSettings, PolicyParts, _micro_batches, credit, rescore, update
 
 
 def spatial_settings() -> GRPOSettings:
@@ -160,3 +163,91 @@ def test_true_cfg_is_the_policy_in_rollout_and_update():
     plain = Setup(tiny_config())
     out_plain = plain("rollout", s.params, s.frozen, plain.batch, s.key(21))
     assert not np.allclose(np.asarray(out_plain.edited), np.asarray(out.edited))
+
+
+def _on_host(tree):
+    """The tree as single-device arrays: the updates below run without a mesh, so micro_batch can be 1."""
+    return jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), tree)
+
+
+def _sgd_gradient(s, out, credit_, *, samples, micro_batch, ref_params=None, **overrides):
+    """The gradient one update of ``samples`` (row indices) takes, on one device: plain SGD at rate 1
+    (no clip, no Adam), so it is params - new params. Returns (gradient leaves, metrics)."""
+    idx = np.asarray(samples)
+    pick = lambda x: jnp.asarray(np.asarray(x)[idx])  # noqa: E731
+    traj = out.traj._replace(
+        x=out.traj.x[:, idx],
+        x_next=out.traj.x_next[:, idx],
+        logp=out.traj.logp[:, idx],
+        final=out.traj.final[idx],
+    )
+    cond = out.cond._replace(text=pick(out.cond.text), reference=pick(out.cond.reference))
+    credit_ = Credit(*(pick(x) for x in credit_))
+    settings = dataclasses.replace(
+        s.programs.settings,
+        batch_shards=1,
+        micro_batch=micro_batch,
+        grad_accum=len(idx) // micro_batch,
+        **overrides,
+    )
+    params, frozen = _on_host(s.params), _on_host(s.frozen)
+    ref = {} if ref_params is None else _on_host(ref_params)
+    opt = optax.sgd(1.0)
+    sigma_max = jnp.asarray(s.programs.sigmas[1])
+
+    def run(params, frozen, ref, traj, cond, credit_):
+        parts = PolicyParts(s.graphdef, params, frozen)
+        return update(
+            parts, opt.init(params), opt, ref, traj, cond, credit_, jax.random.key(0), sigma_max, settings
+        )
+
+    new, _, metrics = jax.jit(run)(params, frozen, ref, _on_host(traj), _on_host(cond), credit_)
+    grads = [
+        np.asarray(a) - np.asarray(b)
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(new), strict=True)
+    ]
+    return grads, metrics
+
+
+def _random_credit(out, mode, seed):
+    """Random advantages of the mode's shape with an all-ones mask (the rows to fail are set by callers)."""
+    b, r1, length = out.weights.shape
+    shape = {"spatial": (b, length), "region": (b, r1), "scalar": (b,)}[mode]
+    adv = jax.random.normal(jax.random.key(seed), shape)
+    return Credit(adv, jnp.ones(shape), out.weights)
+
+
+@pytest.mark.parametrize("mode", ["spatial", "region", "scalar"])
+def test_poisoned_failed_samples_leave_the_update_to_the_valid_ones(spatial, mode):
+    """Issue 12 item 2: a failed sample whose trajectory holds NaN (sample 0) or a log-ratio of 1e4
+    (sample 5) changes neither the loss, the KL nor the gradient: they equal those of the 14 valid
+    samples alone."""
+    s = spatial
+    out = _on_host(s("rollout", s.params, s.frozen, s.batch, s.key(31)))
+    credit_ = _random_credit(out, mode, 32)
+    credit_ = credit_._replace(mask=credit_.mask.at[np.array([0, 5])].set(0.0))
+    poisoned = out._replace(
+        traj=out.traj._replace(
+            x=out.traj.x.at[:, 0].set(jnp.nan),
+            x_next=out.traj.x_next.at[:, 0].set(jnp.nan),
+            logp=out.traj.logp.at[:, 5].add(-1e4),
+        )
+    )
+    leaves, treedef = jax.tree.flatten(_on_host(s.params))
+    keys = jax.random.split(jax.random.key(33), len(leaves))
+    # A reference away from the policy, so that the KL term and its gradient are not zero.
+    ref = treedef.unflatten(
+        [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    )
+    kw = dict(ref_params=ref, credit=mode, kl_beta=0.04)
+    valid = [i for i in range(16) if i not in (0, 5)]
+    g_all, m_all = _sgd_gradient(s, poisoned, credit_, samples=range(16), micro_batch=16, **kw)
+    g_valid, m_valid = _sgd_gradient(s, out, credit_, samples=valid, micro_batch=14, **kw)
+    assert float(m_all["skipped_updates"]) == 0.0
+    for key in ("loss", "kl", "total_loss"):
+        np.testing.assert_allclose(m_all[key], m_valid[key], rtol=1e-5, err_msg=key)
+    assert float(m_valid["kl"]) > 0
+    scale = max(float(np.abs(g).max()) for g in g_valid)
+    assert scale > 0
+    for a, b in zip(g_all, g_valid, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)

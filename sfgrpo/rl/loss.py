@@ -66,17 +66,28 @@ def policy_loss(
     delta = logp.astype(jnp.float32) - jax.lax.stop_gradient(logp_old.astype(jnp.float32))
     adv = jax.lax.stop_gradient(adv.astype(jnp.float32))
     lo, hi = clip_range
+    # Excluded entries are selected away (SPEC section 8): a failed sample's trajectory may hold NaN or a
+    # huge log-ratio, and 0 * NaN or 0 * exp(1e4) would poison the loss and its gradient. The log-ratio is
+    # replaced before exp, so the excluded branch is finite and `where` passes it no gradient.
 
     if mode == "spatial":
         _expect(adv, (batch, length), "adv ('spatial')")
         token_mask = _mask_as(mask, (batch, length))
+        keep = token_mask > 0
+        delta = jnp.where(keep, delta, 0.0)
         log_ratio = delta
-        loss = _weighted_mean(clipped_surrogate(jnp.exp(delta), adv, clip_range), token_mask)
+        values = clipped_surrogate(jnp.exp(delta), jnp.where(keep, adv, 0.0), clip_range)
+        loss = _weighted_mean(values, token_mask)
+        entry_mask = token_mask
     elif mode == "scalar":
         _expect(adv, (batch,), "adv ('scalar')")
         token_mask = _mask_as(mask, (batch, length))
+        keep = token_mask[:, 0] > 0
+        delta = jnp.where(keep[:, None], delta, 0.0)
         log_ratio = delta.mean(axis=1)
-        loss = _weighted_mean(clipped_surrogate(jnp.exp(log_ratio), adv, clip_range), token_mask[:, 0])
+        values = clipped_surrogate(jnp.exp(log_ratio), jnp.where(keep, adv, 0.0), clip_range)
+        loss = _weighted_mean(values, token_mask[:, 0])
+        entry_mask = token_mask[:, 0]
     else:
         if weights is None:
             raise ValueError("policy_loss: mode 'region' needs the token weights (B, R+1, L)")
@@ -84,15 +95,20 @@ def policy_loss(
         _expect(weights, (batch, regions, length), "weights")
         _expect(adv, (batch, regions), "adv ('region')")
         region_mask = _mask_as(mask, (batch, regions))
+        keep = region_mask > 0
+        sample_keep = keep.any(axis=1)
+        # A region's ratio mixes all tokens of its sample, so a failed sample is cleared whole.
+        delta = jnp.where(sample_keep[:, None], delta, 0.0)
         mass = weights.sum(axis=-1, keepdims=True)
         normalised = weights / jnp.where(mass > 0, mass, 1.0)
-        log_ratio = jnp.einsum("brl,bl->br", normalised, delta)
-        omega = area_share(weights) * region_mask
-        per_image = (omega * clipped_surrogate(jnp.exp(log_ratio), adv, clip_range)).sum(axis=1)
-        loss = _weighted_mean(per_image, (region_mask.sum(axis=1) > 0).astype(jnp.float32))
+        log_ratio = jnp.where(keep, jnp.einsum("brl,bl->br", normalised, delta), 0.0)
+        surrogate = clipped_surrogate(jnp.exp(log_ratio), jnp.where(keep, adv, 0.0), clip_range)
+        per_image = jnp.where(keep, area_share(weights) * region_mask * surrogate, 0.0).sum(axis=1)
+        loss = _weighted_mean(per_image, sample_keep.astype(jnp.float32))
         token_mask = jnp.einsum("br,brl->bl", region_mask, weights)
+        entry_mask = jnp.where(mass[..., 0] > 0, region_mask, 0.0)
 
-    metrics = _ratio_metrics(delta, log_ratio, mode, lo, hi, token_mask, weights)
+    metrics = _ratio_metrics(delta, log_ratio, lo, hi, entry_mask, token_mask, weights)
     metrics["loss"] = loss
     return loss, metrics
 
@@ -105,22 +121,17 @@ def approx_kl(delta: jax.Array) -> jax.Array:
 def _ratio_metrics(
     delta: jax.Array,
     log_ratio: jax.Array,
-    mode: str,
     lo: float,
     hi: float,
+    entry_mask: jax.Array,
     token_mask: jax.Array,
     weights: jax.Array | None,
 ) -> dict[str, jax.Array]:
-    """Clip fraction and approximate KL of the ratios the mode clips, plus per-token splits by region."""
+    """Clip fraction and approximate KL of the ratios the mode clips (entry_mask: their weights, the shape
+    of log_ratio), plus per-token splits by region (token_mask (B, L))."""
     ratio = jnp.exp(jax.lax.stop_gradient(log_ratio))
     clipped = ((ratio < 1.0 - lo) | (ratio > 1.0 + hi)).astype(jnp.float32)
     kl = approx_kl(jax.lax.stop_gradient(log_ratio))
-    if mode == "spatial":
-        entry_mask = token_mask
-    elif mode == "scalar":
-        entry_mask = token_mask[:, 0]
-    else:
-        entry_mask = (weights.sum(axis=-1) > 0).astype(jnp.float32)
     metrics = {"clipfrac": _weighted_mean(clipped, entry_mask), "approx_kl": _weighted_mean(kl, entry_mask)}
     if weights is not None:
         # Token-level view for every mode, split by where the credit goes.
@@ -136,9 +147,11 @@ def _ratio_metrics(
 
 
 def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
-    """sum(w * v) / sum(w), 0 when nothing is weighted."""
+    """sum(w * v) / sum(w) over the entries with w > 0 (selected, so a NaN where w = 0 stays out); 0 when
+    nothing is weighted."""
     total = weights.sum()
-    return jnp.where(total > 0, (weights * values).sum() / jnp.where(total > 0, total, 1.0), 0.0)
+    weighted = jnp.where(weights > 0, weights * values, 0.0).sum()
+    return jnp.where(total > 0, weighted / jnp.where(total > 0, total, 1.0), 0.0)
 
 
 def _mask_as(mask: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:

@@ -252,7 +252,13 @@ def _step_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Loss of one micro-batch at window step t: the clipped objective plus beta * KL."""
     cond = Conditioning(mb["text"], mb["reference"], *ids, mb.get("text_uncond"))
-    x, x_next, logp_old = mb["x"][:, t], mb["x_next"][:, t], mb["logp_old"][:, t]
+    # A sample without credit (its reward failed) is selected away before the model sees it: a NaN in its
+    # trajectory would otherwise reach the weight gradient as 0 * NaN through the backward pass.
+    valid = mb["mask"].reshape(mb["mask"].shape[0], -1).sum(axis=1) > 0  # (b,)
+    x, x_next, logp_old = (
+        jnp.where(valid.reshape((-1,) + (1,) * (v.ndim - 2)), v[:, t], 0.0)
+        for v in (mb["x"], mb["x_next"], mb["logp_old"])
+    )
 
     def step(p: Any) -> Any:
         v = velocity_fn(merge(parts, p), cond, settings.cfg_scale)(x, jnp.full((x.shape[0],), sigma))
@@ -283,9 +289,11 @@ def _step_loss(
         token_kl = gaussian_kl(
             out.mean, jax.lax.stop_gradient(ref.mean), out.std, dt=sigma_next - sigma, form=settings.kl_form
         )
-        kl = token_kl.mean()
+        # The KL is a mean over the valid samples' tokens too (SPEC section 8).
+        token_kl = jnp.where(valid[:, None], token_kl, 0.0)
+        kl = token_kl.sum() / jnp.maximum(valid.sum() * token_kl.shape[1], 1.0)
         loss = loss + settings.kl_beta * kl
-        weights = mb["weights"]
+        weights = jnp.where(valid[:, None, None], mb["weights"], 0.0)
         metrics["kl/edit"] = (token_kl * weights[:, :-1].sum(1)).sum() / jnp.maximum(
             weights[:, :-1].sum(), 1.0
         )
