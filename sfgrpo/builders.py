@@ -112,6 +112,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"a window of {w} steps starting in [{s.window_lo}, {s.window_hi}) does not fit in "
             f"{s.num_steps} steps",
         )
+        # The last step lands on sigma' = 0: with noise there the judged image is noisy ('sde'), and its
+        # log-prob is 0 yet it would count ('cps'). Windows end before it, as 'all_but_last' does.
+        _require(
+            s.window_hi - 1 + w <= s.num_steps - 1,
+            "sampler.window_hi",
+            f"sampler.window_hi={s.window_hi} and sampler.window_size={w} let a window starting at "
+            f"{s.window_hi - 1} reach the last step ({s.num_steps - 1}, sigma' = 0); need "
+            f"window_hi - 1 + window_size <= sampler.num_steps - 1 = {s.num_steps - 1}",
+        )
     _require(d.source in ("shapes", "tfds"), "data.source", f"'shapes' or 'tfds', got {d.source!r}")
     _require(
         d.resolution % 16 == 0 and d.resolution > 0, "data.resolution", f"multiple of 16: {d.resolution}"

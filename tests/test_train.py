@@ -273,18 +273,39 @@ def test_non_finite_updates_are_skipped_then_stop(full_run, tmp_path):
         ("train.fuse_step", True, "fused step needs an in-graph reward"),
         ("train.eval_examples", -1, "train.eval_examples"),
         ("model.name", "sd3", "model.name"),
+        # 3 steps, a random window of 1 starting in [0, 3): it may train the last step (sigma' = 0).
+        ("sampler.window_hi", 3, r"sampler\.window_hi=3 and sampler\.window_size=1.*last step"),
     ],
 )
 def test_incompatible_configs(key, value, message):
     c = tiny_config()
-    if key == "sampler.window_size":
+    if key.startswith("sampler.window"):
         c.sampler.window = "random"
+        c.sampler.window_size, c.sampler.window_lo = 1, 0
     if key == "train.fuse_step":
         c.reward.kind, c.reward.url = "server", "http://127.0.0.1:1"
     section, name = key.split(".")
     c[section][name] = value
     with pytest.raises(builders.ConfigError, match=message):
         builders.validate(c)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"sampler.window_lo": 1},  # start 1: the last trained step is 1 of 0..2
+        {"sampler.window_size": 2, "sampler.window_hi": 1},
+    ],
+)
+def test_compatible_neighbours_of_refused_configs(changes):
+    """The edges of the window and KL refusals above: these configs are accepted."""
+    c = tiny_config()
+    c.sampler.window, c.sampler.window_size, c.sampler.window_lo = "random", 1, 0
+    c.sampler.window_hi = 2
+    for key, value in changes.items():
+        section, name = key.split(".")
+        c[section][name] = value
+    builders.validate(c)
 
 
 @pytest.mark.parametrize(
