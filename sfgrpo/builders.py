@@ -91,6 +91,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         rl.kl_form in ("exact", "flow_grpo"), "rl.kl_form", f"'exact' or 'flow_grpo', got {rl.kl_form!r}"
     )
     _require(rl.kl_beta >= 0, "rl.kl_beta", f"must be >= 0, got {rl.kl_beta}")
+    # Flow-GRPO's KL drops the (-dt) of an 'sde' step's variance; a 'cps' step has no such factor, so the
+    # form would multiply its KL by |dt| < 1 and under-weight it.
+    _require(
+        not (rl.kl_form == "flow_grpo" and s.kind == "cps"),
+        "rl.kl_form",
+        "rl.kl_form='flow_grpo' drops the (-dt) factor of an 'sde' step's variance, which "
+        "sampler.kind='cps' steps do not have; use rl.kl_form='exact' with 'cps'",
+    )
     _require(0 <= rl.mix_lambda <= 1, "rl.mix_lambda", f"must lie in [0, 1], got {rl.mix_lambda}")
     _require(
         s.kind in STEP_KINDS and s.kind != "ode",

@@ -275,6 +275,7 @@ def test_non_finite_updates_are_skipped_then_stop(full_run, tmp_path):
         ("model.name", "sd3", "model.name"),
         # 3 steps, a random window of 1 starting in [0, 3): it may train the last step (sigma' = 0).
         ("sampler.window_hi", 3, r"sampler\.window_hi=3 and sampler\.window_size=1.*last step"),
+        ("rl.kl_form", "flow_grpo", r"rl\.kl_form='flow_grpo'.*sampler\.kind='cps'"),
     ],
 )
 def test_incompatible_configs(key, value, message):
@@ -282,6 +283,8 @@ def test_incompatible_configs(key, value, message):
     if key.startswith("sampler.window"):
         c.sampler.window = "random"
         c.sampler.window_size, c.sampler.window_lo = 1, 0
+    if key == "rl.kl_form":
+        c.sampler.kind = "cps"
     if key == "train.fuse_step":
         c.reward.kind, c.reward.url = "server", "http://127.0.0.1:1"
     section, name = key.split(".")
@@ -295,6 +298,8 @@ def test_incompatible_configs(key, value, message):
     [
         {"sampler.window_lo": 1},  # start 1: the last trained step is 1 of 0..2
         {"sampler.window_size": 2, "sampler.window_hi": 1},
+        {"rl.kl_form": "flow_grpo"},  # with 'sde' steps
+        {"sampler.kind": "cps"},  # with the exact KL
     ],
 )
 def test_compatible_neighbours_of_refused_configs(changes):
