@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sfgrpo.rl.advantages import token_advantages
-from sfgrpo.rl.loss import clipped_surrogate, policy_loss
+from sfgrpo.rl.loss import clipped_surrogate, entry_count, policy_loss
 from sfgrpo.rl.regions import token_weights
 
 B, L = 4, 12
@@ -175,3 +175,35 @@ def test_poisoned_masked_sample_leaves_loss_and_gradient_to_the_valid_samples(mo
     np.testing.assert_allclose(grad[keep], grad_alone, rtol=1e-6, atol=1e-9)
     np.testing.assert_array_equal(grad[bad], 0.0)
     assert float(jnp.abs(grad_alone).max()) > 0
+
+
+@pytest.mark.parametrize("mode", ["spatial", "region", "scalar"])
+def test_count_makes_partial_losses_add_up_to_the_full_batch_loss(mode):
+    """SPEC section 8: split into parts, each divided by the whole batch's count, the losses and their
+    gradients sum to the full-batch ones, with failed samples anywhere."""
+    logp, logp_old, adv, mask = _mode_inputs(mode, 12)
+    weights = _weights()
+    mask = mask.at[0].set(0.0)  # part [0, 1] keeps one valid sample, part [2, 3] two
+    kw = dict(mode=mode, clip_range=CLIP)
+    count = entry_count(mask, mode, L)
+
+    def full(lp):
+        return policy_loss(lp, logp_old, adv, weights=weights, mask=mask, **kw)[0]
+
+    def parts(lp):
+        return sum(
+            policy_loss(lp[s], logp_old[s], adv[s], weights=weights[s], mask=mask[s], count=count, **kw)[0]
+            for s in (slice(0, 2), slice(2, 4))
+        )
+
+    np.testing.assert_allclose(parts(logp), full(logp), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(parts)(logp), jax.grad(full)(logp), rtol=1e-6, atol=1e-9)
+    # Each part normalised by its own count would weigh its lone sample as much as the other two.
+    own = (
+        sum(
+            policy_loss(logp[s], logp_old[s], adv[s], weights=weights[s], mask=mask[s], **kw)[0]
+            for s in (slice(0, 2), slice(2, 4))
+        )
+        / 2
+    )
+    assert not np.isclose(float(own), float(full(logp)), rtol=1e-4)

@@ -251,3 +251,32 @@ def test_poisoned_failed_samples_leave_the_update_to_the_valid_ones(spatial, mod
     assert scale > 0
     for a, b in zip(g_all, g_valid, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("mode", ["spatial", "region", "scalar"])
+def test_accumulated_gradient_equals_the_full_batch_gradient(spatial, mode):
+    """Issue 12 item 3, SPEC section 8: with random failed rewards, 16 micro-batches of one sample
+    accumulate the gradient of one micro-batch of 16 (each divides by the whole batch's count)."""
+    s = spatial
+    out = _on_host(s("rollout", s.params, s.frozen, s.batch, s.key(41)))
+    credit_ = _random_credit(out, mode, 42)
+    rng = np.random.default_rng(43)
+    failed = rng.random(credit_.mask.shape) < 0.4  # per token, region or sample
+    failed[:3] = True  # and some whole samples
+    mask = np.where(failed, 0.0, 1.0).astype(np.float32)
+    if mode == "spatial":
+        mask *= rng.uniform(0.2, 1.0, mask.shape).astype(np.float32)  # fractional token validity
+    credit_ = credit_._replace(mask=jnp.asarray(mask))
+    leaves, treedef = jax.tree.flatten(_on_host(s.params))
+    keys = jax.random.split(jax.random.key(44), len(leaves))
+    ref = treedef.unflatten(
+        [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    )
+    kw = dict(ref_params=ref, credit=mode, kl_beta=0.04)
+    g_full, m_full = _sgd_gradient(s, out, credit_, samples=range(16), micro_batch=16, **kw)
+    g_micro, m_micro = _sgd_gradient(s, out, credit_, samples=range(16), micro_batch=1, **kw)
+    np.testing.assert_allclose(m_micro["total_loss"], m_full["total_loss"], rtol=1e-5)
+    scale = max(float(np.abs(g).max()) for g in g_full)
+    assert scale > 0
+    worst = max(float(np.abs(a - b).max()) for a, b in zip(g_micro, g_full, strict=True)) / scale
+    assert worst < 1e-5, f"max |g_micro - g_full| / max |g_full| = {worst:.2e}"

@@ -6,7 +6,9 @@ For one trained sampler step, with rho = exp(logp - logp_old) and s(rho, A) = ma
              log rho_{i,r} = sum_p W~_r[p] (logp - logp_old)[p], W~_r = W_r normalised over p,
              omega_r = region r's share of the image area
   'scalar'   image ratio, global advantage (Flow-GRPO): mean_i s(exp(mean_p (logp - logp_old)), A_i)
-The caller averages over the trained steps.
+Each is a mean over the valid entries; the caller passes the whole batch's count of them (over samples,
+trained steps and micro-batches, ``entry_count``) so that the partial losses it accumulates sum to the
+full-batch mean.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def policy_loss(
     clip_range: Sequence[float],
     weights: jax.Array | None = None,
     mask: jax.Array | None = None,
+    count: jax.Array | float | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The clipped policy loss of one trained step.
 
@@ -49,9 +52,13 @@ def policy_loss(
         modes only to split the metrics into edit regions and background.
       mask: which entries count. 'spatial': (B, L) or (B,) weights; 'region': (B, R+1) or (B,);
         'scalar': (B,). Masked-out entries leave the loss and its mean's denominator. Default: all count.
+      count: the denominator of the mean, a scalar: the number of valid entries of the whole batch, over
+        its samples, trained steps and micro-batches (``entry_count`` per step times the steps). Default:
+        this call's own count, ``entry_count(mask, mode, L)``.
 
     Returns:
-      (loss, metrics): a float32 scalar and a dict of float32 scalars with at least 'clipfrac' and
+      (loss, metrics): a float32 scalar (this call's share of the whole batch's mean when ``count`` is
+      given) and a dict of float32 scalars with at least 'clipfrac' and
       'approx_kl' (and their '/edit' and '/background' splits when weights are given).
     """
     if mode not in CREDIT_MODES:
@@ -77,7 +84,7 @@ def policy_loss(
         delta = jnp.where(keep, delta, 0.0)
         log_ratio = delta
         values = clipped_surrogate(jnp.exp(delta), jnp.where(keep, adv, 0.0), clip_range)
-        loss = _weighted_mean(values, token_mask)
+        total = _masked_sum(values, token_mask)
         entry_mask = token_mask
     elif mode == "scalar":
         _expect(adv, (batch,), "adv ('scalar')")
@@ -86,7 +93,7 @@ def policy_loss(
         delta = jnp.where(keep[:, None], delta, 0.0)
         log_ratio = delta.mean(axis=1)
         values = clipped_surrogate(jnp.exp(log_ratio), jnp.where(keep, adv, 0.0), clip_range)
-        loss = _weighted_mean(values, token_mask[:, 0])
+        total = _masked_sum(values, token_mask[:, 0])
         entry_mask = token_mask[:, 0]
     else:
         if weights is None:
@@ -104,13 +111,37 @@ def policy_loss(
         log_ratio = jnp.where(keep, jnp.einsum("brl,bl->br", normalised, delta), 0.0)
         surrogate = clipped_surrogate(jnp.exp(log_ratio), jnp.where(keep, adv, 0.0), clip_range)
         per_image = jnp.where(keep, area_share(weights) * region_mask * surrogate, 0.0).sum(axis=1)
-        loss = _weighted_mean(per_image, sample_keep.astype(jnp.float32))
+        total = _masked_sum(per_image, sample_keep.astype(jnp.float32))
         token_mask = jnp.einsum("br,brl->bl", region_mask, weights)
         entry_mask = jnp.where(mass[..., 0] > 0, region_mask, 0.0)
 
+    if count is None:
+        count = entry_count(mask if mask is not None else jnp.ones((batch,)), mode, length)
+    count = jnp.asarray(count, jnp.float32)
+    loss = total / jnp.where(count > 0, count, 1.0)
     metrics = _ratio_metrics(delta, log_ratio, lo, hi, entry_mask, token_mask, weights)
     metrics["loss"] = loss
     return loss, metrics
+
+
+def entry_count(mask: jax.Array, mode: str, length: int) -> jax.Array:
+    """The number of valid entries one trained step of a batch adds to the mean of ``policy_loss``.
+
+    'spatial': the mask's total over (sample, token), a (B,) mask counting ``length`` tokens per sample;
+    'scalar': its total over samples; 'region': the samples with any valid region (the loss is a mean
+    over images of an area-weighted sum over regions). ``mask`` takes ``policy_loss``'s shapes.
+    """
+    mask = mask.astype(jnp.float32)
+    if mode == "spatial":
+        return mask.sum() * (length if mask.ndim == 1 else 1)
+    if mode == "scalar":
+        return mask.sum()
+    return sample_validity(mask).sum().astype(jnp.float32)
+
+
+def sample_validity(mask: jax.Array) -> jax.Array:
+    """(B,) bool: the samples with any entry of ``mask`` (B, ...) above 0."""
+    return (mask > 0).any(axis=tuple(range(1, mask.ndim))) if mask.ndim > 1 else mask > 0
 
 
 def approx_kl(delta: jax.Array) -> jax.Array:
@@ -150,8 +181,12 @@ def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
     """sum(w * v) / sum(w) over the entries with w > 0 (selected, so a NaN where w = 0 stays out); 0 when
     nothing is weighted."""
     total = weights.sum()
-    weighted = jnp.where(weights > 0, weights * values, 0.0).sum()
-    return jnp.where(total > 0, weighted / jnp.where(total > 0, total, 1.0), 0.0)
+    return jnp.where(total > 0, _masked_sum(values, weights) / jnp.where(total > 0, total, 1.0), 0.0)
+
+
+def _masked_sum(values: jax.Array, weights: jax.Array) -> jax.Array:
+    """sum(w * v) over the entries with w > 0, selected so that a NaN where w = 0 stays out."""
+    return jnp.where(weights > 0, weights * values, 0.0).sum()
 
 
 def _mask_as(mask: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:

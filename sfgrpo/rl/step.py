@@ -29,11 +29,13 @@ from sfgrpo.rl.advantages import (
     token_advantages,
     token_validity,
 )
-from sfgrpo.rl.loss import policy_loss
+from sfgrpo.rl.loss import entry_count, policy_loss, sample_validity
 from sfgrpo.sampling.rollout import Trajectory, draw_window_start, guided, rollout
 from sfgrpo.sampling.sde import gaussian_kl, sde_step
 
 BATCH_AXES = ("data", "fsdp")  # the mesh axes the batch is split over (runtime.LOGICAL_AXIS_RULES)
+# Update metrics that are shares of the full-batch value: summed over micro-batches and window steps.
+ADDITIVE_METRICS = ("loss", "kl", "total_loss")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,13 +250,17 @@ def _step_loss(
     sigma_next: jax.Array,
     sigma_max: jax.Array,
     ids: tuple[jax.Array, jax.Array],
+    counts: tuple[jax.Array, jax.Array],
     settings: GRPOSettings,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Loss of one micro-batch at window step t: the clipped objective plus beta * KL."""
+    """One micro-batch's and window step's share of the loss: the clipped objective plus beta * KL, each
+    divided by the whole optimizer step's count of valid entries, ``counts`` = (policy-loss entries, KL
+    (sample, token) entries), both over all its micro-batches and window steps, so that the shares sum to
+    the full-batch mean (SPEC section 8)."""
     cond = Conditioning(mb["text"], mb["reference"], *ids, mb.get("text_uncond"))
     # A sample without credit (its reward failed) is selected away before the model sees it: a NaN in its
     # trajectory would otherwise reach the weight gradient as 0 * NaN through the backward pass.
-    valid = mb["mask"].reshape(mb["mask"].shape[0], -1).sum(axis=1) > 0  # (b,)
+    valid = sample_validity(mb["mask"])  # (b,)
     x, x_next, logp_old = (
         jnp.where(valid.reshape((-1,) + (1,) * (v.ndim - 2)), v[:, t], 0.0)
         for v in (mb["x"], mb["x_next"], mb["logp_old"])
@@ -283,6 +289,7 @@ def _step_loss(
         clip_range=settings.clip_range,
         weights=mb["weights"],
         mask=mb["mask"],
+        count=counts[0],
     )
     if settings.kl_beta > 0:
         ref = step(jax.lax.stop_gradient(ref_params))
@@ -291,7 +298,7 @@ def _step_loss(
         )
         # The KL is a mean over the valid samples' tokens too (SPEC section 8).
         token_kl = jnp.where(valid[:, None], token_kl, 0.0)
-        kl = token_kl.sum() / jnp.maximum(valid.sum() * token_kl.shape[1], 1.0)
+        kl = token_kl.sum() / jnp.maximum(counts[1], 1.0)
         loss = loss + settings.kl_beta * kl
         weights = jnp.where(valid[:, None, None], mb["weights"], 0.0)
         metrics["kl/edit"] = (token_kl * weights[:, :-1].sum(1)).sum() / jnp.maximum(
@@ -325,37 +332,62 @@ def update(
     ('skipped_updates'); so is a step none of whose samples has credit ('empty_updates': every reward of
     its micro-batches failed).
 
+    Every mean runs over the valid entries of the whole optimizer step (its ``grad_accum`` micro-batches
+    and W window steps): each micro-batch's loss is divided by that count, known before the loop, so the
+    accumulated gradient equals the full-batch gradient whatever the micro-batching (SPEC section 8).
+
     Returns:
-      (params, opt_state, metrics): metrics are means over all (micro-batch, window step) pairs, plus
-      'skipped_updates' and 'grad_norm'.
+      (params, opt_state, metrics): 'loss', 'kl' and 'total_loss' are the optimizer steps' full-batch
+      values, averaged over the steps; the others are means over all (micro-batch, window step) pairs;
+      plus 'skipped_updates', 'empty_updates' and 'grad_norm'.
     """
     ids = (cond.img_ids, cond.txt_ids)
     window = traj.sigma.shape[0]
+    length = traj.logp.shape[-1]
     per_sample = _per_sample(traj, cond, credit_)
     grad_fn = jax.grad(_step_loss, has_aux=True)
 
-    def micro_grad(params: Any, mb: dict[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
+    def reduce(metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        # Shares of the full-batch loss add up; rates and per-entry means are averaged.
+        return {k: (v.sum() if k in ADDITIVE_METRICS else v.mean()) for k, v in metrics.items()}
+
+    def micro_grad(
+        params: Any, mb: dict[str, jax.Array], counts: tuple[jax.Array, jax.Array]
+    ) -> tuple[Any, dict[str, jax.Array]]:
         def over_steps(acc: Any, t: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
             g, m = grad_fn(
-                params, parts, ref_params, mb, t, traj.sigma[t], traj.sigma_next[t], sigma_max, ids, settings
+                params,
+                parts,
+                ref_params,
+                mb,
+                t,
+                traj.sigma[t],
+                traj.sigma_next[t],
+                sigma_max,
+                ids,
+                counts,
+                settings,
             )
             return jax.tree.map(jnp.add, acc, g), m
 
         zeros = jax.tree.map(jnp.zeros_like, params)
         total, metrics = jax.lax.scan(over_steps, zeros, jnp.arange(window))
-        return jax.tree.map(lambda g: g / window, total), jax.tree.map(jnp.mean, metrics)
+        return total, reduce(metrics)
 
     def optimizer_step(carry: Any, group: dict[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
         params, opt_state = carry
+        # The whole step's counts, before its micro-batch loop: (grad_accum, micro_batch, ...) masks.
+        per_micro = jax.vmap(lambda m: (entry_count(m, settings.credit, length), sample_validity(m).sum()))
+        entries, samples = (x.sum() for x in per_micro(group["mask"]))
+        counts = (window * entries, (window * length * samples).astype(jnp.float32))
 
         def accumulate(acc: Any, mb: dict[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
-            g, m = micro_grad(params, mb)
+            g, m = micro_grad(params, mb, counts)
             return jax.tree.map(jnp.add, acc, g), m
 
         zeros = jax.tree.map(jnp.zeros_like, params)
         grads, metrics = jax.lax.scan(accumulate, zeros, group)
-        grads = jax.tree.map(lambda g: g / settings.grad_accum, grads)
-        metrics = jax.tree.map(jnp.mean, metrics)
+        metrics = reduce(metrics)
         grad_norm = optax.global_norm(grads)
         updates, new_opt = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
