@@ -213,12 +213,13 @@ def _train(
         # exactly the state the original had there.
         overlap = rewards.on_host and config.reward.overlap
         pending: reward_stage.Pending | None = None
+        position = data_state  # the data position right after the last finished step
         skipped_in_a_row = 0
         last_eval: dict[str, float] = {}
 
-        def finish(p: reward_stage.Pending, *, force_save: bool = False) -> None:
+        def finish(p: reward_stage.Pending) -> None:
             """Waits for a batch's rewards, updates the policy on it, and does the step's bookkeeping."""
-            nonlocal state, skipped_in_a_row, last_eval
+            nonlocal state, skipped_in_a_row, last_eval, position
             step = p.step
             t0 = time.perf_counter()
             if p.updated is not None:
@@ -267,8 +268,8 @@ def _train(
             if step % config.train.log_every == 0 or step == config.train.steps:
                 writer.write(step, "grpo", m)
             # The data position right after this batch: with the overlap, the next batch is already drawn.
-            force = force_save or step == config.train.steps
-            ckpt.save(step, state, p.data_state, meta, force=force)
+            position = p.data_state
+            ckpt.save(step, state, position, meta, force=step == config.train.steps)
             if on_step is not None:
                 on_step(step, m)
 
@@ -285,9 +286,11 @@ def _train(
             """After a SIGTERM on any process: finish the batch in flight, save its step, and stop."""
             nonlocal pending
             if pending is not None:
-                finish(pending, force_save=True)
+                finish(pending)
                 pending = None
             step = int(state["step"])
+            if step > 0:  # a step already on disk (a scheduled save, the resume point) is not rewritten
+                ckpt.save(step, state, position, meta, force=True)
             ckpt.wait()
             ckpt.close()
             writer.close()

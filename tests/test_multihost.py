@@ -175,6 +175,8 @@ def _sigterm_then_resume(reference: Path, overrides: list[str], n: int, target: 
     """SIGTERM to process ``target`` once iteration 1 is logged; every process saves and exits 0; a rerun
     ends bitwise equal to ``reference``. Returns the seconds from the signal to the last exit."""
     workdir = _with_warm_start(reference, tmp_path / "work")
+    # No scheduled checkpoint before the end: the one the rerun resumes from is the SIGTERM's own.
+    overrides = [*overrides, "--config.train.checkpoint_every=100"]
     group = _run(workdir, overrides, n, tmp_path / "logs1")
     log = workdir / "metrics.jsonl"
     wait_for(lambda: log.exists() and '"stage": "grpo"' in log.read_text(), group, TIMEOUT, "iteration 1")
@@ -186,7 +188,7 @@ def _sigterm_then_resume(reference: Path, overrides: list[str], n: int, target: 
     assert stopped < STEPS, "the run ended before the signal"
     for out in outputs:
         assert f"stopped on SIGTERM after GRPO iteration {stopped}; checkpoint" in out, out[-3000:]
-    assert (workdir / "checkpoints" / str(stopped)).is_dir()
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [str(stopped)]
     print(f"SIGTERM to exit: {elapsed:.1f} s ({n} process(es))", file=sys.stderr)
     _finish(_run(workdir, overrides, n, tmp_path / "logs2"))
     _same_params(workdir, reference)

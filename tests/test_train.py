@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from helpers import ROOT, tiny_config
 
-from sfgrpo import builders, checkpoint, metrics, resume, train
+from sfgrpo import builders, checkpoint, metrics, preemption, resume, train
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _compiles: list[str] = []
@@ -242,6 +243,24 @@ def test_rerun_after_a_kill_before_any_checkpoint_keeps_one_line_per_step(full_r
     assert len(keys) == len(set(keys)), keys
     assert ("grpo", 1) in keys and ("eval", 0) in keys
     assert [r for r in records if r["stage"] == "grpo"][0]["loss"] != 0.1
+
+
+def test_sigterm_saves_the_step_it_stops_at_and_the_rerun_is_exact(full_run, tmp_path):
+    workdir = _with_warm_start(full_run[0], tmp_path / "sigterm")
+    c = _config(4)
+    c.train.checkpoint_every = 100  # no scheduled save before the end: only the SIGTERM's own
+
+    def sigterm_after_first(step, m):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(preemption.Preempted, match="after GRPO iteration 1; checkpoint .*1 is saved"):
+        train.train(c, workdir, on_step=sigterm_after_first)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1"]
+    train.train(c, workdir)
+    _assert_same_params(train.final_params(workdir), train.final_params(full_run[0]))
+    steps = [r["step"] for r in metrics.read_metrics(workdir / "metrics.jsonl") if r["stage"] == "grpo"]
+    assert steps == [1, 2, 3, 4]
 
 
 def test_workdir_that_is_a_file_is_refused(tmp_path):
