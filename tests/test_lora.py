@@ -8,6 +8,7 @@ import torch
 from diffusers import Flux2KleinPipeline
 from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
 from flax import nnx
+from helpers import Setup, tiny_config
 from safetensors import safe_open
 from tiny_flux2 import TINY_DIFFUSERS
 
@@ -147,3 +148,53 @@ def test_exported_adapter_loads_in_diffusers_with_the_same_output(tmp_path):
         )[0].numpy()
     assert np.abs(want - base).max() > 0.05  # the adapter matters
     np.testing.assert_allclose(ours, want, atol=1e-4, rtol=0)
+
+
+def _lora_a_moves(dtype: str, steps: int = 4):
+    """Trains a rank-4 LoRA on the tiny policy in ``dtype`` for ``steps`` optimizer steps on one rollout;
+    returns the set-up, the final (params, opt_state) and, per LoRA-A leaf, which entries the last step
+    changed. (A has no gradient while B is still zero: it starts moving from the second step.)"""
+    c = tiny_config()
+    c.model.dtype = dtype
+    c.model.lora_rank = 4
+    s = Setup(c)
+    out = s("rollout", s.params, s.frozen, s.batch, s.key(1))
+    credit, _ = s("reward", s.params, s.frozen, out.edited, s.batch, out.weights)
+    credit = credit._replace(
+        adv=jax.random.normal(s.key(2), credit.adv.shape), mask=jnp.ones_like(credit.mask)
+    )
+    params, opt_state = s.params, s.opt_state
+    for i in range(steps):
+        before = [np.asarray(x, np.float32) for x in jax.tree.leaves(params)]
+        params, opt_state, m = s("update", params, s.frozen, opt_state, {}, out, credit, s.key(10 + i))
+        assert float(m["skipped_updates"]) == 0.0
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    after = [np.asarray(x, np.float32) for x in jax.tree.leaves(params)]
+    moved = {p: a != b for p, a, b in zip(paths, after, before, strict=True) if "'a'" in p}
+    assert moved
+    return s, params, opt_state, moved
+
+
+def test_bf16_model_trains_float32_adapters_that_move_like_float32_ones():
+    """Issue 12 item 1: the frozen base is bf16, the LoRA factors, Adam's moments and the accumulated
+    gradients are float32, and a bf16 model's step moves every LoRA-A entry a float32 model's step moves
+    (bf16 factors rounded a 4th-step Adam update of lr size to zero for ~40% of them)."""
+    s, params, opt_state, moved_bf16 = _lora_a_moves("bfloat16")
+    base = [
+        x for p, x in jax.tree_util.tree_leaves_with_path(s.frozen) if "kernel" in jax.tree_util.keystr(p)
+    ]
+    assert base and all(x.dtype == jnp.bfloat16 for x in base)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s.params))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    floats = [x for x in jax.tree.leaves(opt_state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert floats and all(x.dtype == jnp.float32 for x in floats)
+    _, _, _, moved_f32 = _lora_a_moves("float32")
+    assert moved_f32.keys() == moved_bf16.keys()
+    f32_frac = np.mean(np.concatenate([m.ravel() for m in moved_f32.values()]))
+    bf16_frac = np.mean(np.concatenate([m.ravel() for m in moved_bf16.values()]))
+    assert f32_frac > 0.9, f32_frac
+    for path, m32 in moved_f32.items():
+        missed = m32 & ~moved_bf16[path]
+        assert not missed.any(), (
+            f"{path}: {missed.mean():.1%} moved in float32 only (bf16 moved {bf16_frac:.1%})"
+        )

@@ -59,7 +59,12 @@ class LoRAConfig:
 
 class LoRA(nnx.Module):
     """The low-rank update of a linear layer with kernel (*stack, in, out): A (*stack, in, r) and
-    B (*stack, r, out), B zero-initialised."""
+    B (*stack, r, out), B zero-initialised.
+
+    The factors are float32 whatever the base model's dtype: Adam's steps of about lr are far below a
+    bf16 factor's resolution (2^-8 relative) and would round to zero. They are cast to the input's dtype
+    for the products, so a bf16 model still computes in bf16.
+    """
 
     def __init__(
         self,
@@ -85,8 +90,8 @@ class LoRA(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x (..., in) -> (..., out), the update to add to the base layer's output."""
-        a, b = self.a[...], self.b[...]
-        return matmul(matmul(x.astype(a.dtype), a), b) * (self.alpha / self.rank)
+        a, b = self.a[...].astype(x.dtype), self.b[...].astype(x.dtype)
+        return matmul(matmul(x, a), b) * (self.alpha / self.rank)
 
 
 def _creation_context(kernel: Any) -> contextlib.AbstractContextManager:
@@ -120,12 +125,13 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> list
     for path, lin in targets.items():
         kernel = lin.kernel.get_value()
         axes = lin.kernel.get_metadata().get("out_sharding") or (None,) * len(kernel.shape)
-        specs[path] = (tuple(kernel.shape), tuple(axes), kernel.dtype)
+        specs[path] = (tuple(kernel.shape), tuple(axes))
 
     def create(rngs: nnx.Rngs) -> dict[str, LoRA]:
+        # float32 factors under any base dtype (see LoRA).
         return {
-            p: LoRA(shape, axes, rank=config.rank, alpha=config.alpha, rngs=rngs, dtype=dtype)
-            for p, (shape, axes, dtype) in specs.items()
+            p: LoRA(shape, axes, rank=config.rank, alpha=config.alpha, rngs=rngs, dtype=jnp.float32)
+            for p, (shape, axes) in specs.items()
         }
 
     # One jitted program creates every factor (one compile instead of one per shape).

@@ -312,6 +312,11 @@ def _step_loss(
     return loss, metrics
 
 
+def _f32_zeros(x: jax.Array) -> jax.Array:
+    """A float32 gradient accumulator for ``x``: sums of many small bf16 terms lose their low bits."""
+    return jnp.zeros_like(x, dtype=jnp.float32)
+
+
 def update(
     parts: PolicyParts,
     opt_state: Any,
@@ -370,7 +375,7 @@ def update(
             )
             return jax.tree.map(jnp.add, acc, g), m
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
+        zeros = jax.tree.map(_f32_zeros, params)
         total, metrics = jax.lax.scan(over_steps, zeros, jnp.arange(window))
         return total, reduce(metrics)
 
@@ -385,8 +390,11 @@ def update(
             g, m = micro_grad(params, mb, counts)
             return jax.tree.map(jnp.add, acc, g), m
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
+        zeros = jax.tree.map(_f32_zeros, params)
         grads, metrics = jax.lax.scan(accumulate, zeros, group)
+        # Summed in float32; handed to the optimizer in the params' dtype, which its state follows (float32
+        # LoRA factors; a bf16 full fine-tuning keeps bf16 params and moments).
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         metrics = reduce(metrics)
         grad_norm = optax.global_norm(grads)
         updates, new_opt = optimizer.update(grads, opt_state, params)
