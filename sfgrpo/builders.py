@@ -454,7 +454,7 @@ def device_batch(
     from sfgrpo import runtime  # noqa: PLC0415
 
     arrays = pipeline.numeric_fields(batch)
-    keep = ("source", "target", "boxes", "region_valid", "region_masks", "group_id")
+    keep = ("source", "target", "boxes", "region_valid", "region_masks", "has_masks", "group_id")
     out = {k: arrays[k] for k in keep if k in arrays}
     out.update(text_fields([str(t) for t in batch["instruction"]]))
     return runtime.host_local_to_global(out, mesh)

@@ -113,7 +113,8 @@ class Programs:
       settings: static GRPO settings.
       condition: the batch -> conditioning map (it holds the autoencoder and the token grid).
       num_steps / eval_steps: sampler steps for training and evaluation.
-      token_weights: 'boxes' (exact box-cell overlap) or 'masks' (average-pooled region masks).
+      token_weights: 'boxes' (exact box-cell overlap) or 'masks' (average-pooled region masks where an
+        example has them, its boxes otherwise).
       in_graph_reward: the shapes reward runs inside 'reward', 'iteration' and 'evaluate'; False when a
         remote judge scores the images ('credit' and 'judge_metrics' take its scores).
     """
@@ -161,7 +162,9 @@ class Programs:
     def weights(self, batch: dict[str, jax.Array]) -> jax.Array:
         """(B, R+1, L) token weights of the batch's regions (SPEC section 6)."""
         if self.token_weights == "masks":
-            return regions.mask_token_weights(batch["region_masks"], batch["region_valid"], self.grid)
+            return regions.region_token_weights(
+                batch["boxes"], batch["region_masks"], batch["has_masks"], batch["region_valid"], self.grid
+            )
         return regions.token_weights(batch["boxes"], batch["region_valid"], self.grid)
 
     def _noise(self, key: jax.Array, batch: dict[str, jax.Array], ref: jax.Array) -> jax.Array:

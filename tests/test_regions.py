@@ -1,15 +1,21 @@
 """Boxes and masks to token weights (SPEC section 6), with hypothesis property tests."""
 
+from types import SimpleNamespace
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sfgrpo import builders
+from sfgrpo.iteration import Programs
 from sfgrpo.rl.regions import (
     area_share,
     box_coverage,
     mask_token_weights,
+    region_token_weights,
     token_weights,
     validate_boxes,
 )
@@ -130,3 +136,47 @@ def test_validate_rejects_bad_shapes():
         validate_boxes(good, np.ones((2, 3), np.int32), (2, 2))
     with pytest.raises(ValueError, match="grid_hw"):
         validate_boxes(good, np.ones((2, 3), bool), (0, 2))
+
+
+def test_masks_where_given_and_boxes_otherwise_per_example():
+    """Issue 12 item 4, SPEC section 6: with token_weights='masks', an example without pixel masks (its
+    masks all False) uses its boxes, even when the other examples of the batch have masks."""
+    grid = (2, 2)
+    boxes = jnp.asarray([[[0.0, 0.0, 0.5, 0.5]], [[0.5, 0.0, 1.0, 1.0]]])  # (B=2, R=1, 4)
+    valid = jnp.ones((2, 1), bool)
+    masks = np.zeros((2, 1, 32, 32), bool)
+    masks[0, 0, 16:, 16:] = True  # example 0's mask is not its box: the two must not be confused
+    has_masks = jnp.asarray([True, False])
+    weights = region_token_weights(boxes, jnp.asarray(masks), has_masks, valid, grid)
+    np.testing.assert_allclose(weights[0], mask_token_weights(jnp.asarray(masks), valid, grid)[0])
+    np.testing.assert_allclose(weights[1], token_weights(boxes, valid, grid)[1])
+    np.testing.assert_allclose(weights[1, 0], [0.0, 1.0, 0.0, 1.0])  # the right column, not background
+
+
+def test_device_batch_carries_has_masks():
+    """The per-example choice needs ``has_masks`` on the device, next to the masks and boxes."""
+    config = tiny_config()
+    has = np.array([True, False] * 4)
+    host = {
+        "boxes": np.zeros((8, 2, 4), np.float32),
+        "region_masks": np.zeros((8, 2, 32, 32), bool),
+        "has_masks": has,
+        "instruction": np.array(["x"] * 8, dtype=object),
+    }
+    out = builders.device_batch(host, builders.make_mesh(config), lambda texts: {})
+    np.testing.assert_array_equal(np.asarray(out["has_masks"]), has)
+
+
+def test_programs_mask_weights_fall_back_to_boxes_per_example():
+    """rl.token_weights='masks' in the compiled programs: the per-example choice, from the device batch."""
+    boxes = jnp.asarray([[[0.0, 0.0, 0.5, 0.5]], [[0.5, 0.0, 1.0, 1.0]]])
+    masks = np.zeros((2, 1, 32, 32), bool)
+    masks[0, 0, 16:, 16:] = True
+    batch = {
+        "boxes": boxes,
+        "region_masks": jnp.asarray(masks),
+        "has_masks": jnp.asarray([True, False]),
+        "region_valid": jnp.ones((2, 1), bool),
+    }
+    weights = Programs.weights(SimpleNamespace(token_weights="masks", grid=(2, 2)), batch)
+    np.testing.assert_allclose(weights[:, 0], [[0.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 1.0]])

@@ -122,6 +122,18 @@ def mask_token_weights(masks: jax.Array, valid: jax.Array, grid_hw: Sequence[int
     return coverage_to_weights(mask_coverage(masks, grid_hw), valid)
 
 
+def region_token_weights(
+    boxes: jax.Array, masks: jax.Array, has_masks: jax.Array, valid: jax.Array, grid_hw: Sequence[int]
+) -> jax.Array:
+    """Per-token region weights from masks where an example has them and from its boxes otherwise, decided
+    per example (SPEC section 6): boxes (B, R, 4), masks (B, R, H, W) bool, has_masks (B,) bool, valid
+    (B, R) bool; returns (B, R + 1, L) as ``token_weights``. An example without masks has all-False masks,
+    which would give its regions no credit and everything to the background."""
+    from_masks = mask_token_weights(masks, valid, grid_hw)
+    from_boxes = token_weights(boxes, valid, grid_hw)
+    return jnp.where(has_masks[:, None, None], from_masks, from_boxes)
+
+
 def area_share(weights: jax.Array) -> jax.Array:
     """(B, R + 1) each slot's share of the image area: its token weight averaged over the L tokens."""
     return weights.mean(axis=-1)
