@@ -4,11 +4,19 @@ can already edit. The result is cached in the workdir; a rerun loads it instead 
 Loss: with x0 the target's tokens, eps ~ N(0, I) and sigma ~ logit-normal (as FLUX and SD3 are trained),
 x_sigma = (1 - sigma) x0 + sigma eps and the policy regresses the velocity eps - x0, conditioned on the
 instruction and the source's reference tokens.
+
+The cache holds a fingerprint of what it was trained from (``fingerprint``: the model, data and warm-start
+settings and the seed); a cache whose fingerprint differs from the run's is not loaded, and the warm start
+trains again and replaces it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -53,12 +61,56 @@ def _split(policy: EditPolicy) -> tuple[Any, Any, Any]:
     return nnx.split(policy, nnx.All(nnx.Param, nnx.Not(nnx.PathContains("autoencoder"))), ...)
 
 
-def load_cached(policy: EditPolicy, cache_dir: Path) -> bool:
-    """Loads the cached warm start into ``policy`` if ``cache_dir`` holds one; returns whether it did.
+FINGERPRINT_FILE = "sfgrpo_fingerprint.json"  # inside the cache directory, written with it
+# Settings that change neither the warm start's data nor its result: changing them keeps the cache. LoRA is
+# attached after the warm start, to the base it trained.
+_NOT_FINGERPRINTED = {
+    "data": ("num_workers",),
+    "model": ("lora_rank", "lora_alpha", "lora_targets", "prompt_cache", "prompt_cache_batch", "remat"),
+}
 
-    Reads only. Raises checkpoint.CheckpointMismatchError when the cache was written for another model.
+
+def fingerprint(config: Any) -> dict[str, Any]:
+    """What the warm start depends on: config.model, config.data, config.warmstart and config.seed (less
+    ``_NOT_FINGERPRINTED``), as JSON-able values plus their sha256 under 'sha256'."""
+    parts: dict[str, Any] = {"seed": config.seed}
+    for section in ("model", "data", "warmstart"):
+        values = json.loads(config[section].to_json_best_effort(sort_keys=True))
+        parts[section] = {k: v for k, v in values.items() if k not in _NOT_FINGERPRINTED.get(section, ())}
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return {"sha256": digest, **parts}
+
+
+def _stored_fingerprint(cache_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((cache_dir / FINGERPRINT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def load_cached(policy: EditPolicy, cache_dir: Path, fingerprint: dict[str, Any]) -> bool:
+    """Loads the cached warm start into ``policy`` if ``cache_dir`` holds one made from ``fingerprint``;
+    returns whether it did.
+
+    Reads only: a cache with another fingerprint (or none, from an older sfgrpo) is left in place with a
+    warning naming what differs, and False is returned, so that ``run`` trains again and replaces it.
+    Raises checkpoint.CheckpointMismatchError when a matching cache was written for another model.
     """
     if not cache_dir.exists():
+        return False
+    stored = _stored_fingerprint(cache_dir)
+    if stored is None or stored.get("sha256") != fingerprint["sha256"]:
+        changed = (
+            ["its fingerprint is missing or unreadable"]
+            if stored is None
+            else [k for k in fingerprint if k != "sha256" and stored.get(k) != fingerprint[k]] or ["sha256"]
+        )
+        _log.warning(
+            "warm start: the cache at %s was made from other settings (%s differ); it is not used, and the "
+            "warm start trains again and replaces it",
+            cache_dir,
+            ", ".join(changed),
+        )
         return False
     _, params, _ = _split(policy)
     nnx.update(policy, checkpoint.load_params(cache_dir, params))
@@ -75,6 +127,7 @@ def run(
     lr: float,
     seed: int,
     cache_dir: Path,
+    fingerprint: dict[str, Any],
     log_metrics: Callable[[int, dict[str, float]], None],
     should_stop: Callable[[], bool] = lambda: False,
 ) -> None:
@@ -84,7 +137,9 @@ def run(
       policy: updated in place.
       condition: the run's ``iteration.Conditioner`` (conditioning and the autoencoder).
       batches: device batches with 'source', 'target', 'text_ids'.
-      cache_dir: where the trained parameters are cached (see ``load_cached``).
+      cache_dir: where the trained parameters are cached (see ``load_cached``); a stale cache there is
+        replaced, only once the new one is complete.
+      fingerprint: the run's ``fingerprint(config)``, stored with the cache.
       log_metrics: called with (step, scalars) every few steps.
       should_stop: asked before every step (a collective on several processes); True raises Preempted.
     """
@@ -127,5 +182,32 @@ def run(
             losses.clear()
             log_metrics(step, {"loss": mean, "time/elapsed_s": time.perf_counter() - start})
             _log.info("warm start %d/%d: flow-matching loss %.4f", step, steps, mean)
-    checkpoint.save_params(cache_dir, params)
+    _replace_cache(cache_dir, params, fingerprint)
     nnx.update(policy, params)
+
+
+def _replace_cache(cache_dir: Path, params: Any, fingerprint: dict[str, Any]) -> None:
+    """Saves ``params`` with ``fingerprint`` next to ``cache_dir`` and renames them over it: an interrupted
+    save leaves the old cache (or none) in place, never a half-written or mismatched one."""
+    fresh = cache_dir.with_name(cache_dir.name + ".new")
+    stale = cache_dir.with_name(cache_dir.name + ".stale")
+    if jax.process_index() == 0:
+        for leftover in (fresh, stale):
+            shutil.rmtree(leftover, ignore_errors=True)
+    _sync("warmstart-cache-clean")
+    checkpoint.save_params(fresh, params)  # collective
+    if jax.process_index() == 0:
+        (fresh / FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
+        if cache_dir.exists():
+            os.replace(cache_dir, stale)
+        os.replace(fresh, cache_dir)
+        shutil.rmtree(stale, ignore_errors=True)
+    _sync("warmstart-cache-replaced")
+
+
+def _sync(name: str) -> None:
+    """Every process waits here (the cache is written by process 0 on a shared disk)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        multihost_utils.sync_global_devices(name)
