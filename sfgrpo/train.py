@@ -91,15 +91,17 @@ def _train(
         model = builders.build_model(config, mesh, config.seed)
         policy, condition = model.policy, model.condition
         warm_cache = workdir / "warmstart"
-        warm_cached = warmstart.load_cached(policy, warm_cache)
+        warm_fingerprint = warmstart.fingerprint(config)
+        warm_cached = warmstart.load_cached(policy, warm_cache, warm_fingerprint)
         optimizer = builders.make_optimizer(config.rl.lr, config.rl.weight_decay, config.rl.max_grad_norm)
         base_key = jax.random.key(config.seed)
         restored = None
         if resume_point is not None:
             if not warm_cached and config.warmstart.steps > 0:
                 raise TrainingError(
-                    f"{workdir} holds GRPO checkpoints but no warm-start cache ({warm_cache}): the adapters "
-                    "were trained on a base that is gone; use a fresh workdir"
+                    f"{workdir} holds GRPO checkpoints but no usable warm-start cache ({warm_cache}: "
+                    "missing, or built for another model, data or seed): the adapters were trained on a base "
+                    "that is gone; use a fresh workdir"
                 )
             # Raises CheckpointMismatchError, listing the paths, when the workdir holds another model shape.
             abstract = _abstract_train_state(policy, config, optimizer, base_key)
@@ -153,6 +155,7 @@ def _train(
                 lr=config.warmstart.lr,
                 seed=config.seed,
                 cache_dir=warm_cache,
+                fingerprint=warm_fingerprint,
                 log_metrics=lambda step, m: writer.write(step, "warmstart", m),
                 should_stop=guard.should_stop,
             )
