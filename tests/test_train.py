@@ -154,8 +154,13 @@ def test_checkpoint_of_another_model_is_refused_before_anything_is_written(full_
     with pytest.raises(resume.ConfigChangeError, match="model.transformer.num_single_layers 1 -> 2"):
         train.train(c, workdir)
     assert _tree_digest(workdir) == before
-    # Told to go on with the change, the saved arrays still cannot fit the model: refused, listing them.
+    # Told to go on with the change, the warm start no longer fits (its fingerprint names the model) ...
     c.train.allow_config_change = True
+    with pytest.raises(train.TrainingError, match="no usable warm-start cache"):
+        train.train(c, workdir)
+    assert _tree_digest(workdir) == before
+    # ... and without a warm start the saved arrays still cannot fit the model: refused, listing them.
+    c.warmstart.steps = 0
     with pytest.raises(checkpoint.CheckpointMismatchError, match="single_transformer_blocks"):
         train.train(c, workdir)
     assert _tree_digest(workdir) == before
