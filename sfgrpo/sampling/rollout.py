@@ -59,10 +59,12 @@ def draw_window_start(key: jax.Array, mode: str, lo: int, hi: int, num_steps: in
     """() int32 first window step: 0 for 'all_but_last', uniform in [lo, hi) for 'random'."""
     if mode == "all_but_last":
         return jnp.zeros((), jnp.int32)
-    if not 0 <= lo < hi or hi + size - 1 > num_steps:
+    # The last step lands on sigma' = 0: a window there would leave noise in the judged image (sde) or
+    # count a step of log-prob 0 (cps), so the window must end before it.
+    if not 0 <= lo < hi or hi - 1 + size > num_steps - 1:
         raise ValueError(
-            f"random sde window: need 0 <= lo < hi and hi - 1 + size <= num_steps; got lo={lo}, hi={hi}, "
-            f"size={size}, num_steps={num_steps}"
+            f"random sde window: need 0 <= lo < hi and hi - 1 + size <= num_steps - 1 (the last step is "
+            f"never in the window); got lo={lo}, hi={hi}, size={size}, num_steps={num_steps}"
         )
     return jax.random.randint(key, (), lo, hi, dtype=jnp.int32)
 
