@@ -27,7 +27,7 @@ from sfgrpo.models.policy import EditPolicy
 from sfgrpo.models.tiny import PixelAutoencoder, WordTextEncoder
 from sfgrpo.rewards import reward_config
 from sfgrpo.rl.loss import CREDIT_MODES
-from sfgrpo.rl.step import GRPOSettings
+from sfgrpo.rl.step import GRPOSettings, master_weights
 from sfgrpo.sampling.rollout import window_size
 from sfgrpo.sampling.sde import STEP_KINDS
 
@@ -382,13 +382,26 @@ def grpo_filter(config: ml_collections.ConfigDict) -> Any:
     return nnx.All(nnx.Param, nnx.PathContains("transformer"))
 
 
+def split_for_grpo(
+    policy: Any, config: ml_collections.ConfigDict
+) -> tuple[Any, Any, Any, tuple[str, ...] | None]:
+    """(graphdef, trainable params as float32 masters, frozen rest, compute dtypes or None): the policy
+    split for GRPO. LoRA factors are float32 already; a full fine-tuning of a bf16 model trains float32
+    copies of its weights (``step.master_weights``), and the frozen base stays in the model's dtype."""
+    graphdef, params, frozen = nnx.split(policy, grpo_filter(config), ...)
+    params, compute_dtypes = master_weights(params)
+    return graphdef, params, frozen, compute_dtypes
+
+
 def make_programs(
     config: ml_collections.ConfigDict,
     graphdef: Any,
     optimizer: optax.GradientTransformation,
     condition: Conditioner,
+    compute_dtypes: tuple[str, ...] | None = None,
 ) -> Programs:
-    """The run's compiled programs for the config's settings, sampler and reward kind."""
+    """The run's compiled programs for the config's settings, sampler and reward kind; ``compute_dtypes``
+    as from ``step.master_weights`` when the trainable params are float32 masters of a bf16 model."""
     return Programs(
         graphdef,
         optimizer,
@@ -398,6 +411,7 @@ def make_programs(
         eval_steps=config.sampler.eval_steps,
         token_weights=config.rl.token_weights,
         in_graph_reward=config.reward.kind in reward_config.IN_GRAPH_KINDS,
+        compute_dtypes=compute_dtypes,
     )
 
 

@@ -117,6 +117,8 @@ class Programs:
         example has them, its boxes otherwise).
       in_graph_reward: the shapes reward runs inside 'reward', 'iteration' and 'evaluate'; False when a
         remote judge scores the images ('credit' and 'judge_metrics' take its scores).
+      compute_dtypes: the trainable leaves' compute dtypes when the params passed in are float32 master
+        weights of a lower-precision model (``step.master_weights``); None otherwise.
     """
 
     def __init__(
@@ -130,6 +132,7 @@ class Programs:
         eval_steps: int,
         token_weights: str = "boxes",
         in_graph_reward: bool = True,
+        compute_dtypes: tuple[str, ...] | None = None,
     ) -> None:
         if token_weights not in ("boxes", "masks"):
             raise ValueError(f"token_weights must be 'boxes' or 'masks', got {token_weights!r}")
@@ -138,6 +141,7 @@ class Programs:
         self.grid = self.condition.grid
         self.token_weights = token_weights
         self.in_graph_reward = in_graph_reward
+        self.compute_dtypes = compute_dtypes
         seq = self.grid[0] * self.grid[1]
         self.sigmas = flux2_sigmas(num_steps, seq)
         self.eval_sigmas = flux2_sigmas(eval_steps, seq)
@@ -156,8 +160,11 @@ class Programs:
 
     # --- the stages, traced -------------------------------------------------------------------------
 
+    def _parts(self, params: Any, frozen: Any) -> PolicyParts:
+        return PolicyParts(self.graphdef, params, frozen, self.compute_dtypes)
+
     def conditioning(self, params: Any, frozen: Any, batch: dict[str, jax.Array]) -> Conditioning:
-        return self.condition(merge(PolicyParts(self.graphdef, params, frozen)), batch)
+        return self.condition(merge(self._parts(params, frozen)), batch)
 
     def weights(self, batch: dict[str, jax.Array]) -> jax.Array:
         """(B, R+1, L) token weights of the batch's regions (SPEC section 6)."""
@@ -176,13 +183,13 @@ class Programs:
         cond = self.conditioning(params, frozen, batch)
         noise_key, sample_key = jax.random.split(key)
         noise = self._noise(noise_key, batch, cond.reference)
-        parts = PolicyParts(self.graphdef, params, frozen)
+        parts = self._parts(params, frozen)
         traj = sample(parts, cond, noise, sample_key, self.sigmas, self.settings)
         edited = self._autoencoder(params, frozen).decode(traj.final, self.grid)
         return RolloutOut(traj, cond, edited, self.weights(batch))
 
     def _autoencoder(self, params: Any, frozen: Any) -> Any:
-        return self.condition.autoencoder_of(merge(PolicyParts(self.graphdef, params, frozen)))
+        return self.condition.autoencoder_of(merge(self._parts(params, frozen)))
 
     def reward(
         self, params: Any, frozen: Any, edited: jax.Array, batch: dict[str, jax.Array], weights: jax.Array
@@ -225,7 +232,7 @@ class Programs:
         credit_: Credit,
         key: jax.Array,
     ) -> tuple[Any, Any, dict[str, jax.Array]]:
-        parts = PolicyParts(self.graphdef, params, frozen)
+        parts = self._parts(params, frozen)
         sigma_max = jnp.asarray(self.sigmas[1])
         return update(
             parts,
@@ -264,7 +271,7 @@ class Programs:
         """Deterministic (ODE) edits of a fixed batch and their rewards; returns (edited, metrics)."""
         cond = self.conditioning(params, frozen, batch)
         noise = self._noise(key, batch, cond.reference)
-        policy = merge(PolicyParts(self.graphdef, params, frozen))
+        policy = merge(self._parts(params, frozen))
         traj = rollout(
             velocity_fn(policy, cond, self.settings.cfg_scale),
             noise,

@@ -36,6 +36,7 @@ from sfgrpo import (
 from sfgrpo.data import pipeline
 from sfgrpo.iteration import host_numpy
 from sfgrpo.models.tiny import images_to_uint8
+from sfgrpo.rl.step import compute_copy
 
 _log = logging.getLogger(__name__)
 
@@ -162,21 +163,24 @@ def _train(
 
         # --- GRPO state: what trains, the reference, the optimizer --------------------------------------
         adapted = builders.add_lora(policy, config, config.seed + 2)
-        graphdef, params, frozen = nnx.split(policy, builders.grpo_filter(config), ...)
+        graphdef, params, frozen, compute_dtypes = builders.split_for_grpo(policy, config)
         n_train = sum(x.size for x in jax.tree.leaves(params))
         _log.info(
             "GRPO trains %d parameters (%s)", n_train, f"LoRA on {len(adapted)} layers" if adapted else "full"
         )
         if config.rl.kl_beta > 0:
             # The reference is the base model: LoRA off (zero adapters) or a frozen copy of the weights.
-            ref_params = jax.tree.map(lambda x: x * 0 if adapted else x.copy(), params)
+            # A full fine-tuning's reference is kept in the compute dtype: no need for float32 masters.
+            ref_params = (
+                jax.tree.map(lambda x: x * 0, params) if adapted else compute_copy(params, compute_dtypes)
+            )
         else:
             ref_params = {}
         state = {"params": params, "opt_state": optimizer.init(params), "step": 0, "rng": base_key}
         data_state = None
         if restored is not None:
             state, data_state = restored
-        programs = builders.make_programs(config, graphdef, optimizer, condition)
+        programs = builders.make_programs(config, graphdef, optimizer, condition, compute_dtypes)
         rewards = reward_stage.RewardStage(config.reward, programs, mesh, judge)
         meta = {"model": _signature(params), "credit": settings.credit, "config": snapshot}
 
@@ -407,7 +411,7 @@ def _abstract_train_state(
 
     def make(p: Any) -> dict[str, Any]:
         builders.add_lora(p, config, config.seed + 2)
-        _, params, _ = nnx.split(p, builders.grpo_filter(config), ...)
+        _, params, _, _ = builders.split_for_grpo(p, config)
         return {"params": params, "opt_state": optimizer.init(params)}
 
     return {**nnx.eval_shape(make, policy), "step": 0, "rng": key}

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import jax
 import ml_collections
-from flax import nnx
 
 from sfgrpo import builders, runtime
 from sfgrpo.data import pipeline
@@ -63,12 +62,14 @@ class Setup:
             self.model = builders.build_model(config, self.mesh, config.seed)
             self.policy, self.condition = self.model.policy, self.model.condition
             self.adapted = builders.add_lora(self.policy, config, config.seed + 2)
-            self.graphdef, self.params, self.frozen = nnx.split(
-                self.policy, builders.grpo_filter(config), ...
+            self.graphdef, self.params, self.frozen, self.compute_dtypes = builders.split_for_grpo(
+                self.policy, config
             )
             self.optimizer = builders.make_optimizer(config.rl.lr, 0.0, 1.0)
             self.opt_state = self.optimizer.init(self.params)
-            self.programs = builders.make_programs(config, self.graphdef, self.optimizer, self.condition)
+            self.programs = builders.make_programs(
+                config, self.graphdef, self.optimizer, self.condition, self.compute_dtypes
+            )
             pcfg = builders.pipeline_config(
                 config, batch_size=config.rl.batch_size, group_size=config.rl.group_size, seed=0
             )

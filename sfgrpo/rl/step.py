@@ -77,16 +77,49 @@ class Credit(NamedTuple):
 
 
 class PolicyParts(NamedTuple):
-    """The policy split for a functional update: the graph, its trainable params and everything else."""
+    """The policy split for a functional update: the graph, its trainable params and everything else.
+
+    ``compute_dtypes`` (static) is set when ``params`` are float32 master weights of a lower-precision
+    model (full fine-tuning of a bf16 model): the dtype each trainable leaf is computed in, in leaf order.
+    """
 
     graphdef: Any
     params: Any
     frozen: Any
+    compute_dtypes: tuple[str, ...] | None = None
+
+
+def master_weights(params: Any) -> tuple[Any, tuple[str, ...] | None]:
+    """(float32 master copy of ``params``, their compute dtypes in leaf order, or None when all are float32).
+
+    Adam's steps of about lr are far below a bf16 weight's resolution (2^-8 relative) and would round to
+    zero, so what trains is a float32 copy; the model computes with a cast of it (``compute_copy``).
+    """
+    leaves = jax.tree.leaves(params)
+    dtypes = tuple(str(x.dtype) for x in leaves)
+    if all(not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.float32 for x in leaves):
+        return params, None
+    master = jax.tree.map(
+        lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
+    )
+    return master, dtypes
+
+
+def compute_copy(params: Any, compute_dtypes: tuple[str, ...] | None) -> Any:
+    """``params`` cast leaf by leaf to ``compute_dtypes`` (from ``master_weights``); unchanged for None.
+    Differentiable: the gradient with respect to the master weights comes back in float32."""
+    if compute_dtypes is None:
+        return params
+    leaves, treedef = jax.tree.flatten(params)
+    if len(leaves) != len(compute_dtypes):
+        raise ValueError(f"{len(leaves)} trainable leaves but {len(compute_dtypes)} compute dtypes")
+    return jax.tree.unflatten(treedef, [x.astype(d) for x, d in zip(leaves, compute_dtypes, strict=True)])
 
 
 def merge(parts: PolicyParts, params: Any = None) -> EditPolicy:
-    """The policy with ``params`` (default: its own) as its trainable part."""
-    return nnx.merge(parts.graphdef, parts.params if params is None else params, parts.frozen)
+    """The policy with ``params`` (default: its own) as its trainable part, in its compute dtypes."""
+    params = parts.params if params is None else params
+    return nnx.merge(parts.graphdef, compute_copy(params, parts.compute_dtypes), parts.frozen)
 
 
 def velocity_fn(
@@ -392,8 +425,8 @@ def update(
 
         zeros = jax.tree.map(_f32_zeros, params)
         grads, metrics = jax.lax.scan(accumulate, zeros, group)
-        # Summed in float32; handed to the optimizer in the params' dtype, which its state follows (float32
-        # LoRA factors; a bf16 full fine-tuning keeps bf16 params and moments).
+        # Summed in float32; handed to the optimizer in the params' dtype, which its state follows: float32
+        # (LoRA factors, and the master weights of a full fine-tuning; see master_weights).
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         metrics = reduce(metrics)
         grad_norm = optax.global_norm(grads)
