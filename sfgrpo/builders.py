@@ -7,6 +7,7 @@ with a ``ConfigError`` that names the key and the problem.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -57,6 +58,7 @@ def batch_shards(config: ml_collections.ConfigDict) -> int:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks the config against itself and the devices; raises ConfigError."""
+    _validate_numbers(config)
     rl, s, d, m = config.rl, config.sampler, config.data, config.model
     _require(rl.credit in CREDIT_MODES, "rl.credit", f"must be one of {CREDIT_MODES}, got {rl.credit!r}")
     _require(rl.group_size >= 2, "rl.group_size", f"a group needs at least 2 rollouts, got {rl.group_size}")
@@ -172,6 +174,57 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
 
 
+def _number(config: ml_collections.ConfigDict, key: str) -> float:
+    section, _, name = key.rpartition(".")
+    value = config[section][name] if section else config[name]
+    _require(
+        isinstance(value, int | float) and not isinstance(value, bool),
+        key,
+        f"must be a number, got {value!r}",
+    )
+    return value
+
+
+def _validate_numbers(config: ml_collections.ConfigDict) -> None:
+    """The numeric settings that need no other setting to be judged: rates, scales, counts. A NaN or an
+    infinity here would train silently on nothing (lr=nan skips every step, scale=nan voids every reward),
+    and a negative rate ascends the loss."""
+    positive = ["rl.lr", "rl.max_grad_norm", "rl.adv_eps", "reward.scale", "sampler.eta", "sampler.cfg_scale"]
+    non_negative = ["rl.weight_decay", "rl.kl_beta", "model.lora_alpha"]
+    if config.warmstart.steps > 0:
+        positive.append("warmstart.lr")
+    for key in positive:
+        value = _number(config, key)
+        _require(math.isfinite(value) and value > 0, key, f"must be a finite number > 0, got {value}")
+    for key in non_negative:
+        value = _number(config, key)
+        _require(math.isfinite(value) and value >= 0, key, f"must be a finite number >= 0, got {value}")
+    # adv_clip = inf means no clipping.
+    clip = _number(config, "rl.adv_clip")
+    _require(clip > 0, "rl.adv_clip", f"must be > 0 (inf: no clipping), got {clip}")
+    counts = {
+        "rl.max_consecutive_skips": 1,
+        "train.grid_rows": 0,
+        "data.num_workers": 0,
+        "data.r_max": 1,
+        "seed": 0,
+    }
+    if config.warmstart.steps > 0:
+        counts["warmstart.batch_size"] = 1
+    if config.data.source == "shapes":
+        counts.update({"data.shapes_train": 1, "data.shapes_eval": 1})
+    for key, least in counts.items():
+        value = _number(config, key)
+        _require(
+            isinstance(value, int) and value >= least, key, f"must be an integer >= {least}, got {value!r}"
+        )
+    _require(
+        config.rl.token_weights in ("boxes", "masks"),
+        "rl.token_weights",
+        f"'boxes' or 'masks', got {config.rl.token_weights!r}",
+    )
+
+
 def _validate_tiny(config: ml_collections.ConfigDict) -> None:
     m = config.model
     _require(
@@ -181,6 +234,18 @@ def _validate_tiny(config: ml_collections.ConfigDict) -> None:
     )
     _require(
         m.pixel_pool >= 1 and 16 % m.pixel_pool == 0, "model.pixel_pool", f"1, 2, 4, 8 or 16: {m.pixel_pool}"
+    )
+    t = m.transformer
+    _require(
+        sum(t.axes_dims_rope) == t.attention_head_dim,
+        "model.transformer.axes_dims_rope",
+        f"{tuple(t.axes_dims_rope)} sums to {sum(t.axes_dims_rope)}, but RoPE rotates the whole head: "
+        f"it must sum to model.transformer.attention_head_dim={t.attention_head_dim}",
+    )
+    _require(
+        all(dim > 0 and dim % 2 == 0 for dim in t.axes_dims_rope),
+        "model.transformer.axes_dims_rope",
+        f"every axis needs a positive even size (RoPE rotates pairs), got {tuple(t.axes_dims_rope)}",
     )
     channels = PixelAutoencoder(pool=m.pixel_pool).latent_channels
     _require(
@@ -433,9 +498,12 @@ def data_source(config: ml_collections.ConfigDict, split: str) -> Sequence[Any]:
     if d.source == "shapes":
         n = d.shapes_train if split == "train" else d.shapes_eval
         return shapes.ShapesSource(n, split=split, seed=config.seed, config=shapes_config(config))
-    from sfgrpo.data.tfds_builder import load_split  # noqa: PLC0415
+    from sfgrpo.data.tfds_builder import DatasetNotFound, load_split  # noqa: PLC0415
 
-    return load_split(d.tfds_dir, split)
+    try:
+        return load_split(d.tfds_dir, split)
+    except DatasetNotFound as err:
+        raise ConfigError(f"config.data.tfds_dir: {err}") from None
 
 
 def pipeline_config(

@@ -258,12 +258,22 @@ def _fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # 64 MP: far above any editing resolution, far below a memory blow-up
+
+
 def _read_image(path: str) -> PIL.Image.Image:
     try:
         with PIL.Image.open(path) as image:
+            # The header's size, before decoding: a small file can declare a huge image.
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                _fail(
+                    f"--image {path!r} is {width}x{height} = {width * height} pixels, over the "
+                    f"{MAX_IMAGE_PIXELS} this command decodes; resize it first"
+                )
             image.load()
             return image.copy()
-    except (OSError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError
+    except (OSError, ValueError, PIL.Image.DecompressionBombError) as err:  # UnidentifiedImageError: OSError
         _fail(f"cannot read --image {path!r}: {err}")
 
 
@@ -278,7 +288,15 @@ def main(argv: list[str] | None = None) -> None:
             _fail(f"--{name}={value} must be a positive multiple of 16")
     if args.steps is not None and args.steps < 1:
         _fail(f"--steps={args.steps} must be >= 1")
+    if args.max_text_length < 1:
+        _fail(f"--max_text_length={args.max_text_length} must be >= 1")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 1.0):
+        _fail(f"--guidance={args.guidance} must be a finite number >= 1 (1 = no guidance)")
+    if args.seed < 0:
+        _fail(f"--seed={args.seed} must be >= 0")
     out = Path(args.out)
+    if out.is_dir():
+        _fail(f"--out {str(out)!r} is a directory; give the image file to write")
     if not out.parent.is_dir():
         _fail(f"--out {str(out)!r}: directory {str(out.parent)!r} does not exist")
     if out.suffix.lower() not in PIL.Image.registered_extensions():

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
+from typing import NoReturn
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -26,7 +29,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        _usage_error(f"unexpected arguments {argv[1:]}: every setting is a --flag or a --config.KEY=VALUE")
     try:
         config = _CONFIG.value
         config.seed  # noqa: B018 - touching a field surfaces a config file that failed to load
@@ -37,19 +40,26 @@ def main(argv: list[str]) -> None:
     # Orbax and grain log every file operation through absl's logger; keep their warnings only.
     logging.getLogger("absl").setLevel(logging.WARNING)
     runtime.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    _exit(run(config, _WORKDIR.value))
 
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> int:
+    """Trains ``config`` in ``workdir``; returns the exit status: 0 when done or stopped by a preemption
+    (one line says which), 2 with one line naming the problem for a bad config, workdir, checkpoint, judge
+    or a failed run. Anything else is a bug and keeps its traceback."""
     from sfgrpo import builders, checkpoint, preemption, train  # noqa: PLC0415 - after the runtime is initialised
     from sfgrpo.rewards.base import RewardError  # noqa: PLC0415
 
     try:
-        final = train.train(config, _WORKDIR.value)
+        final = train.train(config, workdir)
     except preemption.Preempted as stop:
         print(f"sfgrpo: {stop}", file=sys.stderr, flush=True)
-        _exit(0)
+        return 0
     except (builders.ConfigError, checkpoint.CheckpointError, train.TrainingError, RewardError) as err:
         print(f"sfgrpo: {err}", file=sys.stderr, flush=True)
-        _exit(2)
+        return 2
     logging.info("done: %s", ", ".join(f"{k}={v:.4f}" for k, v in sorted(final.items())))
+    return 0
 
 
 def _exit(status: int) -> None:
@@ -71,22 +81,41 @@ def _config_path() -> str:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with a one-line message instead of a traceback for a bad config override."""
+    """absl flag parsing, with a one-line message and exit status 2 instead of a traceback or a usage
+    screen for a missing or broken config file, an unknown config key or a bad override."""
+    config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if config_arg is not None:
+        path = config_arg.split(":", 1)[0]
+        if not os.path.isfile(path):
+            _usage_error(f"--config {path}: no such file")
     try:
         return flags.FLAGS(argv)
     except flags.Error as err:
-        print(f"sfgrpo: {err}", file=sys.stderr)
-        sys.exit(2)
+        _usage_error(_one_line(str(err)))
     except (AttributeError, KeyError) as err:
-        overrides = [a.split("=")[0][2:] for a in argv if a.startswith("--config.")]
-        print(
-            f"sfgrpo: unknown config key {err} in the overrides {overrides}; the config file lists every key",
-            file=sys.stderr,
-        )
-        sys.exit(2)
+        # ml_collections nests the key's repr in the error (KeyError("'name'")): take the bare name.
+        quoted = re.findall(r"'([^'\"]+)'", str(err))
+        name = quoted[-1] if quoted else str(err)
+        overrides = [a.split("=")[0][2:].removeprefix("config.") for a in argv if a.startswith("--config.")]
+        named = [o for o in overrides if str(name) in o.split(".")] or overrides
+        _usage_error(f"unknown config key {name!r} in --config.{named[0]}; the config file lists every key")
     except (ValueError, TypeError) as err:
-        print(f"sfgrpo: bad config override: {err}", file=sys.stderr)
-        sys.exit(2)
+        _usage_error(f"bad config override: {_one_line(str(err))}")
+    except SyntaxError as err:
+        _usage_error(f"--config {config_arg}: cannot load it: SyntaxError: {err}")
+
+
+def _one_line(message: str) -> str:
+    """A flag error's message without the traceback config_flags embeds: its first and last lines."""
+    lines = [line for line in message.splitlines() if line.strip()]
+    if len(lines) > 1 and any(line.startswith("Traceback") for line in lines):
+        return f"{lines[0]} {lines[-1].strip()}"
+    return " ".join(line.strip() for line in lines)
+
+
+def _usage_error(message: str) -> NoReturn:
+    print(f"sfgrpo: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -377,6 +377,8 @@ def _check_workdir(workdir: Path) -> None:
     if workdir.exists() and not workdir.is_dir():
         raise TrainingError(f"--workdir {workdir} is a file, not a directory")
     existing = next((p for p in (workdir, *workdir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise TrainingError(f"--workdir {workdir}: {existing} is a file, not a directory")
     if existing is None or not os.access(existing, os.W_OK | os.X_OK):
         raise TrainingError(f"--workdir {workdir}: {existing} is not writable")
 

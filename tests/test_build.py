@@ -221,4 +221,5 @@ def test_cli_subprocess_without_tensorflow(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert run.returncode == 1 and "record 'q'" in run.stderr and "'source'" in run.stderr
+    assert run.returncode == 2 and "record 'q'" in run.stderr and "'source'" in run.stderr
+    assert "Traceback" not in run.stderr and not (tmp_path / "f").exists()  # the partial build is removed

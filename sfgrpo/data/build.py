@@ -14,8 +14,11 @@ import argparse
 import dataclasses
 import json
 import logging
+import shutil
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import NoReturn
 
 import tensorflow_datasets as tfds
 
@@ -100,8 +103,21 @@ def build_shapes(
     return BuildReport(path=path, num_examples=counts)
 
 
+PROG = "python -m sfgrpo.data.build"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, like every other bad input, instead of the usage
+        _fail(f"{message} (see --help)")
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sfgrpo.data.build", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--output", required=True, metavar="DATA_DIR", help="TFDS data_dir to write into")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", metavar="DIR", help="folder with metadata.jsonl and the image files")
@@ -126,35 +142,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> BuildReport:
-    """Runs the CLI; prints a one-line JSON summary and returns the report. Exits 2 on usage errors."""
+    """Runs the CLI; prints a one-line JSON summary and returns the report. Bad input exits with status 2
+    and one line naming it, and leaves --output as it was (what this run created there is removed)."""
     parser = _parser()
     args = parser.parse_args(argv)
+    _check_args(args, parser)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     tfds.display_progress_bar(False)
-    if args.input is not None:
-        if args.box_format is None:
-            parser.error(
-                "--box-format is required with --input: say whether boxes are pixel, unit or qwen1000"
-            )
-        report = build_from_folder(
-            args.input,
-            args.output,
-            args.box_format,
-            split=args.split,
-            r_max=args.r_max or None,
-            skip_bad_records=args.skip_bad_records,
-        )
-    else:
-        try:
-            config = shapes_lib.ShapesConfig(
-                image_size=args.image_size,
-                min_shapes=args.min_shapes,
-                max_shapes=args.max_shapes,
-                max_edits=args.max_edits,
-            )
-        except ValueError as err:
-            parser.error(str(err))
-        report = build_shapes(args.output, args.shapes, args.seed, heldout=args.heldout, config=config)
+    output = Path(args.output)
+    before = set(output.iterdir()) if output.is_dir() else None
+    try:
+        report = _build(args)
+    except (ValueError, OSError) as err:  # RecordError is a ValueError; FileExistsError an OSError
+        _remove_new(output, before)
+        _fail(str(err))
+    except BaseException:
+        _remove_new(output, before)
+        raise
     print(
         json.dumps(
             {"path": report.path, "num_examples": report.num_examples, "skipped_bad_records": report.skipped}
@@ -163,9 +167,66 @@ def main(argv: Sequence[str] | None = None) -> BuildReport:
     return report
 
 
+def _check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    output = Path(args.output)
+    existing = next((p for p in (output, *output.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        _fail(f"--output {args.output!r}: {str(existing)!r} is a file, not a directory")
+    if args.r_max < 0:
+        _fail(f"--r-max must be >= 0 (0 = no limit), got {args.r_max}")
+    if args.input is not None:
+        if args.box_format is None:
+            _fail("--box-format is required with --input: say whether boxes are pixel, unit or qwen1000")
+        shapes_only = [
+            f"--{k.replace('_', '-')}" for k in _SHAPES_ONLY if getattr(args, k) != parser.get_default(k)
+        ]
+        if shapes_only:
+            _fail(f"{', '.join(shapes_only)} only apply to --shapes, not to --input")
+        return
+    if args.split != "train":
+        _fail(
+            f"--split {args.split!r} applies to --input; --shapes writes 'train' and 'test' (see --heldout)"
+        )
+    if args.box_format is not None:
+        _fail("--box-format applies to --input; --shapes writes its own boxes")
+    if args.shapes < 1:
+        _fail(f"--shapes needs at least one example, got {args.shapes}")
+    if args.heldout is not None and args.heldout < 0:
+        _fail(f"--heldout must be >= 0, got {args.heldout}")
+    if args.seed < 0:
+        _fail(f"--seed must be >= 0, got {args.seed}")
+
+
+_SHAPES_ONLY = ("seed", "heldout", "image_size", "min_shapes", "max_shapes", "max_edits")
+
+
+def _build(args: argparse.Namespace) -> BuildReport:
+    if args.input is not None:
+        return build_from_folder(
+            args.input,
+            args.output,
+            args.box_format,
+            split=args.split,
+            r_max=args.r_max or None,
+            skip_bad_records=args.skip_bad_records,
+        )
+    config = shapes_lib.ShapesConfig(
+        image_size=args.image_size,
+        min_shapes=args.min_shapes,
+        max_shapes=args.max_shapes,
+        max_edits=args.max_edits,
+    )
+    return build_shapes(args.output, args.shapes, args.seed, heldout=args.heldout, config=config)
+
+
+def _remove_new(output: Path, before: set[Path] | None) -> None:
+    """Removes what a failed build created: --output itself when it did not exist, else its new entries."""
+    if before is None:
+        shutil.rmtree(output, ignore_errors=True)
+        return
+    for path in set(output.iterdir()) - before if output.is_dir() else ():
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    main()

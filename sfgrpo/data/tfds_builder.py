@@ -165,8 +165,28 @@ def write_dataset(
     return path
 
 
+class DatasetNotFound(FileNotFoundError):
+    """``data_dir`` holds no readable sfgrpo_edit dataset, or not the asked split."""
+
+
 def load_split(data_dir: str, split: str = "train") -> Any:
-    """The random-access ArrayRecord source of one split (``len()``, ``[i]`` -> decoded example dict)."""
+    """The random-access ArrayRecord source of one split (``len()``, ``[i]`` -> decoded example dict).
+
+    Raises DatasetNotFound, naming the folder and what it holds, when there is no dataset or no such split
+    (and creates nothing there: TFDS would otherwise make its download folders before failing).
+    """
+    info = os.path.join(data_dir, NAME, VERSION, "dataset_info.json")
+    if not os.path.isdir(data_dir):
+        raise DatasetNotFound(f"{data_dir} is not a directory")
+    if not os.path.isfile(info):
+        found = sorted(os.listdir(data_dir))[:8]
+        raise DatasetNotFound(
+            f"{data_dir} holds no {NAME} dataset (no {NAME}/{VERSION}/dataset_info.json; found {found}); "
+            "make one with python -m sfgrpo.data.build"
+        )
+    splits = tfds.builder(NAME, data_dir=data_dir).info.splits
+    if split not in splits:
+        raise DatasetNotFound(f"the dataset in {data_dir} has no {split!r} split; it has {sorted(splits)}")
     return tfds.data_source(NAME, data_dir=data_dir, split=split)
 
 

@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 from sfgrpo.models import flux2, weights
 from sfgrpo.models.flux2 import Flux2Transformer
 from sfgrpo.models.prompts import PromptTokenizer
-from sfgrpo.models.qwen3 import Qwen3TextEncoder, load_qwen3
+from sfgrpo.models.qwen3 import Qwen3TextEncoder, load_qwen3, normalize_layers
 from sfgrpo.models.vae import Flux2VAE, load_vae
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,19 @@ def check_folder(path: str | os.PathLike) -> Path:
         raise KleinFolderError(
             f"{str(folder)!r} is not a complete FLUX.2-klein pipeline folder; missing: " + "; ".join(problems)
         )
+    for name, comp in _COMPONENTS.items():
+        if comp.files and comp.files[0].endswith(".safetensors"):
+            _check_weight_files(folder / name, comp.files[0])
     return folder
+
+
+def _check_weight_files(folder: Path, weights_name: str) -> None:
+    """Every safetensors file of a component readable and whole (headers only; nothing is loaded)."""
+    try:
+        for file in weights.weight_files(folder, weights_name):
+            weights.read_safetensors_header(file)
+    except (OSError, ValueError, KeyError) as err:
+        raise KleinFolderError(str(err)) from None
 
 
 def _read_json(file: Path) -> dict[str, Any]:
@@ -182,6 +194,10 @@ def check_consistency(folder: Path, text_layers: tuple[int, ...] = TEXT_LAYERS) 
                     f"transformer {field}={value} != VAE token channels {token_channels} "
                     f"(latent_channels={vcfg['latent_channels']} x patch {patch[0]}x{patch[1]})"
                 )
+    try:
+        normalize_layers(text_layers, int(qcfg.get("num_hidden_layers", 0)))
+    except ValueError as err:
+        problems.append(f"config.model.text_layers {tuple(text_layers)}: {err}")
     if "hidden_size" not in qcfg:
         problems.append("text_encoder/config.json has no hidden_size")
     elif tcfg.joint_attention_dim != len(text_layers) * int(qcfg["hidden_size"]):

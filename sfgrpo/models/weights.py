@@ -126,20 +126,45 @@ _DTYPES = {
 }
 
 
+class WeightsError(ValueError):
+    """A weight file that cannot be read as it says: not safetensors, a broken header, or truncated."""
+
+
+def read_safetensors_header(file: Path) -> tuple[int, dict[str, Any]]:
+    """(header length in bytes, {tensor name: {'dtype', 'shape', 'data_offsets'}}) of a safetensors file,
+    checked against the file's size, so that a truncated download is named here rather than failing as an
+    out-of-range memory map later. Raises WeightsError."""
+    size = os.path.getsize(file)
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise WeightsError(f"{file}: header of {n} bytes in a file of {size} bytes (truncated?)")
+            header = json.loads(f.read(n))
+    except (OSError, struct.error, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise WeightsError(f"{file}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{file}: not a safetensors header (a JSON {type(header).__name__})")
+    header.pop("__metadata__", None)
+    end = max((int(info["data_offsets"][1]) for info in header.values()), default=0)
+    if 8 + n + end > size:
+        raise WeightsError(
+            f"{file} is truncated: its tensors need {8 + n + end} bytes, the file has {size} "
+            "(an interrupted download or copy?)"
+        )
+    return n, header
+
+
 class SafetensorsReader:
     """Memory-maps the tensors of one or more safetensors files: ``reader[name]`` is a lazy np array."""
 
     def __init__(self, files: list[Path]) -> None:
         self._where: dict[str, tuple[Path, str, tuple[int, ...], int]] = {}
         for file in files:
-            with open(file, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
+            n, header = read_safetensors_header(file)
             for name, info in header.items():
-                if name == "__metadata__":
-                    continue
                 if info["dtype"] not in _DTYPES:
-                    raise ValueError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']}")
+                    raise WeightsError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']}")
                 self._where[name] = (
                     file,
                     info["dtype"],
