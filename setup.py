@@ -36,6 +36,8 @@ setup(
         "cuda": ["jax[cuda12]>=0.10.0,<0.11"],
         "test": [
             "pytest>=8.0,<10",
+            # Two test processes: most tests are single-threaded XLA compiles (see pyproject's addopts).
+            "pytest-xdist>=3.5,<4",
             "hypothesis>=6.100,<7",
             "ruff>=0.8,<1",
             # The PyTorch references for the parity tests. 2.13.0 is the CPU wheel served locally.
