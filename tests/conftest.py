@@ -19,3 +19,23 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+# The longest test files first (minutes on 2 cores): with two workers taking a file each at a time
+# (pyproject's addopts), a long file started last would leave one worker running it alone at the end.
+_LONGEST_FIRST = (
+    "test_train.py",
+    "test_multihost.py",
+    "test_step.py",
+    "test_reward_stage.py",
+    "test_klein_config.py",
+    "test_regions.py",
+    "test_lora.py",
+    "test_warmstart.py",
+    "test_bad_inputs.py",
+    "test_vae.py",
+)
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
