@@ -137,6 +137,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
     if d.source == "tfds":
         _require(bool(d.tfds_dir), "data.tfds_dir", "data.source='tfds' needs the dataset directory")
+    else:
+        _validate_shapes_task(config)
     _require(m.name in MODELS, "model.name", f"one of {MODELS}, got {m.name!r}")
     _require(m.dtype in DTYPES, "model.dtype", f"one of {tuple(DTYPES)}, got {m.dtype!r}")
     if m.name == "tiny":
@@ -153,6 +155,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(
                 str(err) if str(err).startswith("config.") else f"config.reward: {err}"
             ) from None
+    if config.reward.kind == "shapes":
+        try:
+            reward_config.shapes_reward_options(config.reward)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     _require(
         not (config.train.fuse_step and config.reward.kind in reward_config.HOST_KINDS),
         "train.fuse_step",
@@ -297,6 +304,9 @@ def grpo_settings(config: ml_collections.ConfigDict) -> GRPOSettings:
         batch_shards=batch_shards(config),
         score_scale=float(config.reward.scale),
         cfg_scale=float(s.cfg_scale),
+        shapes_reward=(
+            reward_config.shapes_reward_options(config.reward) if config.reward.kind == "shapes" else ()
+        ),
     )
 
 
@@ -489,7 +499,47 @@ def make_optimizer(lr: float, weight_decay: float, max_grad_norm: float) -> opta
 
 
 def shapes_config(config: ml_collections.ConfigDict) -> shapes.ShapesConfig:
-    return shapes.ShapesConfig(image_size=config.data.resolution, max_edits=min(3, config.data.r_max))
+    """The shapes task of ``config.data``. data.edits = 0 (or absent): the demo's mix of 1 to 3 edits;
+    K > 0: exactly K edits per example among data.num_shapes shapes of data.shape_size (fractions of the
+    side) kept data.shape_gap pixels apart."""
+    d = config.data
+    edits = int(d.get("edits", 0))
+    if edits == 0:
+        return shapes.ShapesConfig(image_size=d.resolution, max_edits=min(3, d.r_max))
+    low, high = (float(x) for x in d.get("shape_size", (0.2, 0.36)))
+    return shapes.ShapesConfig(
+        image_size=d.resolution,
+        min_shapes=edits,
+        max_shapes=max(edits, int(d.get("num_shapes", edits))),
+        min_edits=edits,
+        max_edits=edits,
+        min_size=low,
+        max_size=high,
+        min_gap=int(d.get("shape_gap", 2)),
+    )
+
+
+def _validate_shapes_task(config: ml_collections.ConfigDict) -> None:
+    """data.edits and the multi-edit task's keys: K in range, region slots for K, shapes that fit."""
+    d = config.data
+    edits = d.get("edits", 0)
+    _require(
+        isinstance(edits, int) and 0 <= edits <= shapes.MAX_EDITS,
+        "data.edits",
+        f"0 (the demo's 1 to 3 edits) or a count of edits 1..{shapes.MAX_EDITS}, got {edits!r}",
+    )
+    _require(
+        edits <= d.r_max,
+        "data.r_max",
+        f"data.edits={edits} needs at least {edits} region slots, got {d.r_max}",
+    )
+    if edits == 0:
+        return
+    try:
+        task = shapes_config(config)
+        shapes.generate(0, config=task)  # a layout that cannot fit K shapes fails here, by name
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"config.data (edits={edits}): {err}") from None
 
 
 def data_source(config: ml_collections.ConfigDict, split: str) -> Sequence[Any]:

@@ -220,6 +220,7 @@ class Programs:
             batch["boxes"],
             batch["region_valid"],
             scale=self.settings.score_scale,
+            **dict(self.settings.shapes_reward),
         )
 
     def update(

@@ -1,5 +1,7 @@
 """Tests for sfgrpo.data.shapes: determinism, exact masks/boxes/targets, the grammar and its vocabulary."""
 
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -97,7 +99,74 @@ def test_example_from_issue_grammar():
 def test_config_validation():
     with pytest.raises(ValueError, match="image_size"):
         shapes.ShapesConfig(image_size=8)
-    with pytest.raises(ValueError, match="max_edits"):
-        shapes.ShapesConfig(max_edits=4)
+    # Up to MAX_EDITS = 4 edits now (the multi-edit task); 5 is refused by name.
+    shapes.ShapesConfig(min_shapes=4, max_shapes=5, max_edits=4)
+    with pytest.raises(ValueError, match="max_edits=5"):
+        shapes.ShapesConfig(max_edits=5)
+    with pytest.raises(ValueError, match="min_gap"):
+        shapes.ShapesConfig(min_gap=-1)
     with pytest.raises(ValueError, match="unknown"):
         shapes.ShapesConfig(colours=("red", "mauve"))
+
+
+def test_default_task_is_unchanged():
+    """The demo's examples are pinned: the multi-edit knobs must not move the default's random draws."""
+    h = hashlib.sha256()
+    for size in (32, 64):
+        for split in ("train", "test"):
+            for i in range(6):
+                rec = shapes.generate(i, split=split, seed=0, config=shapes.ShapesConfig(image_size=size))
+                h.update(rec.source.tobytes() + rec.target.tobytes() + rec.instruction.encode())
+                for region in rec.regions:
+                    h.update(region.mask.tobytes())
+    assert h.hexdigest() == "9366ae70c01dee8273963a50f733a5a559de1fcdf1165c7f331adc17a3c98fbf"
+
+
+def _multi(k: int) -> shapes.ShapesConfig:
+    return shapes.ShapesConfig(
+        image_size=128,
+        min_shapes=k,
+        max_shapes=k + 1,
+        min_edits=k,
+        max_edits=k,
+        min_size=0.14,
+        max_size=0.22,
+        min_gap=16,
+    )
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_multi_edit_task_has_exactly_k_edits_on_their_own_tokens(k):
+    cfg = _multi(k)
+    vocab = set(shapes.VOCAB)
+    for i in range(40):
+        rec = validate_record(shapes.generate(i, seed=1, config=cfg))
+        assert len(rec.regions) == k, rec.instruction
+        words = rec.instruction.split()
+        assert set(words) <= vocab and len(words) <= shapes.max_words(cfg)
+        # Each region's box covers 16x16 token cells no other region's box touches: credit can tell them
+        # apart. (The 16 px gap guarantees it.)
+        cells = []
+        for region in rec.regions:
+            x1, y1, x2, y2 = (round(v * 128) for v in region.box)
+            cells.append(
+                {
+                    (r, c)
+                    for r in range(y1 // 16, (y2 - 1) // 16 + 1)
+                    for c in range(x1 // 16, (x2 - 1) // 16 + 1)
+                }
+            )
+        for a in range(k):
+            for b in range(a + 1, k):
+                assert not cells[a] & cells[b], (i, rec.instruction)
+        # Every region is a real edit: its pixels change, nothing outside the regions does.
+        union = np.any([r.mask for r in rec.regions], axis=0)
+        np.testing.assert_array_equal(rec.source[~union], rec.target[~union])
+
+
+def test_multi_edit_layouts_that_cannot_fit_fail_by_name():
+    cfg = shapes.ShapesConfig(
+        image_size=32, min_shapes=4, max_shapes=4, min_edits=4, max_edits=4, min_size=0.6, max_size=0.7
+    )
+    with pytest.raises(ValueError, match="min_edits=4"):
+        shapes.generate(0, config=cfg)

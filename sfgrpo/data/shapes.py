@@ -1,10 +1,11 @@
 """The synthetic "shapes" editing task: procedural images, instructions from a small grammar, exact targets.
 
 Each image shows a few non-overlapping flat-coloured shapes (circle, square, triangle) on a textured grey
-background. The instruction changes one to three of them, e.g. "make the circle red and the square blue"
-or "paint the green triangle yellow and remove the square". Because everything is drawn from geometry,
-each example carries the exact target image, the exact per-region pixel masks (the edited shape's pixels
-in the source) and each region's tight box.
+background. The instruction changes one to four of them (``MAX_EDITS``), e.g. "make the circle red and the
+square blue" or "paint the green triangle yellow and remove the square". Because everything is drawn from
+geometry, each example carries the exact target image, the exact per-region pixel masks (the edited
+shape's pixels in the source) and each region's tight box. ``ShapesConfig(min_edits=K, max_edits=K)`` asks
+for exactly K edits (a layout with fewer than K shapes is redrawn).
 
 Examples are a pure function of (split, seed, index): any one can be regenerated alone. The "test" split
 (held out) draws from its own seed stream, disjoint from "train" for every seed.
@@ -33,6 +34,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 RECOLOUR_VERBS: tuple[str, ...] = ("make", "turn", "paint", "change")
 # Split -> salt mixed into every example's seed; distinct salts keep the held-out split's images apart.
 SPLIT_SALTS: dict[str, int] = {"train": 0x5EED_0001, "test": 0x5EED_7E57}
+MAX_EDITS = 4  # edits one instruction may ask for; the grammar's words cover any count
+# Layouts drawn before an example with fewer shapes than min_edits is an error: enough that a config whose
+# shapes fit only rarely fails loudly instead of silently editing fewer shapes than asked.
+_PLACEMENT_TRIES = 100
 PAD, UNK = "<pad>", "<unk>"
 _WORDS = sorted({"the", "and", "to", "remove", *RECOLOUR_VERBS, *SHAPE_TYPES, *COLOURS})
 VOCAB: tuple[str, ...] = (PAD, UNK, *_WORDS)
@@ -52,6 +57,9 @@ class ShapesConfig:
     min_size: float = 0.2
     max_size: float = 0.36
     remove_prob: float = 0.2  # chance that an edit removes its shape rather than recolouring it
+    # Pixels between shapes' bounding squares (along x or y). 16 or more: no 16x16 token cell touches two
+    # shapes' boxes, so each region owns its tokens.
+    min_gap: int = 2
     shape_types: tuple[str, ...] = SHAPE_TYPES
     colours: tuple[str, ...] = tuple(COLOURS)
 
@@ -60,10 +68,15 @@ class ShapesConfig:
             raise ValueError(f"image_size must be >= 16, got {self.image_size}")
         if not 1 <= self.min_shapes <= self.max_shapes:
             raise ValueError(f"need 1 <= min_shapes <= max_shapes, got {self.min_shapes}, {self.max_shapes}")
-        if not 1 <= self.min_edits <= self.max_edits <= 3:
-            raise ValueError(f"need 1 <= min_edits <= max_edits <= 3, got {self.min_edits}, {self.max_edits}")
+        if not 1 <= self.min_edits <= self.max_edits <= MAX_EDITS:
+            raise ValueError(
+                f"need 1 <= min_edits <= max_edits <= {MAX_EDITS}, got min_edits={self.min_edits}, "
+                f"max_edits={self.max_edits}"
+            )
         if self.min_edits > self.min_shapes:
-            raise ValueError("min_edits cannot exceed min_shapes")
+            raise ValueError(f"min_edits ({self.min_edits}) cannot exceed min_shapes ({self.min_shapes})")
+        if self.min_gap < 0:
+            raise ValueError(f"min_gap must be >= 0 pixels, got {self.min_gap}")
         if not 0 < self.min_size <= self.max_size < 1:
             raise ValueError(f"need 0 < min_size <= max_size < 1, got {self.min_size}, {self.max_size}")
         unknown = set(self.shape_types) - set(SHAPE_TYPES) or set(self.colours) - set(COLOURS)
@@ -137,8 +150,11 @@ def _place_shapes(rng: np.random.Generator, cfg: ShapesConfig) -> list[dict]:
             colour = str(rng.choice(cfg.colours))
             if (kind, colour) in taken:
                 continue
-            # Keep a 2-pixel gap between bounding squares, so masks never touch.
-            if any(abs(cx - s["cx"]) < r + s["r"] + 2 and abs(cy - s["cy"]) < r + s["r"] + 2 for s in shapes):
+            # Keep a gap between bounding squares (2 pixels by default), so masks never touch.
+            gap = cfg.min_gap
+            if any(
+                abs(cx - s["cx"]) < r + s["r"] + gap and abs(cy - s["cy"]) < r + s["r"] + gap for s in shapes
+            ):
                 continue
             taken.add((kind, colour))
             shapes.append({"type": kind, "colour": colour, "cx": cx, "cy": cy, "r": r})
@@ -183,6 +199,18 @@ def generate(
     size = config.image_size
     background = _background(rng, size)
     shapes = _place_shapes(rng, config)
+    # Redraw a layout that fits fewer shapes than min_edits, so that min_edits edits are exact. Draws go on
+    # from the same stream: a layout that fits (always, for min_edits 1) leaves the example unchanged.
+    tries = 1
+    while len(shapes) < config.min_edits:
+        if tries == _PLACEMENT_TRIES:
+            raise ValueError(
+                f"example {index} of {split!r}: {tries} layouts fit fewer than min_edits={config.min_edits} "
+                f"shapes of size up to {config.max_size} with min_gap={config.min_gap} in {size} px; use "
+                "smaller shapes (max_size) or a smaller gap"
+            )
+        shapes = _place_shapes(rng, config)
+        tries += 1
     source = background.copy()
     for s in shapes:
         s["mask"] = _shape_mask(s["type"], s["cx"], s["cy"], s["r"], size)

@@ -50,10 +50,45 @@ def reward_config_defaults() -> ml_collections.ConfigDict:
     return c
 
 
+# 'shapes': the tolerances of sfgrpo.rewards.synthetic.shapes_scores (its docstring defines them), at the
+# demo's values. Not in reward_config_defaults, so the demo's config (and its checkpoints' resolved
+# config) is unchanged; configs/default.py's multi-edit variant sets tighter ones: these call a visibly
+# speckled or blocky background preserved (its mean error is under 0.06).
+SHAPES_DEFAULTS: dict[str, float | int] = {
+    "preserve_floor": 0.06,
+    "preserve_tol": 0.25,
+    "tv_tol": 0.25,
+    "shape_margin": 0,  # pixels around each shape left out of the preservation scores
+}
+SHAPES_OPTIONS = tuple(SHAPES_DEFAULTS)
+
+
+def shapes_reward_options(reward: ml_collections.ConfigDict) -> tuple[tuple[str, float | int], ...]:
+    """The 'shapes' reward's keyword options from ``config.reward`` (missing keys take their defaults).
+
+    Raises ``ValueError("config.reward.<key>: ...")`` for a bad value.
+    """
+    values = {k: reward.get(k, SHAPES_DEFAULTS[k]) for k in SHAPES_OPTIONS}
+    for key, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"config.reward.{key}: must be a finite number >= 0, got {v!r}")
+    if not values["preserve_floor"] < values["preserve_tol"]:
+        raise ValueError(
+            f"config.reward.preserve_floor: must be below reward.preserve_tol ({values['preserve_tol']}), "
+            f"got {values['preserve_floor']}"
+        )
+    if not float(values["shape_margin"]).is_integer():
+        raise ValueError(
+            f"config.reward.shape_margin: must be a whole number of pixels, got {values['shape_margin']}"
+        )
+    values["shape_margin"] = int(values["shape_margin"])
+    return tuple((k, values[k] if k == "shape_margin" else float(values[k])) for k in SHAPES_OPTIONS)
+
+
 def check_reward_config(reward: ml_collections.ConfigDict) -> None:
     """Raises ``ValueError("config.reward.<key>: <problem>")`` for the first bad or missing value."""
     defaults = reward_config_defaults()
-    unknown = sorted(set(reward.keys()) - set(defaults.keys()))
+    unknown = sorted(set(reward.keys()) - set(defaults.keys()) - set(SHAPES_OPTIONS))
     if unknown:
         raise ValueError(f"config.reward.{unknown[0]}: unknown key; known: {sorted(defaults.keys())}")
 

@@ -62,6 +62,9 @@ class GRPOSettings:
     batch_shards: int  # devices the batch is split over: mesh data x fsdp
     score_scale: float = 25.0
     cfg_scale: float = 1.0
+    # Keyword options of the in-graph shapes reward (sfgrpo.rewards.synthetic.shapes_scores), as
+    # (name, value) pairs so the settings stay hashable; () keeps its defaults.
+    shapes_reward: tuple[tuple[str, float | int], ...] = ()
 
 
 class Credit(NamedTuple):
