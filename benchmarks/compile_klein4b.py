@@ -38,10 +38,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from compiled_report import print_compiled  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from sfgrpo import runtime  # noqa: E402
+from sfgrpo.aot import compiled_lines  # noqa: E402
 from sfgrpo.models import flux2, lora  # noqa: E402
 
 
@@ -92,7 +92,8 @@ def main():
     print(f"mesh             {dict(mesh.shape)} on {jax.devices()[0].device_kind}")
     print(f"lower            {t1 - t0:8.1f} s")
     print(f"compile          {t2 - t1:8.1f} s")
-    print_compiled(compiled, bf16_on_cpu=dtype == jnp.bfloat16 and jax.devices()[0].platform == "cpu")
+    bf16_on_cpu = dtype == jnp.bfloat16 and jax.devices()[0].platform == "cpu"
+    print("\n".join(compiled_lines(compiled, bf16_on_cpu=bf16_on_cpu)))
 
 
 if __name__ == "__main__":
