@@ -1,0 +1,38 @@
+"""configs/default.py's multi-edit variant ('multi', 'multi_k<K>'): its task, reward options, bad values."""
+
+import pytest
+from helpers import load_config
+
+from sfgrpo import builders
+from sfgrpo.data import shapes
+
+
+def test_multi_edit_config_variant():
+    c = load_config(arg="multi_k3")
+    builders.validate(c)
+    task = builders.shapes_config(c)
+    assert (task.image_size, task.min_edits, task.max_edits, task.min_gap) == (128, 3, 3, 16)
+    assert builders.text_length(c) == 18
+    assert dict(builders.grpo_settings(c).shapes_reward)["preserve_floor"] == 0.012
+    # The demo's config is unchanged: no multi-edit keys, the demo's reward options.
+    demo = load_config()
+    assert "edits" not in demo.data and builders.grpo_settings(demo).shapes_reward[0] == (
+        "preserve_floor",
+        0.06,
+    )
+    assert builders.shapes_config(demo) == shapes.ShapesConfig(image_size=64, max_edits=3)
+    c.data.edits = 5
+    with pytest.raises(builders.ConfigError, match="data.edits"):
+        builders.validate(c)
+    c.data.edits, c.data.r_max = 3, 2
+    with pytest.raises(builders.ConfigError, match="data.r_max"):
+        builders.validate(c)
+    c.data.r_max, c.data.shape_size = 3, (0.6, 0.7)
+    with pytest.raises(builders.ConfigError, match="config.data"):
+        builders.validate(c)
+    c = load_config(arg="multi_k3")
+    c.reward.preserve_floor = 0.5
+    with pytest.raises(builders.ConfigError, match="reward.preserve_floor"):
+        builders.validate(c)
+    with pytest.raises(ValueError, match="K must be 1..4"):
+        load_config(arg="multi_k5")
