@@ -12,6 +12,16 @@ import ml_collections
 
 from sfgrpo.klein_config import klein_config
 
+# The machines this file is written for: --dry_run plans for them, and a run elsewhere is told so.
+# An H100 "80 GB" holds 81559 MiB.
+TARGET = dict(
+    device="H100 80GB",
+    processes=2,
+    devices_per_process=8,
+    memory_bytes=81559 * 2**20,
+    launch="launch/gpu_multinode.sh",
+)
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = klein_config()

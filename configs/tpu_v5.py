@@ -12,6 +12,12 @@ import ml_collections
 
 from sfgrpo.klein_config import klein_config
 
+# The machines this file is written for: --dry_run plans for them, and a run elsewhere is told so.
+# 95 GB of HBM per v5p chip.
+TARGET = dict(
+    device="TPU v5p", processes=8, devices_per_process=4, memory_bytes=95e9, launch="launch/tpu_v5.sh"
+)
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = klein_config()

@@ -2,7 +2,10 @@
 
 Initialises the runtime (multi-host JAX when launched on several hosts), then runs ``sfgrpo.train``. A bad
 config, an incompatible workdir or a training failure ends the run with a one-paragraph message and exit
-status 2, not a traceback.
+status 2, not a traceback; so does a machine whose devices cannot make the config's mesh.
+
+``--dry_run`` plans the run instead, on any machine (``sfgrpo/dry_run.py``): built from shapes on simulated
+devices, compiled, checked where reachable; it prints the plan and writes nothing in the workdir.
 """
 
 from __future__ import annotations
@@ -24,7 +27,24 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
-flags.mark_flags_as_required(["config", "workdir"])
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run",
+    False,
+    "Plan the run on this machine instead: build it from shapes on simulated CPU devices, compile it, check "
+    "what is reachable, print the plan (sfgrpo/dry_run.py). No --workdir needed; nothing is written there.",
+)
+_PLAN_OUT = flags.DEFINE_string("plan_out", None, "With --dry_run: also write the plan to this file.")
+_DRY_RUN_DEVICES = flags.DEFINE_integer(
+    "dry_run_devices",
+    None,
+    "With --dry_run: devices to simulate (default: the mesh's, or the config's TARGET).",
+)
+flags.mark_flags_as_required(["config"])
+flags.register_multi_flags_validator(
+    ["workdir", "dry_run"],
+    lambda f: bool(f["workdir"]) or f["dry_run"],
+    message="--workdir is required (except with --dry_run)",
+)
 
 
 def main(argv: list[str]) -> None:
@@ -36,10 +56,29 @@ def main(argv: list[str]) -> None:
     except (OSError, ValueError) as err:
         print(f"sfgrpo: cannot load --config: {str(err).splitlines()[0]} ({_config_path()})", file=sys.stderr)
         sys.exit(2)
+    if _DRY_RUN.value:
+        # Before anything starts jax's backend: the dry run sets its simulated devices (sfgrpo/dry_run.py).
+        from sfgrpo import dry_run  # noqa: PLC0415
+
+        sys.exit(
+            dry_run.run(
+                config,
+                _config_path(),
+                processes_flag=_NUM_PROCESSES.value,
+                devices_flag=_DRY_RUN_DEVICES.value,
+                plan_out=_PLAN_OUT.value,
+            )
+        )
     logging.getLogger().setLevel(logging.INFO)
     # Orbax and grain log every file operation through absl's logger; keep their warnings only.
     logging.getLogger("absl").setLevel(logging.WARNING)
     runtime.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    from sfgrpo import dry_run  # noqa: PLC0415 - after the runtime is initialised
+
+    problem = dry_run.wrong_machine(config, _config_path())
+    if problem:  # the mesh does not fit the devices here: one line, before the workdir is touched
+        print(f"sfgrpo: {problem}", file=sys.stderr, flush=True)
+        _exit(2)
     _exit(run(config, _WORKDIR.value))
 
 
