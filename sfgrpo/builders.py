@@ -45,19 +45,73 @@ def _require(ok: bool, key: str, problem: str) -> None:
         raise ConfigError(f"config.{key}: {problem}")
 
 
-def batch_shards(config: ml_collections.ConfigDict) -> int:
-    """How many ways the batch is split: the mesh's data x fsdp size on this run's devices."""
+def batch_shards(config: ml_collections.ConfigDict, devices: int | None = None) -> int:
+    """How many ways the batch is split: the mesh's data x fsdp size on ``devices`` (default: this run's)."""
+    sizes = mesh_sizes(config, devices)
+    return sizes["data"] * sizes["fsdp"]
+
+
+class MeshError(ConfigError):
+    """The config's mesh cannot be made from the devices present: the run is on the wrong machine."""
+
+
+def mesh_sizes(
+    config: ml_collections.ConfigDict, devices: int | None = None, processes: int | None = None
+) -> dict[str, int]:
+    """The mesh's {'data', 'fsdp', 'tensor'} sizes on ``devices`` (default: this run's), -1 resolved.
+
+    Raises ConfigError naming the key for a size that is neither positive nor -1, and MeshError when the
+    devices cannot make the mesh (``processes``, default this run's, only words the message).
+    """
     m = config.mesh
-    n = jax.device_count()
-    sizes = [m.data, m.fsdp, m.tensor]
-    fixed = int(np.prod([s for s in sizes if s != -1]))
-    data = n // fixed if m.data == -1 else m.data
-    fsdp = n // fixed if m.fsdp == -1 else m.fsdp
-    return int(data * fsdp)
+    sizes: dict[str, int] = {}
+    for axis in ("data", "fsdp", "tensor"):
+        size = m[axis]
+        _require(
+            isinstance(size, int) and not isinstance(size, bool) and (size >= 1 or size == -1),
+            f"mesh.{axis}",
+            f"a positive size, or -1 for the devices the other axes leave; got {size!r}",
+        )
+        sizes[axis] = size
+    free = [axis for axis, size in sizes.items() if size == -1]
+    _require(
+        len(free) <= 1, f"mesh.{free[-1]}" if free else "mesh", f"at most one axis may be -1, got {free}"
+    )
+    n = jax.device_count() if devices is None else devices
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if (free and n % fixed) or (not free and n != fixed):
+        raise MeshError(f"config.mesh: {mesh_request(config)}, but {found_devices(n, processes)}")
+    if free:
+        sizes[free[0]] = n // fixed
+    return sizes
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks the config against itself and the devices; raises ConfigError."""
+def mesh_request(config: ml_collections.ConfigDict, devices: int | None = None) -> str:
+    """What the mesh asks for, in words: 'data=2 x fsdp=4 x tensor=1 = 8 devices'; with a -1 axis and no
+    ``devices`` to resolve it, 'data=-1 x fsdp=4 x tensor=1: a multiple of 4 devices'."""
+    m = config.mesh
+    text = f"data={m.data} x fsdp={m.fsdp} x tensor={m.tensor}"
+    fixed = math.prod(s for s in (m.data, m.fsdp, m.tensor) if s != -1)
+    if -1 not in (m.data, m.fsdp, m.tensor):
+        return f"{text} = {fixed} devices"
+    if devices is None:
+        return f"{text} (-1: the rest) needs a multiple of {fixed} devices"
+    return f"{text} (-1: the rest) = {devices} devices"
+
+
+def found_devices(devices: int | None = None, processes: int | None = None) -> str:
+    """'found 1 cpu device in 1 process': the devices and processes of this run (or those given)."""
+    n = jax.device_count() if devices is None else devices
+    p = jax.process_count() if processes is None else processes
+    kind = jax.devices()[0].platform
+    return f"found {n} {kind} device{'s' * (n != 1)} in {p} process{'es' * (p != 1)}"
+
+
+def validate(config: ml_collections.ConfigDict, processes: int | None = None) -> None:
+    """Checks the config against itself and the devices; raises ConfigError (MeshError: the mesh does not
+    fit the devices). ``processes`` (default: this run's) multiplies rl.batch_size into the global batch."""
+    # The mesh first: on the wrong machine, that is the one thing to say.
+    shards = batch_shards(config)
     _validate_numbers(config)
     rl, s, d, m = config.rl, config.sampler, config.data, config.model
     _require(rl.credit in CREDIT_MODES, "rl.credit", f"must be one of {CREDIT_MODES}, got {rl.credit!r}")
@@ -68,8 +122,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"the per-host batch {rl.batch_size} must be a multiple of the group size rl.group_size="
         f"{rl.group_size}, so that every group stays whole",
     )
-    global_batch = rl.batch_size * jax.process_count()
-    shards = batch_shards(config)
+    global_batch = rl.batch_size * (jax.process_count() if processes is None else processes)
+    _require(
+        isinstance(rl.micro_batch, int) and rl.micro_batch >= 1,
+        "rl.micro_batch",
+        f"samples per micro-batch over all devices, >= 1; got {rl.micro_batch!r}",
+    )
+    _require(
+        isinstance(rl.grad_accum, int) and rl.grad_accum >= 1,
+        "rl.grad_accum",
+        f"micro-batches per optimizer step, >= 1; got {rl.grad_accum!r}",
+    )
     _require(
         rl.micro_batch >= shards and rl.micro_batch % shards == 0 and global_batch % rl.micro_batch == 0,
         "rl.micro_batch",
@@ -313,9 +376,9 @@ def grpo_settings(config: ml_collections.ConfigDict) -> GRPOSettings:
 def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     from sfgrpo import runtime  # noqa: PLC0415
 
-    m = config.mesh
+    sizes = mesh_sizes(config)  # the config's errors, in its words, before runtime's
     try:
-        return runtime.make_mesh(m.data, m.fsdp, m.tensor)
+        return runtime.make_mesh(sizes["data"], sizes["fsdp"], sizes["tensor"])
     except ValueError as err:
         raise ConfigError(f"config.mesh: {err}") from None
 
