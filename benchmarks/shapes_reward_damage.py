@@ -1,12 +1,12 @@
 """Prints the shapes reward's scores of damaged versions of the multi-edit task's targets, at the demo's
 tolerances and at the multi-edit variant's (configs/default.py:multi), and writes a PNG of the cases.
 
-Damage is applied to the target's round trip through the variant's pixel autoencoder (pool 2), which is
+Damage is applied to the target's round trip through a pixel autoencoder (``--pool``; the variant runs 4),
 what the trainer judges against: speckle (independent colour noise per pooled pixel), a mosaic like the
 demo's sampler leaves (colour noise per 8x8 block), blocky (pooled) images, blur, and smeared shapes.
 Scores are means over 8 examples on 0..1.
 
-    python benchmarks/shapes_reward_damage.py [--out /tmp/damage.png]
+    python benchmarks/shapes_reward_damage.py [--pool 4] [--out /tmp/damage.png]
 """
 
 import argparse
@@ -20,11 +20,8 @@ from sfgrpo.data import shapes
 from sfgrpo.models.tiny import PixelAutoencoder, images_to_uint8
 from sfgrpo.rewards.synthetic import shapes_scores
 
-SIZE, POOL, B = 128, 2, 8
-TOLERANCES = {
-    "demo": {},
-    "multi": dict(preserve_floor=0.012, preserve_tol=0.04, tv_tol=0.1, shape_margin=POOL),
-}
+SIZE, B = 128, 8
+POOL = 2  # set from --pool
 
 
 def _pooled(images: np.ndarray, pool: int) -> np.ndarray:
@@ -40,7 +37,14 @@ def _blur(images: np.ndarray, sigma: float) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="", help="write the first two examples' cases to this PNG")
+    parser.add_argument("--pool", type=int, default=2, help="the autoencoder's pooling (and shape_margin)")
     args = parser.parse_args()
+    global POOL
+    POOL = args.pool
+    tolerances = {
+        "demo": {},
+        "multi": dict(preserve_floor=0.012, preserve_tol=0.04, tv_tol=0.1, shape_margin=POOL),
+    }
     cfg = shapes.ShapesConfig(
         image_size=SIZE,
         min_shapes=4,
@@ -80,7 +84,7 @@ def main() -> None:
         "no edit (the source)": source,
     }
     fields = ("success", "preserve", "background", "naturalness", "overall_preserve")
-    for name, tol in TOLERANCES.items():
+    for name, tol in tolerances.items():
         print(f"\ntolerances: {name} {tol or '(shapes_scores defaults)'}")
         print(f"{'case':42s}" + "".join(f"{f[:10]:>11s}" for f in fields))
         for case, edited in cases.items():

@@ -134,6 +134,8 @@ def _multi_edit_example(n=4):
     return source, target, masks, boxes, np.ones(masks.shape[:2], bool)
 
 
+# The multi-edit variant's tolerances; its margin is the autoencoder's pool (4 there; 2 here, where a finer
+# reference makes blockiness measurable).
 TIGHT = dict(preserve_floor=0.012, preserve_tol=0.04, tv_tol=0.1, shape_margin=2)
 
 
