@@ -11,6 +11,7 @@ import textwrap
 
 import jax
 import numpy as np
+import optax
 import pytest
 from helpers import ROOT, tiny_config
 
@@ -275,9 +276,10 @@ def test_workdir_that_is_a_file_is_refused(tmp_path):
         train.train(_config(1), path)
 
 
-def test_non_finite_updates_are_skipped_then_stop(full_run, tmp_path):
+def test_non_finite_updates_are_skipped_then_stop(full_run, tmp_path, monkeypatch):
+    # An optimizer whose every update is NaN (a config cannot ask for one: rl.lr=nan is refused).
+    monkeypatch.setattr(builders, "make_optimizer", lambda *args: optax.scale(float("nan")))
     c = _config(5)
-    c.rl.lr = float("nan")
     c.rl.max_consecutive_skips = 2
     workdir = _with_warm_start(full_run[0], tmp_path / "nan")
     with pytest.raises(train.TrainingError, match="non-finite .* 2 iterations in a row"):
