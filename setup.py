@@ -37,7 +37,7 @@ setup(
         "test": [
             "pytest>=8.0,<10",
             # Two test processes: most tests are single-threaded XLA compiles (see pyproject's addopts).
-            "pytest-xdist>=3.5,<4",
+            "pytest-xdist>=3.8,<4",
             "hypothesis>=6.100,<7",
             "ruff>=0.8,<1",
             # The PyTorch references for the parity tests. 2.13.0 is the CPU wheel served locally.

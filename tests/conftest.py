@@ -29,6 +29,7 @@ _LONGEST_FIRST = (
     "test_reward_stage.py",
     "test_klein_config.py",
     "test_regions.py",
+    "test_dry_run.py",
     "test_lora.py",
     "test_warmstart.py",
     "test_bad_inputs.py",
