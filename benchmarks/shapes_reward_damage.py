@@ -10,15 +10,21 @@ Scores are means over 8 examples on 0..1.
 """
 
 import argparse
+import importlib.util
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
+from sfgrpo import builders
 from sfgrpo.data import shapes
 from sfgrpo.models.tiny import PixelAutoencoder, images_to_uint8
+from sfgrpo.rewards import reward_config
 from sfgrpo.rewards.synthetic import shapes_scores
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SIZE, B = 128, 8
 POOL = 2  # set from --pool
@@ -28,6 +34,14 @@ def _pooled(images: np.ndarray, pool: int) -> np.ndarray:
     """(B, S, S, 3) float images through a pool-``pool`` pixel autoencoder."""
     ae = PixelAutoencoder(pool=pool)
     return np.asarray(ae.decode(ae.encode(jnp.asarray(images)), (SIZE // 16, SIZE // 16)))
+
+
+def _multi_variant():
+    """configs/default.py:multi: the task and the tolerances measured here."""
+    spec = importlib.util.spec_from_file_location("default", ROOT / "configs" / "default.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config("multi")
 
 
 def _blur(images: np.ndarray, sigma: float) -> np.ndarray:
@@ -41,20 +55,12 @@ def main() -> None:
     args = parser.parse_args()
     global POOL
     POOL = args.pool
+    variant = _multi_variant()
     tolerances = {
         "demo": {},
-        "multi": dict(preserve_floor=0.012, preserve_tol=0.04, tv_tol=0.1, shape_margin=POOL),
+        "multi": {**dict(reward_config.shapes_reward_options(variant.reward)), "shape_margin": POOL},
     }
-    cfg = shapes.ShapesConfig(
-        image_size=SIZE,
-        min_shapes=4,
-        max_shapes=5,
-        min_edits=4,
-        max_edits=4,
-        min_size=0.14,
-        max_size=0.22,
-        min_gap=16,
-    )
+    cfg = builders.shapes_config(variant)
     recs = [shapes.generate(i, seed=0, config=cfg) for i in range(B)]
     masks = np.stack([[r.mask for r in rec.regions] for rec in recs])
     boxes = np.asarray([[r.box for r in rec.regions] for rec in recs], np.float32)

@@ -4,7 +4,9 @@ import importlib.util
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from sfgrpo import builders, runtime
 from sfgrpo.data import pipeline
@@ -82,3 +84,26 @@ class Setup:
 
     def key(self, seed: int = 0) -> jax.Array:
         return jax.random.key(seed)
+
+
+def entries_moved(dtype: str, lora_rank: int, steps: int):
+    """Trains the tiny policy in ``dtype`` (LoRA of ``lora_rank``, 0: full fine-tuning) for ``steps``
+    optimizer steps on one rollout with random advantages; returns the set-up, the final (params,
+    opt_state) and, per trainable leaf path, which entries the last step changed."""
+    c = tiny_config()
+    c.model.dtype = dtype
+    c.model.lora_rank = lora_rank
+    s = Setup(c)
+    out = s("rollout", s.params, s.frozen, s.batch, s.key(1))
+    credit, _ = s("reward", s.params, s.frozen, out.edited, s.batch, out.weights)
+    credit = credit._replace(
+        adv=jax.random.normal(s.key(2), credit.adv.shape), mask=jnp.ones_like(credit.mask)
+    )
+    params, opt_state = s.params, s.opt_state
+    for i in range(steps):
+        before = [np.asarray(x, np.float32) for x in jax.tree.leaves(params)]
+        params, opt_state, m = s("update", params, s.frozen, opt_state, {}, out, credit, s.key(10 + i))
+        assert float(m["skipped_updates"]) == 0.0
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    after = [np.asarray(x, np.float32) for x in jax.tree.leaves(params)]
+    return s, params, opt_state, {p: a != b for p, a, b in zip(paths, after, before, strict=True)}

@@ -8,7 +8,7 @@ import torch
 from diffusers import Flux2KleinPipeline
 from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
 from flax import nnx
-from helpers import Setup, tiny_config
+from helpers import entries_moved
 from safetensors import safe_open
 from tiny_flux2 import TINY_DIFFUSERS
 
@@ -151,26 +151,10 @@ def test_exported_adapter_loads_in_diffusers_with_the_same_output(tmp_path):
 
 
 def _lora_a_moves(dtype: str, steps: int = 4):
-    """Trains a rank-4 LoRA on the tiny policy in ``dtype`` for ``steps`` optimizer steps on one rollout;
-    returns the set-up, the final (params, opt_state) and, per LoRA-A leaf, which entries the last step
-    changed. (A has no gradient while B is still zero: it starts moving from the second step.)"""
-    c = tiny_config()
-    c.model.dtype = dtype
-    c.model.lora_rank = 4
-    s = Setup(c)
-    out = s("rollout", s.params, s.frozen, s.batch, s.key(1))
-    credit, _ = s("reward", s.params, s.frozen, out.edited, s.batch, out.weights)
-    credit = credit._replace(
-        adv=jax.random.normal(s.key(2), credit.adv.shape), mask=jnp.ones_like(credit.mask)
-    )
-    params, opt_state = s.params, s.opt_state
-    for i in range(steps):
-        before = [np.asarray(x, np.float32) for x in jax.tree.leaves(params)]
-        params, opt_state, m = s("update", params, s.frozen, opt_state, {}, out, credit, s.key(10 + i))
-        assert float(m["skipped_updates"]) == 0.0
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-    after = [np.asarray(x, np.float32) for x in jax.tree.leaves(params)]
-    moved = {p: a != b for p, a, b in zip(paths, after, before, strict=True) if "'a'" in p}
+    """Which LoRA-A entries a rank-4 LoRA's last of ``steps`` steps changed (see ``entries_moved``). (A has
+    no gradient while B is still zero: it starts moving from the second step.)"""
+    s, params, opt_state, moved = entries_moved(dtype, 4, steps)
+    moved = {p: m for p, m in moved.items() if "'a'" in p}
     assert moved
     return s, params, opt_state, moved
 

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import Setup, tiny_config
+from helpers import Setup, entries_moved, tiny_config
 
 from sfgrpo import builders, runtime
 from sfgrpo.rewards.base import Rewards
@@ -292,34 +292,11 @@ def test_accumulated_gradient_equals_the_full_batch_gradient(spatial, mode):
     assert worst < 1e-5, f"max |g_micro - g_full| / max |g_full| = {worst:.2e}"
 
 
-def _full_fine_tuning_moves(dtype: str, steps: int = 3):
-    """Full fine-tuning (no LoRA) of the tiny policy in ``dtype`` for ``steps`` optimizer steps on one
-    rollout; returns the set-up, the final (params, opt_state) and, per transformer leaf, which entries the
-    last step changed."""
-    c = tiny_config()
-    c.model.dtype = dtype
-    c.model.lora_rank = 0
-    s = Setup(c)
-    out = s("rollout", s.params, s.frozen, s.batch, s.key(1))
-    credit_, _ = s("reward", s.params, s.frozen, out.edited, s.batch, out.weights)
-    credit_ = credit_._replace(
-        adv=jax.random.normal(s.key(2), credit_.adv.shape), mask=jnp.ones_like(credit_.mask)
-    )
-    params, opt_state = s.params, s.opt_state
-    for i in range(steps):
-        before = [np.asarray(x, np.float32) for x in jax.tree.leaves(params)]
-        params, opt_state, m = s("update", params, s.frozen, opt_state, {}, out, credit_, s.key(10 + i))
-        assert float(m["skipped_updates"]) == 0.0
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-    after = [np.asarray(x, np.float32) for x in jax.tree.leaves(params)]
-    return s, params, opt_state, {p: a != b for p, a, b in zip(paths, after, before, strict=True)}
-
-
 def test_bf16_full_fine_tuning_trains_float32_master_weights():
     """Issue 12 item 1, full fine-tuning: a bf16 model trains float32 master weights with float32 Adam
     moments, computes with a bf16 copy of them, and its step moves every weight entry that a float32 model's
     step moves (bf16 weights round Adam's lr-sized steps to zero for most entries)."""
-    s, params, opt_state, moved_bf16 = _full_fine_tuning_moves("bfloat16")
+    s, params, opt_state, moved_bf16 = entries_moved("bfloat16", 0, 3)
     assert s.compute_dtypes is not None and set(s.compute_dtypes) == {"bfloat16"}
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s.params))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
@@ -329,7 +306,7 @@ def test_bf16_full_fine_tuning_trains_float32_master_weights():
     policy = s.programs._parts(params, s.frozen)
     kernels = jax.tree.leaves(nnx.state(merge(policy).transformer, nnx.Param))
     assert kernels and all(x.dtype == jnp.bfloat16 for x in kernels)
-    _, _, _, moved_f32 = _full_fine_tuning_moves("float32")
+    _, _, _, moved_f32 = entries_moved("float32", 0, 3)
     assert moved_f32.keys() == moved_bf16.keys()
     f32_frac = np.mean(np.concatenate([m.ravel() for m in moved_f32.values()]))
     assert f32_frac > 0.9, f32_frac

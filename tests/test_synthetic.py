@@ -3,10 +3,16 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import load_config
 
+from sfgrpo import builders
 from sfgrpo.data.shapes import ShapesConfig, generate
+from sfgrpo.rewards import reward_config
 from sfgrpo.rewards.base import score_rewards
 from sfgrpo.rewards.synthetic import shapes_scores
+
+# configs/default.py:multi, whose task and tolerances these tests check.
+MULTI = load_config("default.py", "multi")
 
 
 def _example(index=0, r_max=3):
@@ -111,16 +117,7 @@ def _multi_edit_example(n=4):
     trainer judges against): (edited-reference target, source, target, masks, boxes, valid)."""
     from sfgrpo.models.tiny import PixelAutoencoder  # noqa: PLC0415
 
-    cfg = ShapesConfig(
-        image_size=128,
-        min_shapes=4,
-        max_shapes=5,
-        min_edits=4,
-        max_edits=4,
-        min_size=0.14,
-        max_size=0.22,
-        min_gap=16,
-    )
+    cfg = builders.shapes_config(MULTI)
     recs = [generate(i, seed=0, config=cfg) for i in range(n)]
     masks = np.stack([[r.mask for r in rec.regions] for rec in recs])
     boxes = np.asarray([[r.box for r in rec.regions] for rec in recs], np.float32)
@@ -136,7 +133,7 @@ def _multi_edit_example(n=4):
 
 # The multi-edit variant's tolerances; its margin is the autoencoder's pool (4 there; 2 here, where a finer
 # reference makes blockiness measurable).
-TIGHT = dict(preserve_floor=0.012, preserve_tol=0.04, tv_tol=0.1, shape_margin=2)
+TIGHT = {**dict(reward_config.shapes_reward_options(MULTI.reward)), "shape_margin": 2}
 
 
 def _mean(field):
