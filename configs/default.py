@@ -33,6 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.shapes_train = 4096  # examples in the shapes train split
     c.data.shapes_eval = 32  # held-out examples evaluated with ODE sampling
     c.data.num_workers = 0
+    c.data.seed = -1  # the shapes examples' seed; -1: the run's seed
 
     # The policy: a tiny FLUX.2 transformer on pixel tokens, a word-level text encoder for the shapes
     # grammar, and a pixel autoencoder with no weights. Each token is its 16x16 cell average-pooled 4x4
@@ -81,6 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.warmstart.steps = 600
     c.warmstart.batch_size = 32
     c.warmstart.lr = 2e-3
+    c.warmstart.seed = -1  # the random init and the warm start's batch order; -1: the run's seed
 
     # SpatialFlow-GRPO (SPEC sections 7-8).
     c.rl = ml_collections.ConfigDict()
@@ -96,6 +98,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (std << 0.05) gets a small advantage instead of one inflated to unit size by the normalisation.
     c.rl.adv_eps = 0.05
     c.rl.token_weights = "boxes"  # 'boxes' (exact box-cell overlap) or 'masks' (pooled region masks)
+    # 'shuffled': each input's region-to-token map is replaced by another input's, so credit is spatial but
+    # wrong (the credit study's placebo arm); 'own' is the method.
+    c.rl.token_map = "own"
     # Weight of the token advantage against the global one. 0.5 on this demo: with 16 tokens of 16x16 px a
     # shape covers parts of a few tokens (mean region weight 0.36 there), and pure token credit (1.0)
     # raises the SDE rollouts' reward while the held-out ODE reward stays flat or falls; mixing in the

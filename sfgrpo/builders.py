@@ -165,6 +165,18 @@ def validate(config: ml_collections.ConfigDict, processes: int | None = None) ->
         "sampler.kind='cps' steps do not have; use rl.kl_form='exact' with 'cps'",
     )
     _require(0 <= rl.mix_lambda <= 1, "rl.mix_lambda", f"must lie in [0, 1], got {rl.mix_lambda}")
+    token_map = rl.get("token_map", "own")
+    _require(
+        token_map in ("own", "shuffled"),
+        "rl.token_map",
+        f"'own' or 'shuffled' (the credit study's placebo), got {token_map!r}",
+    )
+    _require(
+        token_map == "own" or global_batch >= 2 * rl.group_size,
+        "rl.token_map",
+        f"'shuffled' takes another group's region-to-token map: the global batch {global_batch} must hold at "
+        f"least two groups of rl.group_size={rl.group_size}",
+    )
     _require(
         s.kind in STEP_KINDS and s.kind != "ode",
         "sampler.kind",
@@ -279,6 +291,15 @@ def _validate_numbers(config: ml_collections.ConfigDict) -> None:
         "data.r_max": 1,
         "seed": 0,
     }
+    # -1: the run's seed.
+    for key in ("data.seed", "warmstart.seed"):
+        section, name = key.split(".")
+        value = config[section].get(name, -1)
+        _require(
+            isinstance(value, int) and value >= -1,
+            key,
+            f"must be an integer >= 0, or -1 for the run's seed; got {value!r}",
+        )
     if config.warmstart.steps > 0:
         counts["warmstart.batch_size"] = 1
     if config.data.source == "shapes":
@@ -370,6 +391,7 @@ def grpo_settings(config: ml_collections.ConfigDict) -> GRPOSettings:
         shapes_reward=(
             reward_config.shapes_reward_options(config.reward) if config.reward.kind == "shapes" else ()
         ),
+        token_map_shift=int(rl.group_size) if rl.get("token_map", "own") == "shuffled" else 0,
     )
 
 
@@ -605,12 +627,25 @@ def _validate_shapes_task(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.data (edits={edits}): {err}") from None
 
 
+def data_seed(config: ml_collections.ConfigDict) -> int:
+    """The seed the shapes task's examples are generated from: data.seed, or the run's seed for -1."""
+    value = config.data.get("seed", -1)
+    return config.seed if value == -1 else value
+
+
+def warmstart_seed(config: ml_collections.ConfigDict) -> int:
+    """The seed of the model's random initialisation and the warm start's batch order: warmstart.seed, or
+    the run's seed for -1. A fixed one lets runs of several seeds share one warm-started base model."""
+    value = config.warmstart.get("seed", -1)
+    return config.seed if value == -1 else value
+
+
 def data_source(config: ml_collections.ConfigDict, split: str) -> Sequence[Any]:
     """A random-access source of records for 'train' or the held-out 'test' split."""
     d = config.data
     if d.source == "shapes":
         n = d.shapes_train if split == "train" else d.shapes_eval
-        return shapes.ShapesSource(n, split=split, seed=config.seed, config=shapes_config(config))
+        return shapes.ShapesSource(n, split=split, seed=data_seed(config), config=shapes_config(config))
     from sfgrpo.data.tfds_builder import DatasetNotFound, load_split  # noqa: PLC0415
 
     try:

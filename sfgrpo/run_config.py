@@ -40,6 +40,13 @@ HARMLESS: tuple[str, ...] = (
     "reward.max_concurrency",
     "reward.max_pending",
 )
+# Keys added after runs were checkpointed without them, with the value that reproduces those runs: an older
+# checkpoint lacking one resumes under that value as the same experiment.
+INTRODUCED_WITH_NEUTRAL_VALUE: dict[str, Any] = {
+    "data.seed": -1,
+    "warmstart.seed": -1,
+    "rl.token_map": "own",
+}
 GLOBAL_BATCH = "global batch (rl.batch_size x processes)"
 _MAX_SHOWN = 8
 
@@ -73,7 +80,9 @@ def compare(saved: Mapping[str, Any], current: Mapping[str, Any]) -> tuple[dict,
     altering, harmless = {}, {}
     for key in sorted(set(saved) | set(current)):
         old, new = saved.get(key, "<absent>"), current.get(key, "<absent>")
-        if old != new:
+        neutral = INTRODUCED_WITH_NEUTRAL_VALUE.get(key, "<absent>")
+        absent_as_neutral = (old == "<absent>" and new == neutral) or (new == "<absent>" and old == neutral)
+        if old != new and not absent_as_neutral:
             (harmless if is_harmless(key) else altering)[key] = (old, new)
     return altering, harmless
 

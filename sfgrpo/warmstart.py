@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sfgrpo import checkpoint
+from sfgrpo import builders, checkpoint
 from sfgrpo.models.policy import EditPolicy
 from sfgrpo.preemption import Preempted
 from sfgrpo.rl.step import PolicyParts, merge
@@ -71,12 +71,16 @@ _NOT_FINGERPRINTED = {
 
 
 def fingerprint(config: Any) -> dict[str, Any]:
-    """What the warm start depends on: config.model, config.data, config.warmstart and config.seed (less
-    ``_NOT_FINGERPRINTED``), as JSON-able values plus their sha256 under 'sha256'."""
-    parts: dict[str, Any] = {"seed": config.seed}
+    """What the warm start depends on: config.model, config.data, config.warmstart (less
+    ``_NOT_FINGERPRINTED``) and the seeds they resolve to, as JSON-able values plus their sha256 under
+    'sha256'. 'seed' is the warm start's seed (warmstart.seed, or config.seed for -1), and data.seed is
+    resolved the same way: runs of several seeds that fix both share one cache."""
+    parts: dict[str, Any] = {"seed": builders.warmstart_seed(config)}
     for section in ("model", "data", "warmstart"):
         values = json.loads(config[section].to_json_best_effort(sort_keys=True))
         parts[section] = {k: v for k, v in values.items() if k not in _NOT_FINGERPRINTED.get(section, ())}
+    parts["data"]["seed"] = builders.data_seed(config)
+    parts["warmstart"].pop("seed", None)
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     return {"sha256": digest, **parts}
 

@@ -37,6 +37,15 @@ def test_added_and_removed_keys_show_as_absent():
     assert altering == {"a": (1, "<absent>"), "c": ("<absent>", 3)}
 
 
+def test_keys_added_later_are_absent_in_old_checkpoints_only_at_their_neutral_value():
+    # A checkpoint from before rl.token_map resumes with 'own' (the same experiment), not 'shuffled'.
+    old = {"rl.lr": 1e-3}
+    altering, _ = run_config.compare(old, {"rl.lr": 1e-3, "rl.token_map": "own", "data.seed": -1})
+    assert altering == {}
+    altering, _ = run_config.compare(old, {"rl.lr": 1e-3, "rl.token_map": "shuffled"})
+    assert altering == {"rl.token_map": ("<absent>", "shuffled")}
+
+
 def test_describe_is_one_line_and_bounded():
     changes = {f"k{i}": (i, i + 1) for i in range(12)}
     text = run_config.describe(changes)

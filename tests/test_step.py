@@ -11,7 +11,7 @@ from flax import nnx
 from helpers import Setup, entries_moved, tiny_config
 
 from sfgrpo import builders, runtime
-from sfgrpo.rewards.base import Rewards
+from sfgrpo.rewards.base import RegionScores, Rewards
 from sfgrpo.rl.step import (
     Credit,
     GRPOSettings,
@@ -20,6 +20,7 @@ from sfgrpo.rl.step import (
     credit,
     merge,
     rescore,
+    reward_metrics,
     update,
 )
 
@@ -103,6 +104,60 @@ def test_credit_shapes_and_masks():
         assert float(np.asarray(credit_.mask)[0].sum()) == 0.0  # the failed sample carries no weight
         assert np.all(np.asarray(credit_.adv)[0] == 0.0)
         assert 0.0 <= float(metrics["adv/zero_spread_frac"]) <= 1.0
+
+
+def test_placebo_gives_each_sample_another_groups_token_map():
+    # Two groups of 4 with disjoint maps: the placebo's token advantages are the sample's own region
+    # advantages spread over the other group's region tokens, and its mask follows that map too.
+    b, r, length, g = 8, 1, 4, 4
+    rng = np.random.default_rng(1)
+    rewards = Rewards(
+        region=jnp.asarray(rng.uniform(size=(b, r + 1)), jnp.float32),
+        region_valid=jnp.ones((b, r + 1), bool),
+        image=jnp.asarray(rng.uniform(size=b), jnp.float32),
+        image_valid=jnp.ones((b,), bool),
+    )
+    own = np.zeros((b, r + 1, length), np.float32)
+    own[:g, 0, 0] = own[:g, 1, 1:] = 1.0  # group 0: region on token 0
+    own[g:, 0, 3] = own[g:, 1, :3] = 1.0  # group 1: region on token 3
+    groups = jnp.repeat(jnp.arange(2), g)
+    base = {**spatial_settings().__dict__, "credit": "spatial", "mix_lambda": 1.0}
+    honest, _ = credit(rewards, jnp.asarray(own), groups, GRPOSettings(**base))
+    placebo, _ = credit(rewards, jnp.asarray(own), groups, GRPOSettings(**{**base, "token_map_shift": g}))
+    honest_adv, placebo_adv = np.asarray(honest.adv), np.asarray(placebo.adv)
+    # Group 0's region advantage sits on token 0 honestly, on token 3 under the placebo; and vice versa.
+    np.testing.assert_allclose(placebo_adv[:g, 3], honest_adv[:g, 0], atol=1e-6)
+    np.testing.assert_allclose(placebo_adv[g:, 0], honest_adv[g:, 3], atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(placebo.weights), np.roll(own, g, axis=0))
+    assert not np.allclose(placebo_adv, honest_adv)
+    # Scalar credit has no map to shuffle.
+    scalar = {**base, "credit": "scalar"}
+    a, _ = credit(rewards, jnp.asarray(own), groups, GRPOSettings(**scalar))
+    z, _ = credit(rewards, jnp.asarray(own), groups, GRPOSettings(**{**scalar, "token_map_shift": g}))
+    np.testing.assert_array_equal(np.asarray(a.adv), np.asarray(z.adv))
+
+
+def test_reward_metrics_count_region_successes_and_background():
+    b, r, scale = 2, 2, 25.0
+    success = jnp.asarray([[25.0, 19.0], [20.0, 24.0]])  # 0.8 C = 20: 1 of 2, then 2 of 2
+    valid = jnp.asarray([[True, True, True], [True, True, True]])
+    scores = RegionScores(
+        success=success,
+        preserve=jnp.full((b, r), scale),
+        background=jnp.asarray([25.0, 12.5]),
+        naturalness=jnp.full((b,), scale),
+        artifacts=jnp.full((b,), scale),
+        overall_success=jnp.full((b,), scale),
+        overall_preserve=jnp.full((b,), scale),
+        valid=jnp.ones((b,), bool),
+    )
+    rewards = Rewards(
+        region=jnp.zeros((b, r + 1)), region_valid=valid, image=jnp.zeros(b), image_valid=valid[:, 0]
+    )
+    m = {k: float(v) for k, v in reward_metrics(scores, rewards, scale).items()}
+    assert m["reward/region_success_rate"] == pytest.approx(0.75)
+    assert m["reward/multi_region_success"] == pytest.approx(0.5)
+    assert m["reward/background_preservation"] == pytest.approx(0.75)
 
 
 def test_lora_trains_only_adapters_and_starts_at_the_reference():

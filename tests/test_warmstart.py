@@ -29,6 +29,14 @@ def test_cache_is_reused_only_for_its_fingerprint(tmp_path, caplog):
     adapted = tiny_config()
     adapted.model.lora_rank = 4  # LoRA is attached after the warm start: the same cache serves
     assert warmstart.fingerprint(adapted) == fp
+    # Runs of several seeds that fix the data and warm-start seeds share one cache (the credit study).
+    fixed = [tiny_config() for _ in range(2)]
+    for seed, c in enumerate(fixed):
+        c.seed, c.data.seed, c.warmstart.seed = seed, 7, 7
+    assert warmstart.fingerprint(fixed[0]) == warmstart.fingerprint(fixed[1])
+    data_moved = tiny_config()
+    data_moved.seed, data_moved.data.seed, data_moved.warmstart.seed = 0, 8, 7
+    assert warmstart.fingerprint(data_moved)["sha256"] != warmstart.fingerprint(fixed[0])["sha256"]
 
     s = Setup(config)
     cache = tmp_path / "warmstart"

@@ -36,6 +36,7 @@ from sfgrpo.sampling.sde import gaussian_kl, sde_step
 BATCH_AXES = ("data", "fsdp")  # the mesh axes the batch is split over (runtime.LOGICAL_AXIS_RULES)
 # Update metrics that are shares of the full-batch value: summed over micro-batches and window steps.
 ADDITIVE_METRICS = ("loss", "kl", "total_loss")
+SUCCESS_SHARE = 0.8  # a region succeeds with a success score of at least 0.8 C (issue 13's criterion)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,10 @@ class GRPOSettings:
     # Keyword options of the in-graph shapes reward (sfgrpo.rewards.synthetic.shapes_scores), as
     # (name, value) pairs so the settings stay hashable; () keeps its defaults.
     shapes_reward: tuple[tuple[str, float | int], ...] = ()
+    # The credit study's placebo (rl.token_map = 'shuffled'): > 0 gives every sample, in 'spatial' and
+    # 'region' credit, the token weights of the sample this many rows later (cyclically; a multiple of G,
+    # so another input's region-to-token map). 0: each sample's own map.
+    token_map_shift: int = 0
 
 
 class Credit(NamedTuple):
@@ -188,6 +193,9 @@ def credit(
       weights: (B, R+1, L) token weights.
       group_ids: (B,) int group of each sample.
     """
+    if settings.token_map_shift and settings.credit != "scalar":
+        # Spatial but wrong credit: each region's advantage lands on another input's region tokens.
+        weights = _rolled_rows(weights, settings.token_map_shift)
     kw = dict(std=settings.adv_std, clip=settings.adv_clip, eps=settings.adv_eps)
     region_adv = group_advantages(rewards.region, rewards.region_valid, group_ids, **kw)
     image_adv = group_advantages(rewards.image, rewards.image_valid, group_ids, **kw)
@@ -214,14 +222,35 @@ def credit(
     return Credit(adv, mask, weights), metrics
 
 
+def _rolled_rows(x: jax.Array, shift: int) -> jax.Array:
+    """``x`` with its rows (batch axis) rolled by ``shift``, keeping its sharding. A roll crosses devices,
+    so it runs on a replicated copy (the token weights are small: B x (R+1) x L)."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return jnp.roll(x, shift, axis=0)
+    spec = jax.typeof(x).sharding.spec
+    return jax.sharding.reshard(jnp.roll(jax.sharding.reshard(x, jax.P()), shift, axis=0), spec)
+
+
 def reward_metrics(scores: RegionScores, rewards: Rewards, scale: float) -> dict[str, jax.Array]:
-    """Means of the rewards over valid entries, split into edit regions and background, and failures."""
+    """Means of the rewards over valid entries, split into edit regions and background, and failures.
+
+    Plus what a person would check: 'region_success_rate', the share of valid edit regions whose success
+    score is at least SUCCESS_SHARE of the scale; 'multi_region_success', the share of images all of whose
+    regions succeed; 'background_preservation', the mean background score as a fraction of the scale.
+    """
     valid = rewards.region_valid.astype(jnp.float32)
 
     def mean(x: jax.Array, w: jax.Array) -> jax.Array:
         return (x * w).sum() / jnp.maximum(w.sum(), 1.0)
 
+    edit_valid = rewards.region_valid[:, :-1]
+    succeeded = scores.success >= SUCCESS_SHARE * scale
+    image_ok = rewards.image_valid & jnp.any(edit_valid, axis=1)
+    all_succeeded = jnp.all(succeeded | ~edit_valid, axis=1)
     return {
+        "reward/region_success_rate": mean(succeeded.astype(jnp.float32), edit_valid.astype(jnp.float32)),
+        "reward/multi_region_success": mean(all_succeeded.astype(jnp.float32), image_ok.astype(jnp.float32)),
+        "reward/background_preservation": mean(scores.background, valid[:, -1]) / scale,
         "reward/mean": mean(rewards.image, rewards.image_valid.astype(jnp.float32)),
         "reward/region_mean": mean(rewards.region[:, :-1], valid[:, :-1]),
         "reward/background_mean": mean(rewards.region[:, -1], valid[:, -1]),

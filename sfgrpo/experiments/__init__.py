@@ -1,0 +1,1 @@
+"""Experiments built from ordinary training runs (``python -m sfgrpo.main``), resumable and reported."""

@@ -1,0 +1,489 @@
+"""The spatial credit study: does mapping region rewards onto tokens beat one whole-image reward?
+
+    python -m sfgrpo.experiments.credit --out DIR [--ks 1,2,4] [--seeds 5] \\
+        [--arms scalar,spatial,placebo,region,mix] [--steps N] [--jobs J]
+
+Every run is an ordinary training run (``python -m sfgrpo.main`` on ``configs/default.py:multi_k<K>``, its
+workdir under ``DIR/runs``), identical across arms but for credit:
+  scalar   Flow-GRPO: one global reward per image (rl.credit=scalar);
+  spatial  token credit, lambda = 1 (rl.credit=spatial, rl.mix_lambda=1);
+  mix      lambda = 0.5;
+  region   region-level ratios (rl.credit=region);
+  placebo  spatial credit with each input's region-to-token map replaced by another input's
+           (rl.token_map=shuffled): credit that is spatial but wrong, with spatial's hyperparameters.
+All arms of one K start from one warm-started base model (``DIR/base/k<K>``: fixed data and warm-start
+seeds), see the same rollouts, updates and evaluation budget, and differ by seed only in the LoRA
+initialisation, the sampling noise and the batch order. Each arm's learning rate and clip range come from a
+sweep on seeds the study does not use (``DIR/sweep``, reported in ``DIR/hparams.json``), or from
+``--hparams FILE``.
+
+Rerunning the command resumes: finished runs are skipped, an interrupted one resumes from its checkpoint.
+The report (``summary.json``, ``study.md``, ``study.png``) is rewritten at the end of every invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sfgrpo.experiments import credit_report
+
+ARMS: dict[str, dict[str, Any]] = {
+    "scalar": {"rl.credit": "scalar"},
+    "spatial": {"rl.credit": "spatial", "rl.mix_lambda": 1.0},
+    "mix": {"rl.credit": "spatial", "rl.mix_lambda": 0.5},
+    "region": {"rl.credit": "region"},
+    "placebo": {"rl.credit": "spatial", "rl.mix_lambda": 1.0, "rl.token_map": "shuffled"},
+}
+# The placebo must differ from spatial in the map only, so it is not swept: it takes spatial's settings.
+HPARAMS_FROM = {"placebo": "spatial"}
+TASK_SEED = 7  # data.seed and warmstart.seed of every run: one task and one base model per K
+SWEEP_SEED0 = 1000  # sweep seeds are 1000, 1001, ...; study seeds are 0 .. seeds-1
+PLAN_FILE = "study.json"
+CONFIG_FILE = Path(__file__).resolve().parents[2] / "configs" / "default.py"
+
+
+class StudyError(Exception):
+    """A bad flag or an --out that holds another study; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run of the study: its workdir and config overrides."""
+
+    phase: str  # 'base', 'sweep' or 'study'
+    k: int
+    arm: str
+    seed: int
+    workdir: Path
+    overrides: tuple[tuple[str, Any], ...]
+    lr: float | None = None
+    clip: float | None = None
+
+    def command(self) -> list[str]:
+        flags = [f"--config.{key}={_flag_value(value)}" for key, value in self.overrides]
+        return [
+            sys.executable,
+            "-m",
+            "sfgrpo.main",
+            f"--config={CONFIG_FILE}:multi_k{self.k}",
+            f"--workdir={self.workdir}",
+            *flags,
+        ]
+
+    @property
+    def done_file(self) -> Path:
+        return self.workdir / "study_done.json"
+
+
+def _flag_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "(" + ",".join(str(v) for v in value) + ")"
+    return str(value)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m sfgrpo.experiments.credit", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--out", required=True, type=Path, help="the study's folder (created; reruns resume)")
+    p.add_argument("--ks", default="1,2,4", help="edits per instruction, comma-separated, each 1..4")
+    p.add_argument("--seeds", type=int, default=5, help="seeds per (arm, K): 0 .. seeds-1")
+    p.add_argument(
+        "--arms", default="scalar,spatial,placebo,region,mix", help=f"comma-separated of {list(ARMS)}"
+    )
+    p.add_argument("--steps", type=int, default=60, help="GRPO iterations per run")
+    p.add_argument("--eval-every", type=int, default=5, help="iterations between held-out evaluations")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cores/jobs threads)")
+    p.add_argument("--hparams", type=Path, help="a JSON {arm: {lr, clip}} to use instead of the sweep")
+    p.add_argument("--sweep-k", type=int, default=2, help="the K the sweep runs at")
+    p.add_argument("--sweep-seeds", type=int, default=1, help="sweep seeds per setting (1000, 1001, ...)")
+    p.add_argument("--sweep-lrs", default="2.5e-4,5e-4,1e-3", help="learning rates the sweep tries")
+    p.add_argument("--sweep-clips", default="0.1,0.2", help="clip ranges (symmetric) the sweep tries")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every run (e.g. warmstart.steps=1500); repeatable",
+    )
+    return p.parse_args(argv)
+
+
+def _int_list(text: str, name: str, lo: int, hi: int) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise StudyError(f"--{name}: comma-separated integers, got {text!r}") from None
+    if not values or any(not lo <= v <= hi for v in values) or len(set(values)) != len(values):
+        raise StudyError(f"--{name}: distinct integers in {lo}..{hi}, got {text!r}")
+    return values
+
+
+def _float_list(text: str, name: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise StudyError(f"--{name}: comma-separated numbers, got {text!r}") from None
+    if not values or any(not (0 < v < 1) for v in values):
+        raise StudyError(f"--{name}: numbers in (0, 1), got {text!r}")
+    return values
+
+
+def _parse_set(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or key.startswith("-"):
+            raise StudyError(f"--set {item!r}: expected KEY=VALUE, as in warmstart.steps=1500")
+        if key in ("seed", "data.seed", "warmstart.seed") or key.startswith("rl.credit"):
+            raise StudyError(f"--set {key}: the study sets it itself")
+        out[key] = value
+    return out
+
+
+def make_plan(args: argparse.Namespace) -> dict[str, Any]:
+    """The study's settings as checked, JSON-able values (stored in DIR/study.json)."""
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARMS]
+    if not arms or unknown or len(set(arms)) != len(arms):
+        raise StudyError(f"--arms: distinct names among {list(ARMS)}, got {args.arms!r}")
+    if args.seeds < 1:
+        raise StudyError(f"--seeds: at least 1 seed per (arm, K), got {args.seeds}")
+    if args.steps < 1 or args.eval_every < 1:
+        raise StudyError(f"--steps and --eval-every must be >= 1, got {args.steps} and {args.eval_every}")
+    if args.jobs < 1:
+        raise StudyError(f"--jobs: at least 1, got {args.jobs}")
+    if args.sweep_seeds < 0:
+        raise StudyError(f"--sweep-seeds: 0 (no sweep: needs --hparams) or more, got {args.sweep_seeds}")
+    if not 1 <= args.sweep_k <= 4:
+        raise StudyError(f"--sweep-k: 1..4, got {args.sweep_k}")
+    if args.hparams is None and args.sweep_seeds == 0:
+        raise StudyError("--sweep-seeds 0 runs no sweep: give the arms' settings with --hparams FILE")
+    plan = {
+        "ks": _int_list(args.ks, "ks", 1, 4),
+        "seeds": list(range(args.seeds)),
+        "arms": arms,
+        "steps": args.steps,
+        "eval_every": args.eval_every,
+        "overrides": _parse_set(args.set),
+        "task_seed": TASK_SEED,
+    }
+    if args.hparams is None:
+        plan["sweep"] = {
+            "k": args.sweep_k,
+            "seeds": [SWEEP_SEED0 + i for i in range(args.sweep_seeds)],
+            "lrs": _float_list(args.sweep_lrs, "sweep-lrs"),
+            "clips": _float_list(args.sweep_clips, "sweep-clips"),
+        }
+    else:
+        plan["hparams_file"] = str(args.hparams)
+    return plan
+
+
+def check_plan(out: Path, plan: dict[str, Any]) -> None:
+    """Stores ``plan`` in a new --out, or refuses one whose stored plan differs."""
+    path = out / PLAN_FILE
+    if path.exists():
+        stored = json.loads(path.read_text())
+        changed = sorted(k for k in set(stored) | set(plan) if stored.get(k) != plan.get(k))
+        if changed:
+            raise StudyError(
+                f"--out {out} holds a study with other settings ({', '.join(changed)} differ: stored "
+                f"{ {k: stored.get(k) for k in changed} }); rerun it with the same flags or use another --out"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(plan, indent=1, sort_keys=True))
+
+
+def _common(plan: dict[str, Any], seed: int, steps: int) -> list[tuple[str, Any]]:
+    return [
+        ("seed", seed),
+        ("data.seed", plan["task_seed"]),
+        ("warmstart.seed", plan["task_seed"]),
+        ("train.steps", steps),
+        ("train.eval_every", plan["eval_every"]),
+        ("train.checkpoint_every", plan["eval_every"]),
+        *plan["overrides"].items(),
+    ]
+
+
+def base_run(out: Path, plan: dict[str, Any], k: int) -> Run:
+    """The run that trains K's warm start (and evaluates the base model at step 0); one GRPO iteration."""
+    overrides = _common(plan, plan["seeds"][0], 1) + [("train.eval_every", 1)]
+    return Run("base", k, "base", plan["seeds"][0], out / "base" / f"k{k}", tuple(dict(overrides).items()))
+
+
+def arm_run(
+    out: Path, plan: dict[str, Any], phase: str, k: int, arm: str, seed: int, lr: float, clip: float
+) -> Run:
+    overrides = dict(_common(plan, seed, plan["steps"]))
+    overrides.update(ARMS[arm])
+    overrides["rl.lr"] = lr
+    overrides[f"rl.clip_range_{ARMS[arm]['rl.credit']}"] = (clip, clip)
+    name = f"k{k}_{arm}_s{seed}" if phase == "study" else f"k{k}_{arm}_lr{lr:g}_clip{clip:g}_s{seed}"
+    return Run(phase, k, arm, seed, out / ("runs" if phase == "study" else "sweep") / name,
+               tuple(overrides.items()), lr, clip)  # fmt: skip
+
+
+def swept_arms(arms: Sequence[str]) -> list[str]:
+    """The arms the sweep tunes: the study's, with the placebo replaced by the arm it copies."""
+    return sorted({HPARAMS_FROM.get(a, a) for a in arms})
+
+
+def sweep_runs(out: Path, plan: dict[str, Any]) -> list[Run]:
+    s = plan["sweep"]
+    return [
+        arm_run(out, plan, "sweep", s["k"], arm, seed, lr, clip)
+        for arm in swept_arms(plan["arms"])
+        for lr in s["lrs"]
+        for clip in s["clips"]
+        for seed in s["seeds"]
+    ]
+
+
+def choose_hparams(runs: Sequence[Run], results: dict[Run, dict[str, Any]]) -> dict[str, Any]:
+    """Per arm, the (lr, clip) whose sweep runs end with the highest mean held-out reward (the mean of each
+    run's last two evaluations, to damp one evaluation's noise)."""
+    table: dict[tuple[str, float, float], list[float]] = {}
+    rows = []
+    for run in runs:
+        result = results.get(run)
+        if result is None or result.get("status") != "ok":
+            continue
+        tail = [r for _, r in result["eval_curve"][-2:]]
+        score = sum(tail) / len(tail)
+        table.setdefault((run.arm, run.lr, run.clip), []).append(score)
+        rows.append({"arm": run.arm, "lr": run.lr, "clip": run.clip, "seed": run.seed, "score": score})
+    chosen: dict[str, Any] = {}
+    for (arm, lr, clip), scores in sorted(table.items()):
+        mean = sum(scores) / len(scores)
+        if arm not in chosen or mean > chosen[arm]["score"]:
+            chosen[arm] = {"lr": lr, "clip": clip, "score": mean}
+    return {
+        "chosen": chosen,
+        "criterion": "mean over sweep seeds of the mean of each run's last two held-out rewards",
+        "runs": rows,
+    }
+
+
+def arm_hparams(hparams: dict[str, Any], arm: str) -> tuple[float, float]:
+    source = HPARAMS_FROM.get(arm, arm)
+    try:
+        entry = hparams["chosen"][source]
+        return float(entry["lr"]), float(entry["clip"])
+    except (KeyError, TypeError, ValueError):
+        raise StudyError(f"the hyperparameters hold no lr and clip for arm {source!r}") from None
+
+
+def load_hparams(path: Path) -> dict[str, Any]:
+    """--hparams FILE: {"chosen": {arm: {"lr", "clip"}}} (a study's hparams.json) or {arm: {"lr", "clip"}}."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise StudyError(f"--hparams {path}: cannot read it as JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise StudyError(f"--hparams {path}: expected a JSON object of arms")
+    return data if "chosen" in data else {"chosen": data, "criterion": f"given by --hparams {path}"}
+
+
+# --- running ------------------------------------------------------------------------------------------
+
+
+def _environment(jobs: int) -> dict[str, str]:
+    env = dict(os.environ)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    if jobs > 1:
+        # Several XLA processes on one machine: each gets its share of the cores, and on a GPU none
+        # reserves most of the memory up front.
+        flags = env.get("XLA_FLAGS", "")
+        if threads == 1 and "multi_thread_eigen" not in flags:
+            env["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    return env
+
+
+def _finished(run: Run) -> dict[str, Any] | None:
+    try:
+        return json.loads(run.done_file.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def result_of(run: Run) -> dict[str, Any]:
+    """The run's row: its identity, hyperparameters, status and (when it finished) its curve and finals."""
+    row: dict[str, Any] = {
+        "k": run.k,
+        "arm": run.arm,
+        "seed": run.seed,
+        "lr": run.lr,
+        "clip": run.clip,
+        "workdir": str(run.workdir),
+    }
+    done = _finished(run)
+    if done is None:
+        return row | {"status": "failed" if (run.workdir / "study_failed.json").exists() else "missing"}
+    return row | {"status": "ok", "seconds": done.get("seconds")} | credit_report.run_record(run.workdir)
+
+
+def execute(runs: Sequence[Run], jobs: int, needs: dict[Run, Run], log: Any = print) -> None:
+    """Runs every unfinished run, ``jobs`` at a time; a run waits for the run ``needs`` names (its base).
+
+    A run that fails is recorded (``study_failed.json`` with its exit status and log) and the others go on;
+    runs that need a failed one are not started.
+    """
+    pending = [r for r in runs if _finished(r) is None]
+    skipped = len(runs) - len(pending)
+    if skipped:
+        log(f"{skipped} of {len(runs)} runs already finished: skipped")
+    env = _environment(jobs)
+    active: dict[Run, tuple[subprocess.Popen, float, Any]] = {}
+    failed: set[Run] = set()
+    start, done_count = time.monotonic(), 0
+    try:
+        while pending or active:
+            for run in list(pending):
+                if len(active) >= jobs:
+                    break
+                need = needs.get(run)
+                if need is not None and need in failed:
+                    pending.remove(run)
+                    failed.add(run)
+                    _record_failure(run, None, f"its base run {need.workdir} failed")
+                    continue
+                if need is not None and _finished(need) is None:
+                    continue
+                pending.remove(run)
+                if need is not None:
+                    _copy_warm_start(need.workdir, run.workdir)
+                run.workdir.mkdir(parents=True, exist_ok=True)
+                (run.workdir / "study_failed.json").unlink(missing_ok=True)
+                (run.workdir / "command.txt").write_text(" ".join(run.command()) + "\n")
+                handle = open(run.workdir / "log.txt", "a")  # noqa: SIM115 - closed when the run ends
+                proc = subprocess.Popen(run.command(), stdout=handle, stderr=subprocess.STDOUT, env=env)
+                active[run] = (proc, time.monotonic(), handle)
+                log(f"started {run.phase} {run.workdir.name}")
+            time.sleep(0.5)
+            for run, (proc, t0, handle) in list(active.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                handle.close()
+                del active[run]
+                seconds = time.monotonic() - t0
+                if rc == 0 and _has_final_eval(run):
+                    run.done_file.write_text(json.dumps({"seconds": seconds, "command": run.command()}))
+                    done_count += 1
+                    rate = (time.monotonic() - start) / done_count
+                    left = len(pending) + len(active)
+                    eta = left * rate / 60
+                    log(f"finished {run.workdir.name} in {seconds:.0f} s; {left} to go (~{eta:.0f} min)")
+                else:
+                    failed.add(run)
+                    _record_failure(run, rc, "exited without its final evaluation" if rc == 0 else "")
+                    log(f"FAILED {run.workdir.name} (exit {rc}); see {run.workdir / 'log.txt'}")
+    except KeyboardInterrupt:
+        for proc, _, _ in active.values():
+            proc.terminate()  # SIGTERM: each run checkpoints and exits; a rerun resumes it
+        for proc, _, _ in active.values():
+            proc.wait()
+        raise
+
+
+def _has_final_eval(run: Run) -> bool:
+    steps = dict(run.overrides)["train.steps"]
+    try:
+        curve = credit_report.run_record(run.workdir)["eval_curve"]
+    except (OSError, ValueError):
+        return False
+    return bool(curve) and curve[-1][0] == steps
+
+
+def _record_failure(run: Run, rc: int | None, why: str) -> None:
+    run.workdir.mkdir(parents=True, exist_ok=True)
+    (run.workdir / "study_failed.json").write_text(json.dumps({"exit_status": rc, "why": why}))
+
+
+def _copy_warm_start(base: Path, workdir: Path) -> None:
+    """Gives the run its K's warm-started base (the warm-start cache: the fingerprint matches)."""
+    target = workdir / "warmstart"
+    if not target.exists():
+        workdir.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(base / "warmstart", target)
+
+
+# --- the command --------------------------------------------------------------------------------------
+
+
+def run_study(args: argparse.Namespace, log: Any = print) -> int:
+    """Plans, runs (resuming) and reports the study; returns the exit status (1 if any run failed)."""
+    plan = make_plan(args)
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise StudyError(f"--out {out}: exists and is not a folder")
+    check_plan(out, plan)
+    ks = sorted(set(plan["ks"]) | ({plan["sweep"]["k"]} if "sweep" in plan else set()))
+    bases = {k: base_run(out, plan, k) for k in ks}
+    hparams_path = out / "hparams.json"
+    all_runs: list[Run] = list(bases.values())
+    if "sweep" in plan:
+        sweep = sweep_runs(out, plan)
+        execute([*bases.values(), *sweep], args.jobs, {r: bases[r.k] for r in sweep}, log)
+        results = {r: result_of(r) for r in sweep}
+        failed = [r for r in sweep if results[r]["status"] != "ok"]
+        if failed:
+            log(f"{len(failed)} sweep runs failed (e.g. {failed[0].workdir}); the study needs them: rerun")
+            return 1
+        hparams = choose_hparams(sweep, results)
+        hparams["settings"] = plan["sweep"]
+        all_runs += sweep
+    else:
+        hparams = load_hparams(Path(plan["hparams_file"]))
+    hparams_path.write_text(json.dumps(hparams, indent=1, sort_keys=True))
+    study = [
+        arm_run(out, plan, "study", k, arm, seed, *arm_hparams(hparams, arm))
+        for k in plan["ks"]
+        for arm in plan["arms"]
+        for seed in plan["seeds"]
+    ]
+    execute([*bases.values(), *study], args.jobs, {r: bases[r.k] for r in study}, log)
+    rows = [result_of(r) for r in study]
+    plan_report = plan | {"eval_examples": _eval_examples(bases[plan["ks"][0]])}
+    credit_report.write(out, rows, plan_report, hparams)
+    missing = [r for r in rows if r["status"] != "ok"]
+    log(f"wrote {out / 'study.md'}, {out / 'study.png'} and {out / 'summary.json'} ({len(rows)} runs)")
+    if missing:
+        log(f"{len(missing)} runs did not finish (status failed or missing); rerun the command to retry them")
+        return 1
+    return 0
+
+
+def _eval_examples(base: Run) -> Any:
+    try:
+        config = json.loads((base.workdir / "config.json").read_text())
+        return config["data"]["shapes_eval"]
+    except (OSError, ValueError, KeyError):
+        return "?"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run_study(args)
+    except StudyError as err:
+        print(f"sfgrpo.experiments.credit: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""The credit study's report: per-run curves and finals read from the runs' ``metrics.jsonl``, then
+``summary.json``, ``study.md`` and ``study.png`` (see ``sfgrpo.experiments.credit``).
+
+Statistics are over seeds: means with two-sided 95% Student-t intervals, paired differences against the
+scalar arm (runs of one seed share the held-out noise and the data order), and the iterations each arm
+needs to reach the scalar arm's final mean reward (median over seeds, with the range).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sfgrpo.metrics import read_metrics
+
+REWARD = "eval/reward/mean"
+# What a run's final evaluation reports, under the names summary.json uses.
+FINAL_KEYS = {
+    "reward": REWARD,
+    "region_success_rate": "eval/reward/region_success_rate",
+    "multi_region_success": "eval/reward/multi_region_success",
+    "background_preservation": "eval/reward/background_preservation",
+    "region_reward": "eval/reward/region_mean",
+    "background_reward": "eval/reward/background_mean",
+    "aesthetics": "eval/reward/aes_mean",
+}
+# Training diagnostics averaged over a run's GRPO iterations (clip fractions split by region).
+# token_clipfrac/*: the share of per-token ratios outside the clip range, over edit and background tokens.
+TRAIN_KEYS = (
+    "clipfrac",
+    "token_clipfrac/edit",
+    "token_clipfrac/background",
+    "reward/mean",
+    "adv/zero_spread_frac",
+)
+
+# Two-sided 95% Student-t quantiles t_{0.975, df}; beyond 30 degrees of freedom, the normal's 1.96 is within
+# 2% of the exact value.
+_T975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+
+
+def t975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` >= 1 degrees of freedom."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    return _T975[df - 1] if df <= len(_T975) else 1.96
+
+
+def mean_ci(values: Sequence[float]) -> dict[str, float | int | None]:
+    """{'mean', 'ci95' (half-width; None for fewer than 2 values), 'n'} of finite ``values``."""
+    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], np.float64)
+    if x.size == 0:
+        return {"mean": None, "ci95": None, "n": 0}
+    half = float(t975(x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else None
+    return {"mean": float(x.mean()), "ci95": half, "n": int(x.size)}
+
+
+def run_record(run_dir: Path) -> dict[str, Any]:
+    """One run's eval curve [[step, reward], ...], its final evaluation and training diagnostics.
+
+    Raises ValueError naming the run when it has no evaluation.
+    """
+    records = read_metrics(run_dir / "metrics.jsonl")
+    # Step 0's evaluation has its own line; later ones ride on the GRPO iteration's line.
+    evals = [r for r in records if r.get("stage") in ("eval", "grpo") and REWARD in r]
+    if not evals:
+        raise ValueError(f"{run_dir}: metrics.jsonl holds no evaluation ({REWARD})")
+    by_step = {int(r["step"]): r for r in evals}  # a resumed run may repeat a step; the last one counts
+    curve = [[step, float(by_step[step][REWARD])] for step in sorted(by_step)]
+    last = by_step[max(by_step)]
+    final = {name: _float(last.get(key)) for name, key in FINAL_KEYS.items()}
+    grpo = [r for r in records if r.get("stage") == "grpo"]
+    train = {key: _float(np.mean([r[key] for r in grpo if key in r])) if grpo else None for key in TRAIN_KEYS}
+    return {"eval_curve": curve, "final": final, "train": train}
+
+
+def _float(value: Any) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def steps_to_reach(curve: Sequence[Sequence[float]], threshold: float) -> int | None:
+    """The first evaluated step whose reward is >= ``threshold``; None when no evaluation reaches it."""
+    for step, reward in curve:
+        if reward >= threshold:
+            return int(step)
+    return None
+
+
+def median_steps(steps: Sequence[int | None]) -> float | None:
+    """The median over seeds with runs that never reached counted as beyond every step (infinite); None
+    when more than half never reached."""
+    ordered = sorted(math.inf if s is None else s for s in steps)
+    if not ordered:
+        return None
+    median = float(np.median(ordered))
+    return None if math.isinf(median) or math.isnan(median) else median
+
+
+def summarise(rows: Sequence[Mapping[str, Any]], ks: Sequence[int], arms: Sequence[str]) -> dict[str, Any]:
+    """Per (K, arm) statistics of finished rows: finals with CIs, iterations to the scalar arm's final
+    mean, and paired differences against scalar. Rows whose 'status' is not 'ok' are counted, not used."""
+    out: dict[str, Any] = {}
+    for k in ks:
+        ok = [r for r in rows if r["k"] == k and r.get("status") == "ok"]
+        scalar_final = mean_ci([r["final"]["reward"] for r in ok if r["arm"] == "scalar"])["mean"]
+        scalar_by_seed = {r["seed"]: r["final"]["reward"] for r in ok if r["arm"] == "scalar"}
+        per_arm: dict[str, Any] = {}
+        for arm in arms:
+            mine = [r for r in ok if r["arm"] == arm]
+            failed = sum(1 for r in rows if r["k"] == k and r["arm"] == arm and r.get("status") != "ok")
+            stats: dict[str, Any] = {"runs": len(mine), "failed": failed}
+            for name in FINAL_KEYS:
+                stats[name] = mean_ci([r["final"][name] for r in mine])
+            if scalar_final is not None:
+                reach = [steps_to_reach(r["eval_curve"], scalar_final) for r in mine]
+                reached = [s for s in reach if s is not None]
+                stats["steps_to_scalar_final"] = {
+                    "threshold": scalar_final,
+                    "per_seed": reach,
+                    "median": median_steps(reach),
+                    "range": [min(reached), max(reached)] if reached else None,
+                    "reached": len(reached),
+                }
+            paired = [
+                r["final"]["reward"] - scalar_by_seed[r["seed"]]
+                for r in mine
+                if r["seed"] in scalar_by_seed and r["final"]["reward"] is not None
+            ]
+            if arm != "scalar" and paired:
+                stats["minus_scalar"] = mean_ci(paired)
+            stats["curve"] = _mean_curve([r["eval_curve"] for r in mine])
+            per_arm[arm] = stats
+        out[str(k)] = per_arm
+    return out
+
+
+def _mean_curve(curves: Sequence[Sequence[Sequence[float]]]) -> list[dict[str, float | None]]:
+    """Mean ± CI of the reward at each step every curve evaluated."""
+    if not curves:
+        return []
+    common = sorted(set.intersection(*[{int(s) for s, _ in c} for c in curves]))
+    at = [dict((int(s), v) for s, v in c) for c in curves]
+    return [{"step": s, **mean_ci([a[s] for a in at])} for s in common]
+
+
+def _fmt(stat: Mapping[str, Any] | None, digits: int = 3) -> str:
+    if not stat or stat.get("mean") is None:
+        return "–"
+    ci = stat.get("ci95")
+    return f"{stat['mean']:.{digits}f}" + (f" ± {ci:.{digits}f}" if ci is not None else "")
+
+
+def _fmt_steps(stat: Mapping[str, Any] | None, total_runs: int) -> str:
+    if not stat:
+        return "–"
+    median = "not reached" if stat["median"] is None else f"{stat['median']:g}"
+    spread = "" if stat["range"] is None else f" [{stat['range'][0]}–{stat['range'][1]}]"
+    return f"{median}{spread} ({stat['reached']}/{total_runs} reached)"
+
+
+def markdown(summary: Mapping[str, Any], plan: Mapping[str, Any], hparams: Mapping[str, Any]) -> str:
+    """study.md: the settings, one table per K, the placebo check and the hyperparameters used."""
+    lines = [
+        "# Spatial credit study",
+        "",
+        f"Task: `configs/default.py:multi_k<K>` (K edits per instruction, 128 px, 8x8 tokens). "
+        f"{plan['steps']} GRPO iterations per run, held-out ODE evaluation every {plan['eval_every']} "
+        f"on {plan.get('eval_examples', '?')} examples; seeds {plan['seeds']}; every run shares its K's "
+        "warm-started base model (fixed data and warm-start seeds). Intervals are two-sided 95% Student-t "
+        "over seeds; 'vs scalar' is the paired (same seed) difference of final held-out rewards.",
+        "",
+        "Arms (identical but for credit): `scalar` = Flow-GRPO's global reward; `spatial` = token credit "
+        "(lambda = 1); `mix` = lambda 0.5; `region` = region-level ratios; `placebo` = spatial credit with "
+        "each input's region-to-token map replaced by another input's (`rl.token_map=shuffled`).",
+        "",
+    ]
+    for k, per_arm in summary.items():
+        lines += [
+            f"## K = {k}",
+            "",
+            "| arm | final reward | vs scalar | iterations to scalar's final | region success | multi-region "
+            "success | background preservation | clipfrac edit / background |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for arm, s in per_arm.items():
+            train = s.get("train_clipfrac", "")
+            lines.append(
+                f"| {arm} | {_fmt(s['reward'])} | {_fmt(s.get('minus_scalar'))} | "
+                f"{_fmt_steps(s.get('steps_to_scalar_final'), s['runs'])} | "
+                f"{_fmt(s['region_success_rate'], 2)} | "
+                f"{_fmt(s['multi_region_success'], 2)} | {_fmt(s['background_preservation'], 3)} | {train} |"
+            )
+            if s["failed"]:
+                lines.append(f"| ({arm}: {s['failed']} failed runs, not counted) | | | | | | | |")
+        lines.append("")
+    lines += ["## Hyperparameters", "", "```json", json.dumps(hparams, indent=1, sort_keys=True), "```", ""]
+    return "\n".join(lines)
+
+
+def plot(summary: Mapping[str, Any], path: Path) -> None:
+    """study.png: the held-out reward's mean ± 95% CI per arm against iterations, one panel per K."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    ks = list(summary)
+    fig = Figure(figsize=(4.2 * len(ks), 3.6), dpi=120)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(ks), squeeze=False)[0]
+    for ax, k in zip(axes, ks, strict=True):
+        for arm, s in summary[k].items():
+            curve = s["curve"]
+            if not curve:
+                continue  # an arm with no finished run
+            steps = np.array([c["step"] for c in curve])
+            mean = np.array([c["mean"] for c in curve])
+            half = np.array([c["ci95"] or 0.0 for c in curve])
+            (line,) = ax.plot(steps, mean, label=f"{arm} (n={s['runs']})", lw=1.6)
+            ax.fill_between(steps, mean - half, mean + half, color=line.get_color(), alpha=0.15)
+        ax.set_title(f"K = {k}")
+        ax.set_xlabel("GRPO iteration")
+        ax.set_ylabel("held-out reward (ODE)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def write(out: Path, rows: list[dict[str, Any]], plan: Mapping[str, Any], hparams: Mapping[str, Any]) -> dict:
+    """Writes summary.json, study.md and study.png in ``out``; returns the per-K summary."""
+    summary = summarise(rows, plan["ks"], plan["arms"])
+    for k, per_arm in summary.items():
+        for arm, s in per_arm.items():
+            mine = [r for r in rows if str(r["k"]) == k and r["arm"] == arm and r.get("status") == "ok"]
+            edit = mean_ci([r["train"].get("token_clipfrac/edit") for r in mine])["mean"]
+            back = mean_ci([r["train"].get("token_clipfrac/background") for r in mine])["mean"]
+            s["train_clipfrac"] = "–" if edit is None or back is None else f"{edit:.3f} / {back:.3f}"
+    doc = {"plan": dict(plan), "hparams": dict(hparams), "rows": rows, "by_k": summary}
+    (out / "summary.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
+    (out / "study.md").write_text(markdown(summary, plan, hparams))
+    plot(summary, out / "study.png")
+    return summary

@@ -1,0 +1,189 @@
+"""The credit study: its statistics and report, its plan and arms, and a real (tiny) study end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from sfgrpo.experiments import credit, credit_report
+
+
+def test_t_quantiles_and_mean_ci():
+    assert credit_report.t975(1) == pytest.approx(12.706)
+    assert credit_report.t975(4) == pytest.approx(2.776)
+    assert credit_report.t975(200) == pytest.approx(1.96)
+    stat = credit_report.mean_ci([1.0, 2.0, 3.0])
+    assert stat["mean"] == 2.0 and stat["n"] == 3
+    assert stat["ci95"] == pytest.approx(4.303 * 1.0 / math.sqrt(3))
+    assert credit_report.mean_ci([5.0]) == {"mean": 5.0, "ci95": None, "n": 1}
+    assert credit_report.mean_ci([None, float("nan")])["n"] == 0
+
+
+def test_steps_to_reach_and_median_count_unreached_runs_as_beyond():
+    curve = [[0, 0.1], [5, 0.3], [10, 0.5]]
+    assert credit_report.steps_to_reach(curve, 0.3) == 5
+    assert credit_report.steps_to_reach(curve, 0.6) is None
+    assert credit_report.median_steps([5, 10, None]) == 10.0
+    assert credit_report.median_steps([5, None, None]) is None
+
+
+def _row(k, arm, seed, rewards, status="ok"):
+    curve = [[5 * i, r] for i, r in enumerate(rewards)]
+    final = dict.fromkeys(credit_report.FINAL_KEYS, 0.5) | {"reward": rewards[-1]}
+    return {"k": k, "arm": arm, "seed": seed, "status": status, "eval_curve": curve, "final": final,
+            "train": {"token_clipfrac/edit": 0.1, "token_clipfrac/background": 0.05}}  # fmt: skip
+
+
+def test_summary_pairs_seeds_and_counts_iterations_to_the_scalar_final(tmp_path):
+    rows = [
+        _row(2, "scalar", 0, [0.1, 0.2, 0.3]),
+        _row(2, "scalar", 1, [0.1, 0.3, 0.5]),  # scalar final mean 0.4
+        _row(2, "spatial", 0, [0.1, 0.4, 0.6]),  # reaches 0.4 at step 5
+        _row(2, "spatial", 1, [0.1, 0.2, 0.45]),  # at step 10
+        _row(2, "placebo", 0, [0.1, 0.1, 0.2]),
+        _row(2, "placebo", 1, [0.1, 0.1, 0.1], status="failed"),
+    ]
+    summary = credit_report.summarise(rows, [2], ["scalar", "spatial", "placebo"])["2"]
+    assert summary["scalar"]["reward"]["mean"] == pytest.approx(0.4)
+    assert summary["spatial"]["steps_to_scalar_final"]["per_seed"] == [5, 10]
+    assert summary["spatial"]["steps_to_scalar_final"]["median"] == 7.5
+    assert summary["spatial"]["minus_scalar"]["mean"] == pytest.approx((0.3 - 0.05) / 2)
+    assert summary["placebo"]["runs"] == 1 and summary["placebo"]["failed"] == 1
+    assert summary["placebo"]["steps_to_scalar_final"]["median"] is None
+    plan = {
+        "ks": [2],
+        "arms": ["scalar", "spatial", "placebo"],
+        "steps": 10,
+        "eval_every": 5,
+        "seeds": [0, 1],
+    }
+    credit_report.write(tmp_path, rows, plan, {"chosen": {}})
+    doc = json.loads((tmp_path / "summary.json").read_text())
+    assert len(doc["rows"]) == 6 and doc["rows"][0]["eval_curve"][1] == [5, 0.2]
+    md = (tmp_path / "study.md").read_text()
+    assert "| spatial | 0.525 ± " in md and "7.5 [5–10] (2/2 reached)" in md
+    assert "not reached" in md and "1 failed runs" in md
+    assert (tmp_path / "study.png").stat().st_size > 10_000
+
+
+def _args(tmp_path, *extra):
+    return credit.parse_args(["--out", str(tmp_path / "study"), *extra])
+
+
+def test_plan_refuses_bad_flags_by_name(tmp_path):
+    for flags, name in [
+        (["--arms", "scalar,nope"], "--arms"),
+        (["--ks", "0,2"], "--ks"),
+        (["--ks", "two"], "--ks"),
+        (["--seeds", "0"], "--seeds"),
+        (["--steps", "0"], "--steps"),
+        (["--jobs", "0"], "--jobs"),
+        (["--sweep-lrs", "0.5,2"], "--sweep-lrs"),
+        (["--sweep-seeds", "0"], "--hparams"),
+        (["--set", "warmstart.steps"], "--set"),
+        (["--set", "rl.credit=scalar"], "--set rl.credit"),
+    ]:
+        with pytest.raises(credit.StudyError, match=name):
+            credit.make_plan(_args(tmp_path, *flags))
+
+
+def test_an_out_folder_holding_another_study_is_refused(tmp_path):
+    plan = credit.make_plan(_args(tmp_path, "--steps", "10"))
+    credit.check_plan(tmp_path / "study", plan)
+    credit.check_plan(tmp_path / "study", credit.make_plan(_args(tmp_path, "--steps", "10", "--jobs", "2")))
+    with pytest.raises(credit.StudyError, match="steps"):
+        credit.check_plan(tmp_path / "study", credit.make_plan(_args(tmp_path, "--steps", "20")))
+
+
+def test_arms_differ_only_in_credit_and_the_placebo_copies_spatials_settings(tmp_path):
+    plan = credit.make_plan(_args(tmp_path))
+    hparams = {"chosen": {"scalar": {"lr": 1e-3, "clip": 0.2}, "spatial": {"lr": 5e-4, "clip": 0.1}}}
+    runs = {
+        arm: dict(
+            credit.arm_run(tmp_path, plan, "study", 2, arm, 3, *credit.arm_hparams(hparams, arm)).overrides
+        )
+        for arm in ("scalar", "spatial", "placebo")
+    }
+    assert runs["placebo"]["rl.token_map"] == "shuffled" and "rl.token_map" not in runs["spatial"]
+    assert runs["placebo"]["rl.lr"] == runs["spatial"]["rl.lr"] == 5e-4
+    assert runs["placebo"]["rl.clip_range_spatial"] == (0.1, 0.1)
+    assert runs["scalar"]["rl.clip_range_scalar"] == (0.2, 0.2) and runs["scalar"]["rl.lr"] == 1e-3
+    for r in runs.values():
+        assert r["seed"] == 3 and r["data.seed"] == r["warmstart.seed"] == credit.TASK_SEED
+    assert credit.swept_arms(["scalar", "placebo"]) == ["scalar", "spatial"]
+    with pytest.raises(credit.StudyError, match="region"):
+        credit.arm_hparams(hparams, "region")
+
+
+def test_choose_hparams_takes_the_best_mean_of_the_last_two_evaluations(tmp_path):
+    plan = credit.make_plan(
+        _args(tmp_path, "--arms", "scalar", "--sweep-lrs", "1e-4,1e-3", "--sweep-clips", "0.2")
+    )
+    runs = credit.sweep_runs(tmp_path, plan)
+    results = {
+        runs[0]: {"status": "ok", "eval_curve": [[0, 0.1], [5, 0.4], [10, 0.2]]},  # lr 1e-4: 0.3
+        runs[1]: {"status": "ok", "eval_curve": [[0, 0.1], [5, 0.3], [10, 0.35]]},  # lr 1e-3: 0.325
+    }
+    chosen = credit.choose_hparams(runs, results)["chosen"]["scalar"]
+    assert chosen["lr"] == 1e-3 and chosen["score"] == pytest.approx(0.325)
+
+
+# A study small enough for the test suite: one K, one seed, the scalar arm and the placebo, two iterations
+# of 2 groups of 8, a 4-step warm start. It runs the real command in subprocesses.
+_TINY = [
+    "--ks", "1", "--seeds", "1", "--arms", "scalar,placebo", "--steps", "2", "--eval-every", "1",
+    "--set", "warmstart.steps=4", "--set", "data.shapes_train=64", "--set", "data.shapes_eval=8",
+    "--set", "rl.batch_size=16", "--set", "rl.micro_batch=16", "--set", "rl.grad_accum=1",
+    "--set", "sampler.num_steps=3", "--set", "sampler.eval_steps=3", "--set", "data.resolution=64",
+]  # fmt: skip
+
+
+def test_a_tiny_study_runs_resumes_and_reports(tmp_path, monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "")  # one device per run: the sharded placebo is tested in test_step
+    hparams = tmp_path / "hparams.json"
+    hparams.write_text(
+        json.dumps({"scalar": {"lr": 5e-4, "clip": 0.2}, "spatial": {"lr": 5e-4, "clip": 0.2}})
+    )
+    out = tmp_path / "study"
+    flags = ["--out", str(out), *_TINY, "--hparams", str(hparams), "--jobs", "2"]
+    lines: list[str] = []
+    assert credit.run_study(credit.parse_args(flags), log=lines.append) == 0, lines
+    doc = json.loads((out / "summary.json").read_text())
+    assert {(r["arm"], r["status"]) for r in doc["rows"]} == {("scalar", "ok"), ("placebo", "ok")}
+    for row in doc["rows"]:
+        assert [s for s, _ in row["eval_curve"]] == [0, 1, 2]
+        assert 0.0 <= row["final"]["region_success_rate"] <= 1.0
+        assert 0.0 <= row["final"]["background_preservation"] <= 1.0
+    placebo = next(r for r in doc["rows"] if r["arm"] == "placebo")
+    assert json.loads((Path(placebo["workdir"]) / "config.json").read_text())["rl"]["token_map"] == "shuffled"
+    # Every run of the K started from the base's warm start (loaded, not trained again).
+    assert "loaded the cached parameters" in (Path(placebo["workdir"]) / "log.txt").read_text()
+    assert (out / "study.md").exists() and (out / "study.png").exists()
+    # A rerun skips every finished run and rewrites the report.
+    lines.clear()
+    assert credit.run_study(credit.parse_args(flags), log=lines.append) == 0
+    assert not any(line.startswith("started") for line in lines), lines
+
+
+def test_failed_runs_are_recorded_and_reported(tmp_path):
+    hparams = tmp_path / "hparams.json"
+    hparams.write_text(json.dumps({"scalar": {"lr": 5e-4, "clip": 0.2}}))
+    out = tmp_path / "study"
+    flags = ["--out", str(out), "--ks", "1", "--seeds", "1", "--arms", "scalar", "--hparams", str(hparams)]
+    flags += ["--set", "train.no_such_key=1"]
+    lines: list[str] = []
+    assert credit.run_study(credit.parse_args(flags), log=lines.append) == 1
+    assert (out / "base" / "k1" / "study_failed.json").exists()
+    assert json.loads((out / "runs" / "k1_scalar_s0" / "study_failed.json").read_text())["why"].startswith(
+        "its base run"
+    )
+    assert json.loads((out / "summary.json").read_text())["rows"][0]["status"] == "failed"
+
+
+def test_the_command_exits_2_with_one_line_for_a_bad_flag(tmp_path, capsys):
+    assert credit.main(["--out", str(tmp_path / "s"), "--arms", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--arms" in err[0]
