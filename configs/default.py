@@ -69,6 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sampler = ml_collections.ConfigDict()
     c.sampler.num_steps = 8  # N rollout steps
     c.sampler.eval_steps = 8  # ODE steps for evaluation
+    c.sampler.schedule = "flux2"  # 'flux2' (FLUX.2's resolution-dependent time shift) or 'linear'
     c.sampler.eta = 0.8
     c.sampler.kind = "sde"  # 'sde' or 'cps'
     c.sampler.window = "all_but_last"  # or 'random' (Flow-GRPO-Fast)
@@ -173,6 +174,23 @@ def _multi_edit(c: ml_collections.ConfigDict, arg: str) -> None:
     # 0.40 and its samples stay speckle (600 steps, 21 min); it needs a stream wider than 192.
     c.model.pixel_pool = 4
     c.model.transformer.in_channels = 48
+    # Two heads of 64 instead of four of 32 (the same width and cost): a head's value can carry a whole
+    # 48-channel token from the source to the target, and 28 RoPE dimensions per image axis tell the 8x8
+    # positions apart. Warm-start loss after 500 steps: 0.044 (four heads of 32: about 0.050).
+    c.model.transformer.num_attention_heads = 2
+    c.model.transformer.attention_head_dim = 64
+    c.model.transformer.axes_dims_rope = (4, 28, 28, 4)
+    c.warmstart.steps = 800  # the loss flattens at about 0.040 by step 700
+    # FLUX.2's shifted schedule spends 6 of 8 steps above sigma 0.8 and ends with one step from 0.49 to 0,
+    # which leaves speckle on this small model's images; the linear schedule preserves the background
+    # visibly better (89.7% against 81.0% on the held-out set, same warm start).
+    c.sampler.schedule = "linear"
+    # Train a random window of 2 of the 8 steps (Flow-GRPO-Fast), so that the credit study's many runs fit
+    # a 2-core machine: the update costs 2/7 of training every step.
+    c.sampler.window = "random"
+    c.sampler.window_size = 2
+    c.sampler.window_lo = 0
+    c.sampler.window_hi = 4
     # Tolerances measured on damaged round trips (tests/test_synthetic.py pins them): a background mean
     # error of 0.012 (speckle of std 0.01, invisible) is free; 0.04 scores 0: speckle of std 0.05, or a
     # mosaic like the demo's (8 px blocks of std 0.06; the demo's tolerances call it 100% preserved). An 8 px

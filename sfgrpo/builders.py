@@ -30,6 +30,7 @@ from sfgrpo.rewards import reward_config
 from sfgrpo.rl.loss import CREDIT_MODES
 from sfgrpo.rl.step import GRPOSettings, master_weights
 from sfgrpo.sampling.rollout import window_size
+from sfgrpo.sampling.schedule import SCHEDULES
 from sfgrpo.sampling.sde import STEP_KINDS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -184,6 +185,11 @@ def validate(config: ml_collections.ConfigDict, processes: int | None = None) ->
     )
     _require(s.num_steps >= 1, "sampler.num_steps", f"must be >= 1, got {s.num_steps}")
     _require(s.eval_steps >= 1, "sampler.eval_steps", f"must be >= 1, got {s.eval_steps}")
+    _require(
+        sampler_schedule(config) in SCHEDULES,
+        "sampler.schedule",
+        f"one of {SCHEDULES}, got {sampler_schedule(config)!r}",
+    )
     _require(s.cfg_scale > 0, "sampler.cfg_scale", f"must be > 0 (1 = no guidance), got {s.cfg_scale}")
     _require(s.eta > 0, "sampler.eta", f"training needs noise: eta must be > 0, got {s.eta}")
     try:
@@ -569,10 +575,16 @@ def make_programs(
         condition,
         num_steps=config.sampler.num_steps,
         eval_steps=config.sampler.eval_steps,
+        schedule=sampler_schedule(config),
         token_weights=config.rl.token_weights,
         in_graph_reward=config.reward.kind in reward_config.IN_GRAPH_KINDS,
         compute_dtypes=compute_dtypes,
     )
+
+
+def sampler_schedule(config: ml_collections.ConfigDict) -> str:
+    """sampler.schedule; configs from before the key sample with FLUX.2's shifted schedule."""
+    return config.sampler.get("schedule", "flux2")
 
 
 def make_optimizer(lr: float, weight_decay: float, max_grad_norm: float) -> optax.GradientTransformation:

@@ -113,6 +113,7 @@ class Programs:
       settings: static GRPO settings.
       condition: the batch -> conditioning map (it holds the autoencoder and the token grid).
       num_steps / eval_steps: sampler steps for training and evaluation.
+      schedule: the sigma schedule, 'flux2' (shifted) or 'linear' (``schedule.flux2_sigmas``).
       token_weights: 'boxes' (exact box-cell overlap) or 'masks' (average-pooled region masks where an
         example has them, its boxes otherwise).
       in_graph_reward: the shapes reward runs inside 'reward', 'iteration' and 'evaluate'; False when a
@@ -130,6 +131,7 @@ class Programs:
         *,
         num_steps: int,
         eval_steps: int,
+        schedule: str = "flux2",
         token_weights: str = "boxes",
         in_graph_reward: bool = True,
         compute_dtypes: tuple[str, ...] | None = None,
@@ -143,8 +145,8 @@ class Programs:
         self.in_graph_reward = in_graph_reward
         self.compute_dtypes = compute_dtypes
         seq = self.grid[0] * self.grid[1]
-        self.sigmas = flux2_sigmas(num_steps, seq)
-        self.eval_sigmas = flux2_sigmas(eval_steps, seq)
+        self.sigmas = flux2_sigmas(num_steps, seq, schedule)
+        self.eval_sigmas = flux2_sigmas(eval_steps, seq, schedule)
         self.compiled: dict[str, Any] = {}
         self.compile_seconds: dict[str, float] = {}
         on_cpu = jax.default_backend() == "cpu"  # CPU buffers cannot be donated; don't ask

@@ -60,6 +60,7 @@ def klein_config() -> ml_collections.ConfigDict:
     c.sampler.eval_steps = 28  # ODE evaluation close to the model's quality setting
     c.sampler.eta = 0.8  # SPEC: eta about 0.7-1.0
     c.sampler.kind = "sde"
+    c.sampler.schedule = "flux2"  # the shifted schedule klein was trained and distilled for
     # Train 4 of the 10 steps, starting at a random step in [0, 4) (Flow-GRPO-Fast): the update costs
     # W/N of training every step, and the early, high-noise steps where edits are decided are covered.
     c.sampler.window = "random"

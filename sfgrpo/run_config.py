@@ -46,6 +46,7 @@ INTRODUCED_WITH_NEUTRAL_VALUE: dict[str, Any] = {
     "data.seed": -1,
     "warmstart.seed": -1,
     "rl.token_map": "own",
+    "sampler.schedule": "flux2",
 }
 GLOBAL_BATCH = "global batch (rl.batch_size x processes)"
 _MAX_SHOWN = 8

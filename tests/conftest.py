@@ -25,6 +25,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 _LONGEST_FIRST = (
     "test_train.py",
     "test_multihost.py",
+    "test_credit_study.py",
     "test_step.py",
     "test_reward_stage.py",
     "test_klein_config.py",

@@ -41,15 +41,16 @@ def test_summary_pairs_seeds_and_counts_iterations_to_the_scalar_final(tmp_path)
     rows = [
         _row(2, "scalar", 0, [0.1, 0.2, 0.3]),
         _row(2, "scalar", 1, [0.1, 0.3, 0.5]),  # scalar final mean 0.4
-        _row(2, "spatial", 0, [0.1, 0.4, 0.6]),  # reaches 0.4 at step 5
-        _row(2, "spatial", 1, [0.1, 0.2, 0.45]),  # at step 10
+        _row(2, "spatial", 0, [0.1, 0.4, 0.6]),
+        _row(2, "spatial", 1, [0.1, 0.2, 0.45]),
         _row(2, "placebo", 0, [0.1, 0.1, 0.2]),
         _row(2, "placebo", 1, [0.1, 0.1, 0.1], status="failed"),
     ]
     summary = credit_report.summarise(rows, [2], ["scalar", "spatial", "placebo"])["2"]
     assert summary["scalar"]["reward"]["mean"] == pytest.approx(0.4)
-    assert summary["spatial"]["steps_to_scalar_final"]["per_seed"] == [5, 10]
-    assert summary["spatial"]["steps_to_scalar_final"]["median"] == 7.5
+    # Seed 0 against scalar's 0.3 (reached at 5), seed 1 against 0.5 (never).
+    assert summary["spatial"]["steps_to_scalar_final"]["per_seed"] == [5, None]
+    assert summary["spatial"]["steps_to_scalar_final"]["median"] is None
     assert summary["spatial"]["minus_scalar"]["mean"] == pytest.approx((0.3 - 0.05) / 2)
     assert summary["placebo"]["runs"] == 1 and summary["placebo"]["failed"] == 1
     assert summary["placebo"]["steps_to_scalar_final"]["median"] is None
@@ -64,7 +65,7 @@ def test_summary_pairs_seeds_and_counts_iterations_to_the_scalar_final(tmp_path)
     doc = json.loads((tmp_path / "summary.json").read_text())
     assert len(doc["rows"]) == 6 and doc["rows"][0]["eval_curve"][1] == [5, 0.2]
     md = (tmp_path / "study.md").read_text()
-    assert "| spatial | 0.525 ± " in md and "7.5 [5–10] (2/2 reached)" in md
+    assert "| spatial | 0.525 ± " in md and "not reached [5–5] (1/2 reached)" in md
     assert "not reached" in md and "1 failed runs" in md
     assert (tmp_path / "study.png").stat().st_size > 10_000
 
@@ -137,7 +138,8 @@ _TINY = [
     "--ks", "1", "--seeds", "1", "--arms", "scalar,placebo", "--steps", "2", "--eval-every", "1",
     "--set", "warmstart.steps=4", "--set", "data.shapes_train=64", "--set", "data.shapes_eval=8",
     "--set", "rl.batch_size=16", "--set", "rl.micro_batch=16", "--set", "rl.grad_accum=1",
-    "--set", "sampler.num_steps=3", "--set", "sampler.eval_steps=3", "--set", "data.resolution=64",
+    "--set", "sampler.num_steps=3", "--set", "sampler.eval_steps=3", "--set", "sampler.window_hi=1",
+    "--set", "data.resolution=64",
 ]  # fmt: skip
 
 

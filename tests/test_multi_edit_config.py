@@ -14,6 +14,9 @@ def test_multi_edit_config_variant():
     assert (task.image_size, task.min_edits, task.max_edits, task.min_gap) == (128, 3, 3, 16)
     assert builders.text_length(c) == 18
     assert dict(builders.grpo_settings(c).shapes_reward)["preserve_floor"] == 0.012
+    # The study's sampler: unshifted sigmas, a random window of 2 trained steps; heads that carry a token.
+    assert builders.sampler_schedule(c) == "linear" and builders.grpo_settings(c).window == 2
+    assert c.model.transformer.attention_head_dim >= c.model.transformer.in_channels
     # The demo's config is unchanged: no multi-edit keys, the demo's reward options.
     demo = load_config()
     assert "edits" not in demo.data and builders.grpo_settings(demo).shapes_reward[0] == (
@@ -21,6 +24,7 @@ def test_multi_edit_config_variant():
         0.06,
     )
     assert builders.shapes_config(demo) == shapes.ShapesConfig(image_size=64, max_edits=3)
+    assert builders.sampler_schedule(demo) == "flux2"
     c.data.edits = 5
     with pytest.raises(builders.ConfigError, match="data.edits"):
         builders.validate(c)

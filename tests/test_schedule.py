@@ -38,9 +38,19 @@ def test_endpoints_and_monotone():
     assert np.all(np.diff(sigmas) < 0)
 
 
+def test_linear_schedule_is_unshifted():
+    np.testing.assert_allclose(flux2_sigmas(4, 64, "linear"), [1.0, 0.75, 0.5, 0.25, 0.0], atol=1e-7)
+    # FLUX.2's shift at 8 steps and 64 tokens ends with one step from about 0.49 to 0; linear from 0.125.
+    assert flux2_sigmas(8, 64)[-2] == pytest.approx(0.493, abs=1e-3)
+    assert flux2_sigmas(8, 64, "linear")[-2] == pytest.approx(0.125)
+
+
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True])
-def test_bad_arguments(bad):
+@pytest.mark.parametrize("schedule", ["flux2", "linear"])
+def test_bad_arguments(bad, schedule):
     with pytest.raises(ValueError, match="num_steps"):
-        flux2_sigmas(bad, 256)
+        flux2_sigmas(bad, 256, schedule)
     with pytest.raises(ValueError, match="image_seq_len"):
-        flux2_sigmas(4, bad)
+        flux2_sigmas(4, bad, schedule)
+    with pytest.raises(ValueError, match="schedule"):
+        flux2_sigmas(4, 256, "cosine")

@@ -46,7 +46,7 @@ ARMS: dict[str, dict[str, Any]] = {
 }
 # The placebo must differ from spatial in the map only, so it is not swept: it takes spatial's settings.
 HPARAMS_FROM = {"placebo": "spatial"}
-TASK_SEED = 7  # data.seed and warmstart.seed of every run: one task and one base model per K
+TASK_SEED = 0  # data.seed and warmstart.seed of every run: one task and one base model per K
 SWEEP_SEED0 = 1000  # sweep seeds are 1000, 1001, ...; study seeds are 0 .. seeds-1
 PLAN_FILE = "study.json"
 CONFIG_FILE = Path(__file__).resolve().parents[2] / "configs" / "default.py"

@@ -3,7 +3,7 @@
 
 Statistics are over seeds: means with two-sided 95% Student-t intervals, paired differences against the
 scalar arm (runs of one seed share the held-out noise and the data order), and the iterations each arm
-needs to reach the scalar arm's final mean reward (median over seeds, with the range).
+needs to reach the scalar arm's final reward, seed by seed (median over seeds, with the range).
 """
 
 from __future__ import annotations
@@ -110,8 +110,9 @@ def median_steps(steps: Sequence[int | None]) -> float | None:
 
 
 def summarise(rows: Sequence[Mapping[str, Any]], ks: Sequence[int], arms: Sequence[str]) -> dict[str, Any]:
-    """Per (K, arm) statistics of finished rows: finals with CIs, iterations to the scalar arm's final
-    mean, and paired differences against scalar. Rows whose 'status' is not 'ok' are counted, not used."""
+    """Per (K, arm) statistics of finished rows: finals with CIs, iterations to reach the scalar arm's
+    final reward (each seed against the scalar run of that seed), and paired differences against scalar.
+    Rows whose 'status' is not 'ok' are counted, not used."""
     out: dict[str, Any] = {}
     for k in ks:
         ok = [r for r in rows if r["k"] == k and r.get("status") == "ok"]
@@ -125,10 +126,14 @@ def summarise(rows: Sequence[Mapping[str, Any]], ks: Sequence[int], arms: Sequen
             for name in FINAL_KEYS:
                 stats[name] = mean_ci([r["final"][name] for r in mine])
             if scalar_final is not None:
-                reach = [steps_to_reach(r["eval_curve"], scalar_final) for r in mine]
+                # Each seed's threshold is the scalar run of that seed (the held-out noise is drawn from the
+                # seed, so levels differ between seeds by more than training moves them); the scalar mean
+                # stands in for a seed without a scalar run.
+                thresholds = [scalar_by_seed.get(r["seed"], scalar_final) for r in mine]
+                reach = [steps_to_reach(r["eval_curve"], t) for r, t in zip(mine, thresholds, strict=True)]
                 reached = [s for s in reach if s is not None]
                 stats["steps_to_scalar_final"] = {
-                    "threshold": scalar_final,
+                    "thresholds": thresholds,
                     "per_seed": reach,
                     "median": median_steps(reach),
                     "range": [min(reached), max(reached)] if reached else None,
@@ -142,6 +147,11 @@ def summarise(rows: Sequence[Mapping[str, Any]], ks: Sequence[int], arms: Sequen
             if arm != "scalar" and paired:
                 stats["minus_scalar"] = mean_ci(paired)
             stats["curve"] = _mean_curve([r["eval_curve"] for r in mine])
+            # Each run's reward minus its step-0 reward: the seeds' held-out levels differ (their noise),
+            # and this takes that offset out of the intervals.
+            stats["gain_curve"] = _mean_curve(
+                [[[s, v - r["eval_curve"][0][1]] for s, v in r["eval_curve"]] for r in mine]
+            )
             per_arm[arm] = stats
         out[str(k)] = per_arm
     return out
@@ -180,7 +190,14 @@ def markdown(summary: Mapping[str, Any], plan: Mapping[str, Any], hparams: Mappi
         f"{plan['steps']} GRPO iterations per run, held-out ODE evaluation every {plan['eval_every']} "
         f"on {plan.get('eval_examples', '?')} examples; seeds {plan['seeds']}; every run shares its K's "
         "warm-started base model (fixed data and warm-start seeds). Intervals are two-sided 95% Student-t "
-        "over seeds; 'vs scalar' is the paired (same seed) difference of final held-out rewards.",
+        "over seeds; 'vs scalar' is the paired (same seed) difference of final held-out rewards; "
+        "'iterations to scalar's final' is the first evaluated iteration at which a run reaches the final "
+        "reward of the scalar run of its seed (the held-out noise is drawn from the seed), median [range] "
+        "over seeds. 'final reward' is the image reward R^g (SPEC: from the overall success and preservation "
+        "and the aesthetics), which is what the scalar arm maximises; 'region reward' and 'background "
+        "reward' are the region rewards R_r the spatial arms' tokens are credited with, over edit regions "
+        "and the background; success means a success score >= 0.8 C; preservation is the background "
+        "score / C.",
         "",
         "Arms (identical but for credit): `scalar` = Flow-GRPO's global reward; `spatial` = token credit "
         "(lambda = 1); `mix` = lambda 0.5; `region` = region-level ratios; `placebo` = spatial credit with "
@@ -191,27 +208,30 @@ def markdown(summary: Mapping[str, Any], plan: Mapping[str, Any], hparams: Mappi
         lines += [
             f"## K = {k}",
             "",
-            "| arm | final reward | vs scalar | iterations to scalar's final | region success | multi-region "
-            "success | background preservation | clipfrac edit / background |",
-            "|---|---|---|---|---|---|---|---|",
+            "| arm | final reward | vs scalar | iterations to scalar's final | region reward | background "
+            "reward | region success | multi-region success | background preservation | clipfrac edit / "
+            "background |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for arm, s in per_arm.items():
             train = s.get("train_clipfrac", "")
             lines.append(
                 f"| {arm} | {_fmt(s['reward'])} | {_fmt(s.get('minus_scalar'))} | "
                 f"{_fmt_steps(s.get('steps_to_scalar_final'), s['runs'])} | "
+                f"{_fmt(s['region_reward'])} | {_fmt(s['background_reward'])} | "
                 f"{_fmt(s['region_success_rate'], 2)} | "
                 f"{_fmt(s['multi_region_success'], 2)} | {_fmt(s['background_preservation'], 3)} | {train} |"
             )
             if s["failed"]:
-                lines.append(f"| ({arm}: {s['failed']} failed runs, not counted) | | | | | | | |")
+                lines.append(f"| ({arm}: {s['failed']} failed runs, not counted) |" + " |" * 9)
         lines.append("")
     lines += ["## Hyperparameters", "", "```json", json.dumps(hparams, indent=1, sort_keys=True), "```", ""]
     return "\n".join(lines)
 
 
 def plot(summary: Mapping[str, Any], path: Path) -> None:
-    """study.png: the held-out reward's mean ± 95% CI per arm against iterations, one panel per K."""
+    """study.png: the held-out reward's gain over step 0, mean ± 95% CI per arm against iterations, one
+    panel per K."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
     from matplotlib.figure import Figure  # noqa: PLC0415
 
@@ -221,7 +241,7 @@ def plot(summary: Mapping[str, Any], path: Path) -> None:
     axes = fig.subplots(1, len(ks), squeeze=False)[0]
     for ax, k in zip(axes, ks, strict=True):
         for arm, s in summary[k].items():
-            curve = s["curve"]
+            curve = s["gain_curve"]
             if not curve:
                 continue  # an arm with no finished run
             steps = np.array([c["step"] for c in curve])
@@ -231,7 +251,7 @@ def plot(summary: Mapping[str, Any], path: Path) -> None:
             ax.fill_between(steps, mean - half, mean + half, color=line.get_color(), alpha=0.15)
         ax.set_title(f"K = {k}")
         ax.set_xlabel("GRPO iteration")
-        ax.set_ylabel("held-out reward (ODE)")
+        ax.set_ylabel("held-out reward (ODE) - step 0")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)

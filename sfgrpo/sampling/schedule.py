@@ -37,20 +37,31 @@ def time_shift(mu: float, sigmas: np.ndarray) -> np.ndarray:
     return e_mu / (e_mu + (1.0 / sigmas - 1.0))
 
 
-def flux2_sigmas(num_steps: int, image_seq_len: int) -> np.ndarray:
-    """The shifted FLUX.2 schedule.
+SCHEDULES = ("flux2", "linear")
+
+
+def flux2_sigmas(num_steps: int, image_seq_len: int, schedule: str = "flux2") -> np.ndarray:
+    """The shifted FLUX.2 schedule, or the unshifted linear one.
 
     Args:
       num_steps: N, the number of sampler steps.
       image_seq_len: the number of target image tokens L = (H/16)·(W/16).
+      schedule: 'flux2' (the time shift FLUX.2's pipeline uses) or 'linear' (no shift: sigmas
+        linspace(1, 1/N, N)). FLUX.2's rule is fitted to its own models; at 8 steps it spends 6 steps above
+        sigma 0.8 and ends with one step from about 0.49 to 0, which suits a model distilled for it and
+        leaves a small model's final image as one coarse denoising (speckle).
 
     Returns:
       (N + 1,) float32 sigmas, from 1.0 down to a final 0.0; step t goes from sigmas[t] to sigmas[t + 1].
     """
-    mu = empirical_mu(image_seq_len, num_steps)
+    _check_positive_int("num_steps", num_steps)
+    _check_positive_int("image_seq_len", image_seq_len)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     base = np.linspace(1.0, 1.0 / num_steps, num_steps)
-    shifted = time_shift(mu, base)
-    return np.append(shifted, 0.0).astype(np.float32)
+    if schedule == "flux2":
+        base = time_shift(empirical_mu(image_seq_len, num_steps), base)
+    return np.append(base, 0.0).astype(np.float32)
 
 
 def _check_positive_int(name: str, value: int) -> None:
