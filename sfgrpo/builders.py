@@ -639,17 +639,21 @@ def _validate_shapes_task(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.data (edits={edits}): {err}") from None
 
 
-def data_seed(config: ml_collections.ConfigDict) -> int:
-    """The seed the shapes task's examples are generated from: data.seed, or the run's seed for -1."""
-    value = config.data.get("seed", -1)
+def _section_seed(config: ml_collections.ConfigDict, section: str) -> int:
+    """config.<section>.seed, or the run's seed where it is -1 (or absent, in older configs)."""
+    value = config[section].get("seed", -1)
     return config.seed if value == -1 else value
+
+
+def data_seed(config: ml_collections.ConfigDict) -> int:
+    """The seed the shapes task's examples are generated from (data.seed)."""
+    return _section_seed(config, "data")
 
 
 def warmstart_seed(config: ml_collections.ConfigDict) -> int:
-    """The seed of the model's random initialisation and the warm start's batch order: warmstart.seed, or
-    the run's seed for -1. A fixed one lets runs of several seeds share one warm-started base model."""
-    value = config.warmstart.get("seed", -1)
-    return config.seed if value == -1 else value
+    """The seed of the model's random initialisation and the warm start's batch order (warmstart.seed). A
+    fixed one lets runs of several seeds share one warm-started base model."""
+    return _section_seed(config, "warmstart")
 
 
 def data_source(config: ml_collections.ConfigDict, split: str) -> Sequence[Any]:

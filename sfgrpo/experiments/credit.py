@@ -103,7 +103,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     p.add_argument("--steps", type=int, default=60, help="GRPO iterations per run")
     p.add_argument("--eval-every", type=int, default=5, help="iterations between held-out evaluations")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cores/jobs threads)")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="runs at once (single-threaded XLA each when jobs >= cores)"
+    )
     p.add_argument("--hparams", type=Path, help="a JSON {arm: {lr, clip}} to use instead of the sweep")
     p.add_argument("--sweep-k", type=int, default=2, help="the K the sweep runs at")
     p.add_argument("--sweep-seeds", type=int, default=1, help="sweep seeds per setting (1000, 1001, ...)")
@@ -302,12 +304,11 @@ def load_hparams(path: Path) -> dict[str, Any]:
 
 def _environment(jobs: int) -> dict[str, str]:
     env = dict(os.environ)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
     if jobs > 1:
-        # Several XLA processes on one machine: each gets its share of the cores, and on a GPU none
-        # reserves most of the memory up front.
+        # Several XLA processes on one machine: with a core or less each, one thread apiece (instead of every
+        # process spinning a pool over all cores); on a GPU, none reserves most of the memory up front.
         flags = env.get("XLA_FLAGS", "")
-        if threads == 1 and "multi_thread_eigen" not in flags:
+        if jobs >= (os.cpu_count() or 1) and "multi_thread_eigen" not in flags:
             env["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
         env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     return env
