@@ -97,6 +97,14 @@ def test_an_out_folder_holding_another_study_is_refused(tmp_path):
     credit.check_plan(tmp_path / "study", credit.make_plan(_args(tmp_path, "--steps", "10", "--jobs", "2")))
     with pytest.raises(credit.StudyError, match="steps"):
         credit.check_plan(tmp_path / "study", credit.make_plan(_args(tmp_path, "--steps", "20")))
+    # More seeds, K values or arms extend the study (its finished runs stay valid); fewer do not.
+    grown = credit.make_plan(_args(tmp_path, "--steps", "10", "--seeds", "7", "--ks", "1,2,4"))
+    credit.check_plan(tmp_path / "study", grown)
+    assert json.loads((tmp_path / "study" / credit.PLAN_FILE).read_text()) == grown
+    with pytest.raises(credit.StudyError, match="seeds"):
+        credit.check_plan(
+            tmp_path / "study", credit.make_plan(_args(tmp_path, "--steps", "10", "--seeds", "2"))
+        )
 
 
 def test_arms_differ_only_in_credit_and_the_placebo_copies_spatials_settings(tmp_path):

@@ -193,19 +193,37 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def check_plan(out: Path, plan: dict[str, Any]) -> None:
-    """Stores ``plan`` in a new --out, or refuses one whose stored plan differs."""
+    """Stores ``plan`` in a new --out, or refuses one whose stored plan differs.
+
+    A plan may grow a stored one: more K values, seeds or arms (each run's settings depend only on its own
+    (K, arm, seed), so the finished runs stay valid and are kept); anything else that differs is refused.
+    """
     path = out / PLAN_FILE
     if path.exists():
         stored = json.loads(path.read_text())
-        changed = sorted(k for k in set(stored) | set(plan) if stored.get(k) != plan.get(k))
+        changed = sorted(
+            k
+            for k in set(stored) | set(plan)
+            if stored.get(k) != plan.get(k) and not (k in GROWABLE and _grows(stored.get(k), plan.get(k)))
+        )
         if changed:
             raise StudyError(
                 f"--out {out} holds a study with other settings ({', '.join(changed)} differ: stored "
-                f"{ {k: stored.get(k) for k in changed} }); rerun it with the same flags or use another --out"
+                f"{ {k: stored.get(k) for k in changed} }); rerun it with the same flags (more --ks, "
+                "--seeds or --arms may be added) or use another --out"
             )
-        return
+        if stored == plan:
+            return
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(plan, indent=1, sort_keys=True))
+
+
+# Plan keys that a rerun may extend; every stored entry must stay.
+GROWABLE = ("ks", "seeds", "arms")
+
+
+def _grows(stored: Any, new: Any) -> bool:
+    return isinstance(stored, list) and isinstance(new, list) and set(stored) <= set(new)
 
 
 def _common(plan: dict[str, Any], seed: int, steps: int) -> list[tuple[str, Any]]:
