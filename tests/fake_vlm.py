@@ -15,7 +15,8 @@ In tests::
 As a process, for a demo run with ``reward.kind='vlm'``, ``reward.url='http://127.0.0.1:P/v1'``,
 ``reward.model='fake-shapes-judge'``::
 
-    python tests/fake_vlm.py --port P --resolution 64 --pool 4 --seed 0 --train 4096 --eval 32 --max-edits 3
+    python tests/fake_vlm.py --port P --resolution 64 --pool 4 --seed 0 --train 4096 --eval 32 --max-edits 3 \
+        --preserve-floor 0.012 --preserve-tol 0.04 --tv-tol 0.1 --shape-margin 4
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from sfgrpo.data.records import EditRecord  # noqa: E402
 from sfgrpo.data.shapes import ShapesConfig, ShapesSource  # noqa: E402
 from sfgrpo.models.tiny import PixelAutoencoder  # noqa: E402
 from sfgrpo.rewards.base import SCORE_SCALE, ScoreRequest  # noqa: E402
+from sfgrpo.rewards.reward_config import SHAPES_DEFAULTS, SHAPES_OPTIONS, shapes_reward_options  # noqa: E402
 from sfgrpo.rewards.synthetic import shapes_scores  # noqa: E402
 
 _log = logging.getLogger("fake_vlm")
@@ -78,10 +80,19 @@ class ShapesOracle:
     """Source pixels -> the example's ground truth, and the shapes scorer of one edit.
 
     ``pool`` > 0 judges against ``PixelAutoencoder(pool)``'s round trip of source and target, like the
-    trainer's in-graph reward (``Programs._scores``).
+    trainer's in-graph reward (``Programs._scores``). ``tolerances``: shapes_scores' keyword tolerances
+    (``config.reward``'s preserve_floor, preserve_tol, tv_tol, shape_margin); {}: its defaults.
     """
 
-    def __init__(self, examples: Iterable[Example], *, pool: int = 0, scale: float = SCORE_SCALE) -> None:
+    def __init__(
+        self,
+        examples: Iterable[Example],
+        *,
+        pool: int = 0,
+        scale: float = SCORE_SCALE,
+        tolerances: dict[str, float] | None = None,
+    ) -> None:
+        tolerances = dict(tolerances or {})
         self.examples = {pixel_key(e.source): e for e in examples}
         self.scale = scale
         ae = PixelAutoencoder(pool=pool) if pool else None
@@ -96,14 +107,27 @@ class ShapesOracle:
                 target = ae.decode(ae.encode(target), grid)
             valid = jnp.ones(boxes.shape[:2], bool)
             return shapes_scores(
-                edited.astype(jnp.float32) / 255.0, source, target, masks, boxes, valid, scale=scale
+                edited.astype(jnp.float32) / 255.0,
+                source,
+                target,
+                masks,
+                boxes,
+                valid,
+                scale=scale,
+                **tolerances,
             )
 
         self._score = score
 
     @classmethod
     def from_records(
-        cls, records: Iterable[EditRecord], resolution: int, *, pool: int = 0, scale: float = SCORE_SCALE
+        cls,
+        records: Iterable[EditRecord],
+        resolution: int,
+        *,
+        pool: int = 0,
+        scale: float = SCORE_SCALE,
+        tolerances: dict[str, float] | None = None,
     ) -> ShapesOracle:
         """The examples as the data pipeline presents them at ``resolution`` ('resize' mode)."""
         examples = []
@@ -112,7 +136,7 @@ class ShapesOracle:
             keep = np.flatnonzero(valid)
             labels = tuple(rec.regions[k].label for k in keep)
             examples.append(Example(source, target, boxes[keep], masks[keep], labels, rec.instruction))
-        return cls(examples, pool=pool, scale=scale)
+        return cls(examples, pool=pool, scale=scale, tolerances=tolerances)
 
     def judge(self, source: np.ndarray, edited: np.ndarray) -> tuple[Example, dict[str, Any]]:
         """The example of ``source`` and the scores of ``edited`` (floats; per-region lists)."""
@@ -663,6 +687,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--eval", type=int, default=32, help="config.data.shapes_eval")
     parser.add_argument("--max-edits", type=int, default=3, help="min(3, config.data.r_max)")
     parser.add_argument("--scale", type=float, default=SCORE_SCALE)
+    for key in SHAPES_OPTIONS:
+        parser.add_argument(
+            "--" + key.replace("_", "-"), default=SHAPES_DEFAULTS[key], help=f"config.reward.{key}"
+        )
     parser.add_argument("--model", default=MODEL)
     parser.add_argument(
         "--reasoning", action="store_true", help="answer after a <think> block, as reasoning-mode VLMs do"
@@ -676,7 +704,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         *ShapesSource(args.train, split="train", seed=args.seed, config=config),
         *ShapesSource(args.eval, split="test", seed=args.seed, config=config),
     ]
-    oracle = ShapesOracle.from_records(records, args.resolution, pool=args.pool, scale=args.scale)
+    try:
+        tolerances = shapes_reward_options({k: getattr(args, k) for k in SHAPES_OPTIONS}, where="--")
+    except ValueError as e:
+        message = str(e)
+        for key in SHAPES_OPTIONS:
+            message = message.replace("--" + key, "--" + key.replace("_", "-"))
+        parser.error(message)
+    oracle = ShapesOracle.from_records(
+        records, args.resolution, pool=args.pool, scale=args.scale, tolerances=dict(tolerances)
+    )
     server = FakeVLM(oracle, port=args.port, host=args.host, model=args.model, reasoning=args.reasoning)
     _log.info("fake VLM judge %r of %d shapes examples at %s", args.model, len(oracle.examples), server.url)
     try:

@@ -2,6 +2,7 @@
 
 import base64
 import contextlib
+import functools
 import http.client
 import io
 import json
@@ -22,10 +23,12 @@ import numpy as np
 import PIL.Image
 import pytest
 from fake_vlm import ShapesOracle, edited_variants, request_from_examples, wait_for_line
+from helpers import load_config
 from png_bomb import zero_png
 
 from sfgrpo.data.shapes import ShapesConfig, ShapesSource
 from sfgrpo.models.tiny import PixelAutoencoder
+from sfgrpo.rewards import reward_config
 from sfgrpo.rewards.base import HostScores, RegionScores, RewardError, score_rewards
 from sfgrpo.rewards.remote import ServerJudge
 from sfgrpo.rewards.server import RewardServer, register_reward, registered_rewards, serve_in_thread
@@ -53,21 +56,27 @@ def _judge(url, **over):
     return ServerJudge(url, **{**kw, **over})
 
 
-def _in_graph(req, pool=0):
+def _in_graph(req, pool=0, **tolerances):
     source, target = req.source, req.target
     if pool:
         ae = PixelAutoencoder(pool=pool)
         grid = ae.grid(RES, RES)
         source, target = ae.decode(ae.encode(source), grid), ae.decode(ae.encode(target), grid)
-    fn = jax.jit(shapes_scores)
+    fn = jax.jit(functools.partial(shapes_scores, **tolerances))
     edited = req.edited.astype(np.float32) / 255.0
     return jax.device_get(fn(edited, source, target, req.region_masks, req.boxes, req.region_valid))
 
 
-@pytest.mark.parametrize("pool", [0, 4])
-def test_server_scores_equal_the_in_graph_reward(request_, pool):
-    expected = _in_graph(request_, pool)
-    with serve_in_thread("shapes", pool=str(pool)) as server:
+# The demo's tolerances (configs/default.py), which the server takes as options.
+DEMO_TOLERANCES = dict(reward_config.shapes_reward_options(load_config().reward))
+
+
+@pytest.mark.parametrize("pool, tolerances", [(0, {}), (4, {}), (4, DEMO_TOLERANCES)])
+def test_server_scores_equal_the_in_graph_reward(request_, pool, tolerances):
+    assert DEMO_TOLERANCES["preserve_floor"] < reward_config.SHAPES_DEFAULTS["preserve_floor"]
+    expected = _in_graph(request_, pool, **tolerances)
+    options = {k: str(v) for k, v in tolerances.items()}
+    with serve_in_thread("shapes", pool=str(pool), **options) as server:
         judge = _judge(server.url, request_batch=2, max_concurrency=3)  # three concurrent sub-requests
         assert judge.check()["reward"] == "shapes"
         got = judge(request_)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import urllib.parse
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
@@ -50,10 +51,10 @@ def reward_config_defaults() -> ml_collections.ConfigDict:
     return c
 
 
-# 'shapes': the tolerances of sfgrpo.rewards.synthetic.shapes_scores (its docstring defines them), at the
-# demo's values. Not in reward_config_defaults, so the demo's config (and its checkpoints' resolved
-# config) is unchanged; configs/default.py's multi-edit variant sets tighter ones: these call a visibly
-# speckled or blocky background preserved (its mean error is under 0.06).
+# 'shapes': the tolerances of sfgrpo.rewards.synthetic.shapes_scores (its docstring defines them), at its
+# defaults. Not in reward_config_defaults, so configs that do not set them (and checkpoints written before
+# they existed) keep these values; configs/default.py sets tighter ones: these call a visibly speckled or
+# blocky background preserved (its mean error is under 0.06).
 SHAPES_DEFAULTS: dict[str, float | int] = {
     "preserve_floor": 0.06,
     "preserve_tol": 0.25,
@@ -63,26 +64,38 @@ SHAPES_DEFAULTS: dict[str, float | int] = {
 SHAPES_OPTIONS = tuple(SHAPES_DEFAULTS)
 
 
-def shapes_reward_options(reward: ml_collections.ConfigDict) -> tuple[tuple[str, float | int], ...]:
+def shapes_reward_options(
+    reward: Mapping[str, Any], where: str = "config.reward."
+) -> tuple[tuple[str, float | int], ...]:
     """The 'shapes' reward's keyword options from ``config.reward`` (missing keys take their defaults).
 
-    Raises ``ValueError("config.reward.<key>: ...")`` for a bad value.
+    ``reward`` may also be a host reward's options (strings such as ``"0.012"``, parsed here); ``where``
+    prefixes the key in errors. Raises ``ValueError("config.reward.<key>: ...")`` for a bad value.
     """
-    values = {k: reward.get(k, SHAPES_DEFAULTS[k]) for k in SHAPES_OPTIONS}
+    values = {k: _number(reward.get(k, SHAPES_DEFAULTS[k])) for k in SHAPES_OPTIONS}
     for key, v in values.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise ValueError(f"config.reward.{key}: must be a finite number >= 0, got {v!r}")
+            raise ValueError(f"{where}{key}: must be a finite number >= 0, got {reward.get(key)!r}")
     if not values["preserve_floor"] < values["preserve_tol"]:
         raise ValueError(
-            f"config.reward.preserve_floor: must be below reward.preserve_tol ({values['preserve_tol']}), "
+            f"{where}preserve_floor: must be below {where}preserve_tol ({values['preserve_tol']}), "
             f"got {values['preserve_floor']}"
         )
     if not float(values["shape_margin"]).is_integer():
         raise ValueError(
-            f"config.reward.shape_margin: must be a whole number of pixels, got {values['shape_margin']}"
+            f"{where}shape_margin: must be a whole number of pixels, got {values['shape_margin']}"
         )
     values["shape_margin"] = int(values["shape_margin"])
     return tuple((k, values[k] if k == "shape_margin" else float(values[k])) for k in SHAPES_OPTIONS)
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def check_reward_config(reward: ml_collections.ConfigDict) -> None:

@@ -62,6 +62,7 @@ import numpy as np
 
 import sfgrpo
 from sfgrpo.rewards.base import SCORE_SCALE, HostReward, HostScores, RegionScores, ScoreRequest
+from sfgrpo.rewards.reward_config import SHAPES_DEFAULTS, shapes_reward_options
 from sfgrpo.rewards.server_limits import RETRY_AFTER_S, Admission, ServerLimits, discard_body, read_body
 from sfgrpo.rewards.wire import BadRequest, TooLarge, request_from_json, scores_to_json
 
@@ -113,11 +114,20 @@ def check_options(name: str, options: dict[str, str]) -> None:
 
 
 @register_reward("shapes")
-def make_shapes_reward(scale: float = SCORE_SCALE, pool: str | int = 0) -> HostReward:
+def make_shapes_reward(
+    scale: float = SCORE_SCALE,
+    pool: str | int = 0,
+    preserve_floor: str | float = SHAPES_DEFAULTS["preserve_floor"],
+    preserve_tol: str | float = SHAPES_DEFAULTS["preserve_tol"],
+    tv_tol: str | float = SHAPES_DEFAULTS["tv_tol"],
+    shape_margin: str | int = SHAPES_DEFAULTS["shape_margin"],
+) -> HostReward:
     """The shapes task's reward (``sfgrpo.rewards.synthetic.shapes_scores``, jitted) as a host reward.
 
     Needs each request's ``target`` and ``region_masks``. ``pool`` > 0 first round-trips source and
     target through ``PixelAutoencoder(pool=pool)``, as the trainer's in-graph reward does for the demo.
+    The tolerances are ``config.reward``'s keys of the same names; the demo's are ``preserve_floor=0.012,
+    preserve_tol=0.04,tv_tol=0.1,shape_margin=4`` (the defaults are shapes_scores' lenient ones).
     """
     try:
         pool = int(pool)
@@ -125,6 +135,17 @@ def make_shapes_reward(scale: float = SCORE_SCALE, pool: str | int = 0) -> HostR
         raise ValueError(f"option pool must be an integer >= 0, got {pool!r}") from None
     if pool < 0:
         raise ValueError(f"option pool must be an integer >= 0, got {pool}")
+    tolerances = dict(
+        shapes_reward_options(
+            dict(
+                preserve_floor=preserve_floor,
+                preserve_tol=preserve_tol,
+                tv_tol=tv_tol,
+                shape_margin=shape_margin,
+            ),
+            where="option ",
+        )
+    )
 
     import jax  # noqa: PLC0415 (the wire codec and clients do not need jax)
 
@@ -147,7 +168,7 @@ def make_shapes_reward(scale: float = SCORE_SCALE, pool: str | int = 0) -> HostR
             source = ae.decode(ae.encode(source), grid)
             target = ae.decode(ae.encode(target), grid)
         return shapes_scores(
-            edited.astype("float32") / 255.0, source, target, masks, boxes, valid, scale=scale
+            edited.astype("float32") / 255.0, source, target, masks, boxes, valid, scale=scale, **tolerances
         )
 
     def score(request: ScoreRequest) -> HostScores:
