@@ -21,7 +21,14 @@ _CLI_ERRORS = [
     (["--reward", "nope"], "--reward: unknown reward 'nope'; registered: ["),
     (["--option", "pool"], "--option expects KEY=VALUE, got 'pool'"),
     (["--option", "=4"], "--option expects KEY=VALUE, got '=4'"),
-    (["--option", "colour=red"], "--option: reward 'shapes' takes no option 'colour'; its options: ['pool']"),
+    (
+        ["--option", "colour=red"],
+        "--option: reward 'shapes' takes no option 'colour'; its options: ['pool', 'preserve_floor',",
+    ),
+    (
+        ["--option", "preserve_floor=0.5"],
+        "option preserve_floor: must be below option preserve_tol (0.25), got 0.5",
+    ),
     (
         ["--option", "pool=four"],
         "--option pool=four: reward 'shapes' refused its options: option pool must be an",
