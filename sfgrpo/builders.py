@@ -254,12 +254,35 @@ def validate(config: ml_collections.ConfigDict, processes: int | None = None) ->
         "train.eval_examples",
         f"must be >= 0 (0: the whole test split), got {config.train.eval_examples}",
     )
+    _validate_export(config)
     _require(config.warmstart.steps >= 0, "warmstart.steps", "must be >= 0")
     _require(
         config.warmstart.steps == 0 or config.warmstart.batch_size % shards == 0,
         "warmstart.batch_size",
         f"{config.warmstart.batch_size} must be a multiple of the {shards} batch devices",
     )
+
+
+def _validate_export(config: ml_collections.ConfigDict) -> None:
+    """train.export_format and export_every, checked at the start rather than when the run ends."""
+    from sfgrpo import export  # noqa: PLC0415 - export imports this module
+
+    t = config.train
+    _require(
+        t.export_format in export.TRAIN_FORMATS,
+        "train.export_format",
+        f"must be one of {export.TRAIN_FORMATS}, got {t.export_format!r}",
+    )
+    _require(
+        isinstance(t.export_every, int) and not isinstance(t.export_every, bool) and t.export_every >= 0,
+        "train.export_every",
+        f"must be an integer >= 0 (0: only at the end), got {t.export_every!r}",
+    )
+    if t.export_format == "peft":
+        try:
+            export.check_format(config, "peft")
+        except export.ExportError as err:
+            raise ConfigError(f"train.export_format: {err}".replace("--format peft: ", "")) from None
 
 
 def _number(config: ml_collections.ConfigDict, key: str) -> float:
@@ -539,6 +562,20 @@ def add_lora(policy: EditPolicy, config: ml_collections.ConfigDict, seed: int) -
         )
     except ValueError as err:
         raise ConfigError(f"config.model.lora_targets: {err}") from None
+
+
+def abstract_train_state(
+    policy: Any, config: ml_collections.ConfigDict, optimizer: Any, key: jax.Array
+) -> dict[str, Any]:
+    """Shapes and shardings of the GRPO train state (adapters or weights, optimizer state, step, RNG), from
+    the policy without changing it: the restore target of a checkpoint, known before the warm start."""
+
+    def make(p: Any) -> dict[str, Any]:
+        add_lora(p, config, config.seed + 2)
+        _, params, _, _ = split_for_grpo(p, config)
+        return {"params": params, "opt_state": optimizer.init(params)}
+
+    return {**nnx.eval_shape(make, policy), "step": 0, "rng": key}
 
 
 def grpo_filter(config: ml_collections.ConfigDict) -> Any:

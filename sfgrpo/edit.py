@@ -1,6 +1,11 @@
 """Edit an image with a FLUX.2-klein folder: ``python -m sfgrpo.edit --model DIR --image in.png --prompt "..."
 --out out.png [--steps N --seed S --guidance G --height H --width W --dtype float32|bfloat16]``.
 
+With trained weights: ``--workdir W [--step N]`` edits with a training run's model (its base is the run's
+``config.model.folder``, or ``--model`` when given, checked against the fingerprint the run recorded; the
+adapters are folded into the base weights), and ``--lora FILE`` folds in a diffusers-format FLUX.2 LoRA
+(``sfgrpo.export``'s, or another trainer's) with the scale diffusers' ``load_lora_weights`` gives it.
+
 It does what diffusers' ``Flux2KleinPipeline(image=..., prompt=...)`` does, with sfgrpo's models:
   1. the source image is checked (each side >= 64 px, aspect ratio <= 8), shrunk (Lanczos) to at most
      1024 x 1024 pixels of area, floored to a multiple of 16 per side by a centre crop, and converted to RGB;
@@ -38,6 +43,8 @@ import numpy as np
 import PIL.Image
 from flax import nnx
 
+from sfgrpo import checkpoint, runtime, trained
+from sfgrpo.models import lora
 from sfgrpo.models.flux2 import make_position_ids
 from sfgrpo.models.klein import KleinParts, load_klein
 from sfgrpo.models.policy import Conditioning, EditPolicy
@@ -136,6 +143,50 @@ def _denoise(
         window=1,
     )
     return traj.final
+
+
+def load_parts(
+    model: str | None = None,
+    *,
+    workdir: str | None = None,
+    step: int | None = None,
+    lora_file: str | None = None,
+    dtype: str = "float32",
+    max_text_length: int = 512,
+) -> KleinParts:
+    """The FLUX.2-klein parts to edit with: the folder ``model`` as it is; or a training run's model
+    (``workdir`` at checkpoint ``step``, default the newest, on its base folder: ``model`` when given, else
+    the run's ``config.model.folder``); and with ``lora_file``, a diffusers-format LoRA folded in.
+
+    Raises ``EditInputError`` for a combination that names nothing to load, and the loaders' errors
+    (``trained.TrainedRunError``, ``lora.LoRAFileError``, ``klein.KleinFolderError``, ``FileNotFoundError``,
+    ``checkpoint.CheckpointError``).
+    """
+    if model is None and workdir is None:
+        raise EditInputError("give the model: --model DIR (a FLUX.2-klein folder) or --workdir W (a run)")
+    if step is not None and workdir is None:
+        raise EditInputError(f"--step {step} needs --workdir (the run whose checkpoint it is)")
+    jdtype = jnp.dtype(dtype)
+    if workdir is None:
+        parts = load_klein(model, dtype=jdtype, max_text_length=max_text_length)
+    else:
+        config = trained.read_config(workdir)
+        if config.model.name != "klein":
+            raise EditInputError(
+                f"--workdir {workdir!r} trained the demo's {config.model.name!r} model, which this command "
+                "does not edit with (its held-out edits are the run's eval_grid_step<N>.png); export it with "
+                "python -m sfgrpo.export"
+            )
+        run = trained.load_trained(workdir, step=step, base=model, dtype=dtype)
+        merged = lora.merge_lora(run.policy.transformer)
+        log.info("editing with %s at step %d (%d adapted layers merged)", workdir, run.step, merged)
+        parts = load_klein(
+            run.base.folder, dtype=jdtype, max_text_length=max_text_length, transformer=run.policy.transformer
+        )
+    if lora_file is not None:
+        modules = lora.merge_lora_file(parts.transformer, lora_file)
+        log.info("merged the LoRA %s into %d modules", lora_file, len(modules))
+    return parts
 
 
 def _run(module: nnx.Module, fn: Any, *args: Any) -> jax.Array:
@@ -239,7 +290,10 @@ def edit_image(
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sfgrpo.edit", description="Edit an image with FLUX.2-klein.")
-    p.add_argument("--model", required=True, help="a diffusers FLUX.2-klein pipeline folder")
+    p.add_argument("--model", default=None, help="a FLUX.2-klein pipeline folder (with --workdir: its base)")
+    p.add_argument("--workdir", default=None, help="edit with this training run's trained model")
+    p.add_argument("--step", type=int, default=None, help="with --workdir: the checkpoint (default: newest)")
+    p.add_argument("--lora", default=None, help="a diffusers-format FLUX.2 LoRA file to fold in")
     p.add_argument("--image", required=True, help="the source image (any format PIL reads)")
     p.add_argument("--prompt", required=True, help="the edit instruction")
     p.add_argument("--out", required=True, help="where to write the edited image (PNG)")
@@ -280,8 +334,7 @@ def _read_image(path: str) -> PIL.Image.Image:
 def main(argv: list[str] | None = None) -> None:
     """The command line; bad input exits with status 2 and a one-line message."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("jax").setLevel(logging.WARNING)  # backend discovery notes
+    runtime.log_to_stderr()
     for name in ("height", "width"):
         value = getattr(args, name)
         if value is not None and (value < 16 or value % 16):
@@ -301,9 +354,22 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"--out {str(out)!r}: directory {str(out.parent)!r} does not exist")
     if out.suffix.lower() not in PIL.Image.registered_extensions():
         _fail(f"--out {str(out)!r}: unknown image file extension {out.suffix!r} (use .png)")
+    if args.step is not None and args.step < 0:
+        _fail(f"--step={args.step} must be >= 0")
+    if args.lora is not None and not Path(args.lora).is_file():
+        _fail(f"--lora {args.lora!r} is not a file")
     image = _read_image(args.image)
     try:
-        parts = load_klein(args.model, dtype=jnp.dtype(args.dtype), max_text_length=args.max_text_length)
+        parts = load_parts(
+            args.model,
+            workdir=args.workdir,
+            step=args.step,
+            lora_file=args.lora,
+            dtype=args.dtype,
+            max_text_length=args.max_text_length,
+        )
+    except (EditInputError, trained.TrainedRunError, lora.LoRAFileError, checkpoint.CheckpointError) as err:
+        _fail(str(err))
     except (FileNotFoundError, ValueError) as err:  # klein.KleinFolderError is a ValueError
         _fail(f"--model {args.model!r}: {err}")
     try:

@@ -126,4 +126,9 @@ def klein_config() -> ml_collections.ConfigDict:
     c.train.allow_config_change = False
     # An unreadable newest checkpoint stops the run; True resumes from the newest readable earlier one.
     c.train.restore_fallback = False
+    # The trained model for diffusers, in workdir/export/step_<N>/ (sfgrpo.export): 'auto' (a LoRA adapter
+    # file for LoRA on a klein folder, else a merged model folder), 'peft', 'merged' or 'none'; at the end
+    # of the run, and every export_every steps when > 0.
+    c.train.export_format = "auto"
+    c.train.export_every = 0
     return c

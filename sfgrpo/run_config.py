@@ -26,6 +26,8 @@ HARMLESS: tuple[str, ...] = (
     "train.fuse_step",  # one compiled program or three: the same arithmetic
     "train.allow_config_change",
     "train.restore_fallback",
+    "train.export_format",  # what the run writes for diffusers, not what it learns
+    "train.export_every",
     "data.num_workers",
     "mesh.",  # checkpoints restore onto any mesh
     "model.remat",

@@ -201,6 +201,14 @@ def global_to_host_local(x: jax.Array) -> np.ndarray:
     return np.concatenate([pieces[k] for k in sorted(pieces)], axis=0)
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole global array as numpy on every process (a collective when it spans processes): for
+    writing parameters to files. Gathers one array at a time, so the host holds one tensor extra."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def first_rows(tree: Any, rows: int) -> Any:
     """The first ``rows`` rows of each batch-sharded global array, replicated on every device, so that any
     process can read them as numpy (a grid's few images, not the whole batch). A collective: every process
@@ -257,6 +265,21 @@ def writes_here(directory: str | Path) -> bool:
         probe.unlink()
     _log.info("%s is %s", directory, "shared by the hosts" if shared else "local to each host")
     return jax.process_index() == 0 or not shared
+
+
+CLI_LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+def log_to_stderr() -> None:
+    """INFO logging on stderr for a command line tool. absl (imported with Orbax) may already have given
+    the root logger a bare handler, which ``logging.basicConfig`` would leave as it is: reformat it."""
+    root = logging.getLogger()
+    logging.basicConfig(level=logging.INFO, format=CLI_LOG_FORMAT)
+    for handler in root.handlers:
+        handler.setFormatter(logging.Formatter(CLI_LOG_FORMAT))
+    root.setLevel(logging.INFO)
+    logging.getLogger("jax").setLevel(logging.WARNING)  # backend discovery notes
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's notes on every read
 
 
 def barrier(name: str) -> None:

@@ -2,7 +2,9 @@
 
 Outputs in the workdir: ``metrics.jsonl`` and TensorBoard events (``tb/``), ``warmstart/`` (the cached warm
 start), ``checkpoints/`` (Orbax: trainable params, optimizer, step, RNG, data position), evaluation grids
-``eval_grid_step<N>.png`` and the reward plot ``rewards.png``. Rerunning with the same workdir resumes.
+``eval_grid_step<N>.png``, the reward plot ``rewards.png``, ``export/step_<N>/`` (the trained model for
+diffusers, ``sfgrpo.export``) and, for a FLUX.2-klein run, ``base_model.json`` (its base folder's
+fingerprint). Rerunning with the same workdir resumes.
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ from flax import nnx
 from sfgrpo import (
     builders,
     checkpoint,
+    export,
     metrics,
     preemption,
     resume,
     reward_stage,
     run_config,
     runtime,
+    trained,
     warmstart,
 )
 from sfgrpo.data import pipeline
@@ -92,6 +96,10 @@ def _train(
         warm_seed = builders.warmstart_seed(config)
         model = builders.build_model(config, mesh, warm_seed)
         policy, condition = model.policy, model.condition
+        try:
+            base = trained.run_base(workdir, config)
+        except trained.TrainedRunError as err:
+            raise TrainingError(str(err)) from None
         warm_cache = workdir / "warmstart"
         warm_fingerprint = warmstart.fingerprint(config)
         warm_cached = warmstart.load_cached(policy, warm_cache, warm_fingerprint)
@@ -106,13 +114,14 @@ def _train(
                     "that is gone; use a fresh workdir"
                 )
             # Raises CheckpointMismatchError, listing the paths, when the workdir holds another model shape.
-            abstract = _abstract_train_state(policy, config, optimizer, base_key)
+            abstract = builders.abstract_train_state(policy, config, optimizer, base_key)
             restored = resume_point.restore(abstract)
 
         # --- Outputs: from here on the run writes in the workdir ------------------------------------------
         workdir.mkdir(parents=True, exist_ok=True)
         if jax.process_index() == 0:
             (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        trained.write_base(workdir, base)
         writer = metrics.MetricsWriter(workdir)
         if resume_point is None:
             dropped = writer.truncate_after(-1, stage=("grpo", "eval", "compile", "resume"))
@@ -278,6 +287,10 @@ def _train(
             # The data position right after this batch: with the overlap, the next batch is already drawn.
             position = p.data_state
             ckpt.save(step, state, position, meta, force=step == config.train.steps)
+            every = config.train.export_every
+            if step == config.train.steps or (every > 0 and step % every == 0):
+                trained_policy = nnx.merge(graphdef, compute_copy(params, compute_dtypes), frozen)
+                export.export_in_training(trained_policy, config, base, step, workdir)
             if on_step is not None:
                 on_step(step, m)
 
@@ -435,20 +448,6 @@ def _eval_rows(config: ml_collections.ConfigDict, available: int) -> int:
             shards,
         )
     return n_eval
-
-
-def _abstract_train_state(
-    policy: Any, config: ml_collections.ConfigDict, optimizer: Any, key: jax.Array
-) -> dict[str, Any]:
-    """Shapes and shardings of the GRPO train state (adapters or weights, optimizer state, step, RNG), from
-    the policy without changing it: the restore target of a checkpoint, known before the warm start."""
-
-    def make(p: Any) -> dict[str, Any]:
-        builders.add_lora(p, config, config.seed + 2)
-        _, params, _, _ = builders.split_for_grpo(p, config)
-        return {"params": params, "opt_state": optimizer.init(params)}
-
-    return {**nnx.eval_shape(make, policy), "step": 0, "rng": key}
 
 
 def final_params(workdir: str | Path) -> dict[str, np.ndarray]:

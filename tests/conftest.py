@@ -26,6 +26,7 @@ _LONGEST_FIRST = (
     "test_train.py",
     "test_multihost.py",
     "test_credit_study.py",
+    "test_export.py",
     "test_step.py",
     "test_reward_stage.py",
     "test_klein_config.py",

@@ -53,6 +53,53 @@ def tiny_config() -> ml_collections.ConfigDict:
     return c
 
 
+def klein_assets(root: Path) -> tuple[Path, Path]:
+    """(a tiny FLUX.2-klein folder, a small TFDS shapes dataset of 64 px images) built under ``root``."""
+    from tiny_klein import build_tiny_klein  # noqa: PLC0415 - torch and diffusers: only where needed
+
+    from sfgrpo.data import build, shapes  # noqa: PLC0415
+
+    folder = build_tiny_klein(root / "klein")
+    data = root / "data"
+    build.build_shapes(
+        str(data), 16, seed=0, heldout=8, config=shapes.ShapesConfig(image_size=64, max_edits=2)
+    )
+    return folder, data
+
+
+def klein_test_config(
+    config: ml_collections.ConfigDict, folder: Path, data: Path, workdir: Path
+) -> ml_collections.ConfigDict:
+    """A shipped FLUX.2-klein config (configs/tpu_v5.py, gpu.py) at test sizes on a tiny klein folder
+    (tests/tiny_klein.py) and a TFDS shapes dataset of 64 px images; everything else stays as shipped."""
+    c = config
+    c.model.folder = str(folder)
+    c.model.dtype = "float32"
+    c.model.max_text_tokens = 64
+    c.model.lora_rank = 4
+    c.model.lora_alpha = 8.0
+    c.model.attention = "xla"  # cudnn needs a GPU
+    if c.model.prompt_cache:
+        c.model.prompt_cache = str(workdir / "prompt_cache")
+    c.data.tfds_dir = str(data)
+    c.data.resolution = 64
+    c.data.r_max = 2
+    c.data.num_workers = 0
+    c.sampler.num_steps = 4
+    c.sampler.eval_steps = 2
+    c.sampler.window_size = 2
+    c.sampler.window_hi = 2
+    c.rl.group_size = 4
+    c.rl.batch_size = 8
+    c.rl.micro_batch = 8
+    c.rl.grad_accum = 1
+    c.reward.kind = "shapes"  # the shapes data has targets and masks: no judge server in this test
+    c.train.steps = 2
+    c.train.eval_every = 2
+    c.train.checkpoint_every = 2
+    return c
+
+
 class Setup:
     """A policy, its split state, the compiled programs and one device batch, on the config's mesh."""
 

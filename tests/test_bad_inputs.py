@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import numpy as np
 import PIL.Image
 import pytest
@@ -21,7 +22,7 @@ from helpers import tiny_config
 from png_bomb import zero_png
 
 from sfgrpo import edit, main
-from sfgrpo.data import build, shapes
+from sfgrpo.data import build
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,22 +125,12 @@ def test_main_config_values(tmp_path, capsys, key, value, message):
 
 @pytest.fixture(scope="module")
 def klein_assets(tmp_path_factory):
-    """A tiny FLUX.2-klein folder and a small TFDS shapes dataset (as tests/test_klein_config.py)."""
-    from tiny_klein import build_tiny_klein  # noqa: PLC0415 - torch and diffusers: only here
-
-    root = tmp_path_factory.mktemp("klein_bad")
-    folder = build_tiny_klein(root / "klein")
-    data = root / "data"
-    build.build_shapes(
-        str(data), 16, seed=0, heldout=8, config=shapes.ShapesConfig(image_size=64, max_edits=2)
-    )
-    return folder, data
+    """A tiny FLUX.2-klein folder and a small TFDS shapes dataset."""
+    return helpers.klein_assets(tmp_path_factory.mktemp("klein_bad"))
 
 
 def _klein_config(folder, data, workdir):
-    from test_klein_config import shipped, tiny  # noqa: PLC0415
-
-    return tiny(shipped("gpu"), folder, data, workdir)
+    return helpers.klein_test_config(helpers.load_config("gpu.py"), folder, data, workdir)
 
 
 def _truncate(file: Path, keep) -> None:

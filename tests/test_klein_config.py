@@ -13,10 +13,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from tiny_klein import build_tiny_klein
+from helpers import klein_assets, klein_test_config
 
 from sfgrpo import builders, train
-from sfgrpo.data import build, shapes
 from sfgrpo.data.prompt_cache import META
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,42 +30,7 @@ def shipped(name: str, arg: str | None = None):
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("klein")
-    folder = build_tiny_klein(root / "klein")
-    data = root / "data"
-    shapes_config = shapes.ShapesConfig(image_size=64, max_edits=2)
-    build.build_shapes(str(data), 16, seed=0, heldout=8, config=shapes_config)
-    return folder, data
-
-
-def tiny(config, folder: Path, data: Path, workdir: Path):
-    """The shipped config at tiny sizes; everything else stays as shipped."""
-    c = config
-    c.model.folder = str(folder)
-    c.model.dtype = "float32"
-    c.model.max_text_tokens = 64
-    c.model.lora_rank = 4
-    c.model.lora_alpha = 8.0
-    c.model.attention = "xla"  # cudnn needs a GPU
-    if c.model.prompt_cache:
-        c.model.prompt_cache = str(workdir / "prompt_cache")
-    c.data.tfds_dir = str(data)
-    c.data.resolution = 64
-    c.data.r_max = 2
-    c.data.num_workers = 0
-    c.sampler.num_steps = 4
-    c.sampler.eval_steps = 2
-    c.sampler.window_size = 2
-    c.sampler.window_hi = 2
-    c.rl.group_size = 4
-    c.rl.batch_size = 8
-    c.rl.micro_batch = 8
-    c.rl.grad_accum = 1
-    c.reward.kind = "shapes"  # the shapes data has targets and masks: no judge server in this test
-    c.train.steps = 2
-    c.train.eval_every = 2
-    c.train.checkpoint_every = 2
-    return c
+    return klein_assets(tmp_path_factory.mktemp("klein"))
 
 
 @pytest.mark.parametrize("name", ["tpu_v5", "gpu"])
@@ -83,7 +47,7 @@ def test_shipped_configs_are_klein_4b_lora_64_bf16_with_remat(name):
 
 def test_a_folder_missing_a_component_is_a_config_error(assets, tmp_path):
     folder, data = assets
-    c = tiny(shipped("gpu"), tmp_path / "missing", data, tmp_path)
+    c = klein_test_config(shipped("gpu"), tmp_path / "missing", data, tmp_path)
     with pytest.raises(builders.ConfigError, match="config.model.folder"):
         train.train(c, tmp_path / "run")
 
@@ -91,7 +55,7 @@ def test_a_folder_missing_a_component_is_a_config_error(assets, tmp_path):
 @pytest.mark.parametrize("name", ["tpu_v5", "gpu"])
 def test_two_grpo_iterations_from_the_tiny_klein_folder(assets, tmp_path, name, caplog):
     folder, data = assets
-    c = tiny(shipped(name), folder, data, tmp_path)
+    c = klein_test_config(shipped(name), folder, data, tmp_path)
     if name == "gpu":
         c.model.prompt_cache = ""  # the text encoder stays in the policy and encodes every batch
     seen = []

@@ -1,4 +1,7 @@
-"""LoRA: zero-init identity, pattern selection, the training filter, and export that diffusers loads."""
+"""LoRA: zero-init identity, pattern selection, the training filter, export that diffusers loads, merging,
+and LoRA files read with diffusers' scales."""
+
+import json
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +13,7 @@ from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DMo
 from flax import nnx
 from helpers import entries_moved
 from safetensors import safe_open
+from safetensors.numpy import save_file
 from tiny_flux2 import TINY_DIFFUSERS
 
 from sfgrpo import runtime
@@ -182,3 +186,78 @@ def test_bf16_model_trains_float32_adapters_that_move_like_float32_ones():
         assert not missed.any(), (
             f"{path}: {missed.mean():.1%} moved in float32 only (bf16 moved {bf16_frac:.1%})"
         )
+
+
+def _random_adapters(model, seed=7, scale=0.1):
+    adapter = nnx.state(model, lora.LORA)
+    leaves, treedef = jax.tree.flatten(adapter)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noisy = [scale * jax.random.normal(k, v.shape) for k, v in zip(keys, leaves, strict=True)]
+    nnx.update(model, jax.tree.unflatten(treedef, noisy))
+
+
+def test_merging_adapters_or_their_file_computes_what_the_attached_adapters_compute(tiny, tmp_path):
+    model = nnx.clone(tiny)
+    lora.apply_lora(model, lora.LoRAConfig(rank=4, alpha=6.0), rngs=nnx.Rngs(1))
+    _random_adapters(model)
+    inputs = _inputs()
+    attached = _forward(model, inputs)
+    assert np.abs(attached - _forward(tiny, inputs)).max() > 0.05
+    file = tmp_path / "adapter.safetensors"
+    lora.export_lora(model, file)
+
+    from_file = nnx.clone(tiny)
+    changed = lora.merge_lora_file(from_file, file)
+    assert len(changed) == 2 * 12 + 2 * 2  # every adapted module of the 2 double and 2 single blocks
+    np.testing.assert_allclose(_forward(from_file, inputs), attached, atol=1e-5)
+    assert lora.merge_lora(model) == len(DEFAULT_TARGETS)
+    assert all(lin.lora is None for lin in lora.linear_paths(model).values())
+    np.testing.assert_allclose(_forward(model, inputs), attached, atol=1e-5)
+
+
+def _lora_file(path, tensors, peft=None):
+    metadata = {"format": "pt"}
+    if peft is not None:
+        metadata["lora_adapter_metadata"] = json.dumps(peft)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def test_lora_files_get_diffusers_scales_and_bad_ones_are_refused(tiny, tmp_path):
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, 32)).astype(np.float32), rng.standard_normal((32, 2)).astype(np.float32)
+    q, k = "transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.to_k"
+    pairs = {f"transformer.{m}.lora_{x}.weight": v for m in (q, k) for x, v in (("A", a), ("B", b))}
+    no_meta = lora.read_lora_file(_lora_file(tmp_path / "plain.safetensors", pairs))
+    assert {m: u.scale for m, u in no_meta.items()} == {q: 1.0, k: 1.0}  # diffusers: lora_alpha = r
+    peft = {"transformer.r": 2, "transformer.lora_alpha": 6, "transformer.alpha_pattern": {"to_k": 1}}
+    scaled = lora.read_lora_file(_lora_file(tmp_path / "meta.safetensors", pairs, peft))
+    assert scaled[q].scale == 3.0 and scaled[k].scale == 0.5
+    rslora = lora.read_lora_file(
+        _lora_file(tmp_path / "rs.safetensors", pairs, {"r": 2, "lora_alpha": 4, "use_rslora": True})
+    )
+    assert rslora[q].scale == pytest.approx(4 / np.sqrt(2))
+
+    bad = {
+        "DoRA": (pairs, {"use_dora": True}, "DoRA"),
+        "half": ({f"transformer.{q}.lora_A.weight": a}, None, "need lora_A and lora_B"),
+        "other": ({"transformer.x.alpha": a}, None, "not LoRA factors"),
+        "shape": ({f"{q}.lora_A.weight": a, f"{q}.lora_B.weight": b.T.copy()}, None, r"are not \(r, in\)"),
+    }
+    for name, (tensors, meta, message) in bad.items():
+        with pytest.raises(lora.LoRAFileError, match=message):
+            lora.read_lora_file(_lora_file(tmp_path / f"{name}.safetensors", tensors, meta))
+    wrong = {
+        f"transformer.transformer_blocks.5.attn.to_q.lora_{x}.weight": v for x, v in (("A", a), ("B", b))
+    }
+    with pytest.raises(lora.LoRAFileError, match="modules the transformer does not have"):
+        lora.merge_lora_file(nnx.clone(tiny), _lora_file(tmp_path / "wrong.safetensors", wrong))
+    narrow = {
+        f"transformer.{q}.lora_{x}.weight": v[..., :16] if x == "A" else v for x, v in (("A", a), ("B", b))
+    }
+    with pytest.raises(lora.LoRAFileError, match="takes 32 -> 32 features"):
+        lora.merge_lora_file(nnx.clone(tiny), _lora_file(tmp_path / "narrow.safetensors", narrow))
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not safetensors")
+    with pytest.raises(lora.LoRAFileError, match="cannot read LoRA file"):
+        lora.read_lora_file(garbage)

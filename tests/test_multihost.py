@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import pytest
 from multiprocess import ROOT, Group, env, free_port, main_command, wait_for
+from safetensors import safe_open
 
 from sfgrpo import metrics, train
 
@@ -81,6 +82,15 @@ def _records(workdir: Path, stage: str) -> list[dict]:
     return [r for r in metrics.read_metrics(workdir / "metrics.jsonl") if r["stage"] == stage]
 
 
+def _exported_tensors(workdir: Path) -> dict[str, np.ndarray]:
+    folder = workdir / "export" / f"step_{STEPS}" / "transformer"
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="numpy") as f:
+            out |= {k: f.get_tensor(k) for k in f.keys()}
+    return out
+
+
 def _final_params(workdir: Path) -> list[np.ndarray]:
     return jax.tree.leaves(train.final_params(workdir))
 
@@ -140,6 +150,11 @@ def test_two_processes_train_end_to_end(two):
     # Both processes end with the same final evaluation.
     done = [next(line for line in out.splitlines() if "done: " in line).split("done: ")[1] for out in outputs]
     assert done[0] == done[1]
+    # The trained model is exported once, when the run ends (merged: the tiny model's base is its warm start).
+    exported = workdir / "export" / f"step_{STEPS}"
+    assert sorted(p.name for p in (workdir / "export").iterdir()) == [f"step_{STEPS}"]
+    assert (exported / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    assert json.loads((exported / "sfgrpo_export.json").read_text())["step"] == STEPS
 
 
 def test_two_processes_match_one_process(two, one):
@@ -160,6 +175,11 @@ def test_two_processes_match_one_process(two, one):
                 )
     (e_two,), (e_one,) = _records(two[0], "eval"), _records(one[0], "eval")
     np.testing.assert_allclose(e_two["eval/reward/mean"], e_one["eval/reward/mean"], rtol=1e-4, atol=1e-6)
+    # Their exports hold the same model (the adapters merged into the warm start).
+    exported = [_exported_tensors(w) for w in (two[0], one[0])]
+    assert exported[0].keys() == exported[1].keys()
+    for name, value in exported[0].items():
+        np.testing.assert_allclose(value, exported[1][name], atol=1e-5, err_msg=name)
 
 
 def test_resume_after_killing_both_processes_is_bitwise_exact(two, tmp_path):

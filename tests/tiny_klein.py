@@ -110,16 +110,16 @@ def _perturb(module: torch.nn.Module, scale: float) -> None:
             p.add_(scale * torch.randn_like(p))
 
 
-def build_tiny_klein(directory: str | os.PathLike, *, distilled: bool = True) -> Path:
+def build_tiny_klein(directory: str | os.PathLike, *, distilled: bool = True, seed: int = 0) -> Path:
     """Writes a tiny ``Flux2KleinPipeline`` folder into ``directory`` (created if needed); returns it.
 
     ``distilled`` sets the pipeline's ``is_distilled`` (model_index.json): True is the step-distilled klein
     (no classifier-free guidance), False the base model (true CFG with the empty prompt when
-    guidance_scale > 1). The weights do not depend on it.
+    guidance_scale > 1). The weights do not depend on it; ``seed`` draws other weights of the same shapes.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(build_tokenizer(directory / "tokenizer"), local_files_only=True)
 
     transformer = Flux2Transformer2DModel(**TRANSFORMER).eval()

@@ -220,6 +220,7 @@ def load_klein(
     mesh: Mesh | None = None,
     text_encoder: bool = True,
     max_text_length: int = 512,
+    transformer: Flux2Transformer | None = None,
 ) -> KleinParts:
     """Loads a diffusers FLUX.2-klein pipeline folder.
 
@@ -231,6 +232,8 @@ def load_klein(
       text_encoder: False skips the Qwen3 weights (text features come precomputed); the tokenizer is
         loaded either way.
       max_text_length: tokens per prompt (the pipeline's max_sequence_length, 512).
+      transformer: a transformer to use instead of the folder's (trained weights on this base, from
+        ``sfgrpo.trained``); it must have the folder's architecture.
 
     Raises:
       KleinFolderError: a missing component or components that do not fit together (checked before any
@@ -244,7 +247,12 @@ def load_klein(
         log.warning("%s has no is_distilled; as Flux2KleinPipeline, treating it as the base model", folder)
     is_distilled = bool(index.get("is_distilled", False))
 
-    transformer = flux2.from_pretrained(folder / "transformer", dtype=dtype, mesh=mesh)
+    if transformer is None:
+        transformer = flux2.from_pretrained(folder / "transformer", dtype=dtype, mesh=mesh)
+    else:
+        expected = weights.read_config(folder / "transformer")
+        if transformer.config.replace(remat="none", attention=None) != expected:
+            raise KleinFolderError(f"the transformer given is not {folder}'s: {transformer.config}")
     vae = load_vae(folder / "vae", dtype=dtype, mesh=mesh)
     encoder = None
     if text_encoder:

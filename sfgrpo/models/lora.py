@@ -9,6 +9,10 @@ trains ``nnx.Param`` without attaching LoRA.
 ``export_lora`` writes ``transformer.<diffusers module>.lora_A.weight`` (r, in) and ``.lora_B.weight``
 (out, r) with the PEFT config (r, lora_alpha, target_modules) in the safetensors metadata, the layout
 ``Flux2KleinPipeline.load_lora_weights`` and ``Flux2Transformer2DModel.load_lora_adapter`` read.
+
+``merge_lora`` folds attached adapters into their base kernels; ``read_lora_file`` and ``merge_lora_file``
+read a diffusers-format FLUX.2 LoRA file (ours, or another trainer's) and fold it into a transformer, with
+the scale diffusers gives it (``lora_alpha / r`` from the file's PEFT metadata, 1 without metadata).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from sfgrpo import runtime
@@ -150,9 +155,9 @@ def lora_tensors(model: nnx.Module, *, prefix: str = "transformer") -> tuple[dic
         lin = lins.get(module.ours)
         if lin is None or lin.lora is None:
             continue
-        # jax.device_get assembles a sharded array on this host (single-host; multi-host needs a gather).
-        a = np.asarray(jax.device_get(lin.lora.a.get_value()), np.float32)
-        b = np.asarray(jax.device_get(lin.lora.b.get_value()), np.float32)
+        # Every process gathers the whole factor (a collective when it is sharded over processes).
+        a = np.asarray(runtime.to_host(lin.lora.a.get_value()), np.float32)
+        b = np.asarray(runtime.to_host(lin.lora.b.get_value()), np.float32)
         if not module.layers:
             a, b = a[None], b[None]
         for i, name in enumerate(module.names()):
@@ -171,8 +176,194 @@ def lora_tensors(model: nnx.Module, *, prefix: str = "transformer") -> tuple[dic
     return tensors, peft
 
 
-def export_lora(model: nnx.Module, path: str | os.PathLike, *, prefix: str = "transformer") -> None:
-    """Writes the adapter to a safetensors file that diffusers' Flux2 LoRA loaders accept."""
+def export_lora(
+    model: nnx.Module,
+    path: str | os.PathLike,
+    *,
+    prefix: str = "transformer",
+    extra_metadata: dict[str, str] | None = None,
+    write: bool = True,
+) -> None:
+    """Writes the adapter to a safetensors file that diffusers' Flux2 LoRA loaders accept.
+
+    ``extra_metadata``: more string entries for the file's metadata (diffusers reads only
+    ``lora_adapter_metadata``). A collective on several processes (the factors are gathered); only
+    processes with ``write`` write the file.
+    """
     tensors, peft = lora_tensors(model, prefix=prefix)
     meta = {f"{prefix}.{k}": v for k, v in peft.items()}
-    save_file(tensors, os.fspath(path), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta)})
+    header = {**(extra_metadata or {}), "format": "pt", "lora_adapter_metadata": json.dumps(meta)}
+    if write:
+        save_file(tensors, os.fspath(path), metadata=header)
+
+
+def merge_lora(model: nnx.Module) -> int:
+    """Folds every attached adapter into its base kernel (``kernel + A @ B * alpha / r``, computed in
+    float32, stored in the kernel's dtype) and detaches it; returns how many layers were merged."""
+    merged = 0
+    for lin in linear_paths(model).values():
+        if lin.lora is None:
+            continue
+        kernel = lin.kernel.get_value()
+        delta = _lora_delta(lin.lora.a.get_value(), lin.lora.b.get_value(), lin.lora.alpha / lin.lora.rank)
+        lin.kernel.set_value((kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
+        lin.lora = None
+        merged += 1
+    return merged
+
+
+@jax.jit
+def _lora_delta(a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
+    """(*stack, in, r) x (*stack, r, out) -> (*stack, in, out) float32, times ``scale``."""
+    hi = jax.lax.Precision.HIGHEST
+    return jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32), precision=hi) * scale
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LoRA files from diffusers (ours or another trainer's).
+
+
+class LoRAFileError(ValueError):
+    """A LoRA file that is unreadable, not in diffusers' FLUX.2 format, or does not fit the transformer."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAUpdate:
+    """One diffusers module's adapter: ``A`` (r, in), ``B`` (out, r) as in the file, and its scale."""
+
+    a: np.ndarray
+    b: np.ndarray
+    scale: float
+
+
+def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rank/alpha pattern lookup: the first key that ends ``module``'s dotted name."""
+    for key, value in pattern.items():
+        if module == key or re.fullmatch(rf"(.*\.)?{key}", module):
+            return value
+    return default
+
+
+def read_lora_file(path: str | os.PathLike, *, prefix: str = "transformer") -> dict[str, LoRAUpdate]:
+    """Reads a diffusers-format FLUX.2 LoRA safetensors file: ``[transformer.]<module>.lora_A.weight`` and
+    ``.lora_B.weight`` pairs. Returns diffusers module name -> update.
+
+    The scale of each module is what ``Flux2KleinPipeline.load_lora_weights`` gives it: from the PEFT
+    config in the ``lora_adapter_metadata`` entry (``lora_alpha`` / ``r``, ``alpha_pattern``,
+    ``rank_pattern``, ``use_rslora``) when the file has one, else 1 (diffusers' ``lora_alpha = r``).
+    Raises ``LoRAFileError`` naming the file and the problem.
+    """
+    where = f"LoRA file {os.fspath(path)!r}"
+    try:
+        with safe_open(os.fspath(path), framework="numpy") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, SafetensorError) as err:
+        raise LoRAFileError(f"cannot read {where}: {err}") from None
+    except TypeError as err:  # bfloat16 tensors: numpy's safe_open cannot return them
+        raise LoRAFileError(f"cannot read {where}: {err} (store the factors as float16 or float32)") from None
+    if not tensors:
+        raise LoRAFileError(f"{where} holds no tensors")
+    foreign = [k for k in tensors if ".lora_down." in k or k.startswith(("diffusion_model.", "base_model."))]
+    if foreign or any(".lokr_" in k for k in tensors):
+        raise LoRAFileError(
+            f"{where} is not in diffusers' format (keys like {sorted(tensors)[0]!r}); convert it with "
+            "diffusers: state = Flux2KleinPipeline.lora_state_dict(path), then save state with "
+            "safetensors.torch.save_file"
+        )
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    unknown = []
+    for key, value in tensors.items():
+        name = key.removeprefix(f"{prefix}.")
+        for part in ("lora_A", "lora_B"):
+            suffix = f".{part}.weight"
+            if name.endswith(suffix):
+                pairs.setdefault(name.removesuffix(suffix), {})[part] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise LoRAFileError(
+            f"{where}: keys that are not LoRA factors ({len(unknown)}): {sorted(unknown)[:5]}"
+        )
+    peft = _peft_config(header, prefix, where)
+    updates = {}
+    for module, pair in sorted(pairs.items()):
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise LoRAFileError(f"{where}: module {module!r} has only {sorted(pair)}; need lora_A and lora_B")
+        a, b = pair["lora_A"], pair["lora_B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise LoRAFileError(
+                f"{where}: module {module!r}: lora_A {a.shape} and lora_B {b.shape} are not (r, in), (out, r)"
+            )
+        rank = a.shape[0]
+        if peft is None:
+            scale = 1.0
+        else:
+            r = _pattern_value(peft.get("rank_pattern") or {}, module, peft.get("r", rank))
+            alpha = _pattern_value(peft.get("alpha_pattern") or {}, module, peft.get("lora_alpha", r))
+            scale = float(alpha) / (float(np.sqrt(r)) if peft.get("use_rslora") else float(r))
+        updates[module] = LoRAUpdate(a.astype(np.float32), b.astype(np.float32), scale)
+    return updates
+
+
+def _peft_config(header: dict[str, str], prefix: str, where: str) -> dict[str, Any] | None:
+    """The transformer's PEFT config from the file's ``lora_adapter_metadata`` (None when absent)."""
+    raw = header.get("lora_adapter_metadata")
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise LoRAFileError(f"{where}: lora_adapter_metadata is not JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise LoRAFileError(f"{where}: lora_adapter_metadata is not a JSON object")
+    # diffusers writes "<component>.<field>"; a bare PEFT config has the fields alone.
+    ours = {k.removeprefix(f"{prefix}."): v for k, v in meta.items() if k.startswith(f"{prefix}.")}
+    config = ours or meta
+    if config.get("use_dora"):
+        raise LoRAFileError(f"{where} is a DoRA adapter (use_dora); only LoRA is supported")
+    return config
+
+
+def merge_lora_file(model: nnx.Module, path: str | os.PathLike, *, prefix: str = "transformer") -> list[str]:
+    """Folds a diffusers-format FLUX.2 LoRA file into ``model``'s kernels (see ``read_lora_file`` for the
+    scale); returns the diffusers module names it changed. Raises ``LoRAFileError`` for a module the
+    transformer lacks or factors whose shapes do not fit it."""
+    updates = read_lora_file(path, prefix=prefix)
+    where = f"LoRA file {os.fspath(path)!r}"
+    lins = linear_paths(model)
+    index = {}
+    for module in linear_modules(model.config):
+        for i, name in enumerate(module.names()):
+            index[name] = (module.ours, i if module.layers else None)
+    missing = sorted(set(updates) - set(index))
+    if missing:
+        raise LoRAFileError(
+            f"{where}: modules the transformer does not have ({len(missing)}): {missing[:5]} "
+            "(a LoRA for another model?)"
+        )
+    by_layer: dict[str, dict[int | None, LoRAUpdate]] = {}
+    for name, update in updates.items():
+        ours, layer = index[name]
+        by_layer.setdefault(ours, {})[layer] = update
+    for ours, layers in by_layer.items():
+        lin = lins[ours]
+        kernel = lin.kernel.get_value()
+        d_in, d_out = kernel.shape[-2:]
+        delta = np.zeros(kernel.shape, np.float32)
+        for layer, u in layers.items():
+            if u.a.shape[1] != d_in or u.b.shape[0] != d_out:
+                raise LoRAFileError(
+                    f"{where}: module {ours} (layer {layer}) takes {d_in} -> {d_out} features, the file's "
+                    f"factors {u.a.shape[1]} -> {u.b.shape[0]}"
+                )
+            update = (u.a.T.astype(np.float64) @ u.b.T.astype(np.float64) * u.scale).astype(np.float32)
+            if layer is None:
+                delta += update
+            else:
+                delta[layer] += update
+        sharding = kernel.sharding
+        new = (kernel.astype(jnp.float32) + jax.device_put(delta, sharding)).astype(kernel.dtype)
+        lin.kernel.set_value(new)
+    return sorted(updates)
