@@ -288,11 +288,15 @@ def _train(
             position = p.data_state
             ckpt.save(step, state, position, meta, force=step == config.train.steps)
             every = config.train.export_every
-            if step == config.train.steps or (every > 0 and step % every == 0):
-                trained_policy = nnx.merge(graphdef, compute_copy(params, compute_dtypes), frozen)
-                export.export_in_training(trained_policy, config, base, step, workdir)
+            if every > 0 and step % every == 0 and step != config.train.steps:
+                export_model(step, params)
             if on_step is not None:
                 on_step(step, m)
+
+        def export_model(step: int, params: Any) -> None:
+            """The model at ``step`` for diffusers, in workdir/export/step_<step> (a collective)."""
+            trained_policy = nnx.merge(graphdef, compute_copy(params, compute_dtypes), frozen)
+            export.export_in_training(trained_policy, config, base, step, workdir)
 
         def drains(step: int) -> bool:
             """Whether the step must finish before the next batch rolls out (evaluation, checkpoint, end)."""
@@ -375,6 +379,7 @@ def _train(
         # --- Wrap-up --------------------------------------------------------------------------------------
         ckpt.wait()
         ckpt.close()
+        export_model(int(state["step"]), state["params"])  # after the loop: its compiles are not the loop's
         compile_times = {f"time/compile_{k}_s": v for k, v in programs.compile_seconds.items()}
         if compile_times:
             writer.write(config.train.steps, "compile", compile_times)
