@@ -18,6 +18,7 @@ import numpy as np
 import PIL.Image
 import pytest
 from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+from flax import nnx
 from helpers import klein_assets, klein_test_config, load_config, tiny_config
 from klein_parity import PROMPT, SENSITIVE, STEPS, assert_parity, moved, noise, pipeline, source, theirs
 from peft import LoraConfig
@@ -280,3 +281,32 @@ def test_edit_cli_with_a_run(klein_run, tiny_run, tmp_path, capsys):
         code, err = _edit_cli([*args, *common, "--out", tmp_path / "bad.png"], capsys)
         assert code == 2 and message in err and "Traceback" not in err, (args, err)
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_full_fine_tuning_exports_its_weights_at_every_export_step(tmp_path):
+    c = tiny_config()
+    c.model.lora_rank = 0
+    c.rl.lr = 1e-3
+    c.train.export_every = 1
+    # A judge whose rewards differ within groups (the shapes reward scores this barely trained model 0).
+    c.reward.kind = "host"
+    c.reward.host_reward = "brightness"
+    c.reward.host_import = "brightness_judge"
+    c.reward.overlap = False
+    train.train(c, tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run" / "export").iterdir()) == ["step_1", "step_2"]
+    run = trained.load_trained(tmp_path / "run")
+    assert not run.lora
+    exported = flux2.from_pretrained(tmp_path / "run" / "export" / "step_2" / "transformer")
+    mine = nnx.to_flat_state(nnx.state(run.policy.transformer))
+    theirs = dict(nnx.to_flat_state(nnx.state(exported)))
+    for path, value in mine:
+        np.testing.assert_array_equal(np.asarray(theirs[path].get_value()), np.asarray(value.get_value()))
+    first = flux2.from_pretrained(tmp_path / "run" / "export" / "step_1" / "transformer")
+    moved_weights = [
+        np.abs(np.asarray(theirs[p].get_value()) - np.asarray(v.get_value())).max()
+        for p, v in nnx.to_flat_state(nnx.state(first))
+    ]
+    assert max(moved_weights) > 0  # step 2 trained on from step 1
+    info = json.loads((tmp_path / "run" / "export" / "step_2" / export.INFO_FILE).read_text())
+    assert info["format"] == "merged" and info["lora"] is None and info["merged"] is False
