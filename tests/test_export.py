@@ -131,14 +131,18 @@ def test_a_missing_or_different_base_is_refused(klein_run, tmp_path, capsys):
     assert out.is_file()
 
 
-def _export_cli(args, capsys):
-    """(exit status, stderr) of the command."""
+def _cli(main, args, capsys):
+    """(exit status, stderr) of a command's ``main``."""
     try:
-        export.main([str(a) for a in args])
+        main([str(a) for a in args])
         code = 0
     except SystemExit as exit_:
         code = exit_.code
     return code, capsys.readouterr().err
+
+
+def _export_cli(args, capsys):
+    return _cli(export.main, args, capsys)
 
 
 def test_export_cli_bad_inputs(klein_run, tmp_path, capsys):
@@ -254,12 +258,7 @@ def test_tiny_merged_export_computes_what_the_run_computes(tiny_run, tmp_path, c
 
 
 def _edit_cli(args, capsys):
-    try:
-        edit.main([str(a) for a in args])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err
+    return _cli(edit.main, args, capsys)
 
 
 def test_edit_cli_with_a_run(klein_run, tiny_run, tmp_path, capsys):

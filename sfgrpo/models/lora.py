@@ -260,8 +260,6 @@ def read_lora_file(path: str | os.PathLike, *, prefix: str = "transformer") -> d
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (OSError, SafetensorError) as err:
         raise LoRAFileError(f"cannot read {where}: {err}") from None
-    except TypeError as err:  # bfloat16 tensors: numpy's safe_open cannot return them
-        raise LoRAFileError(f"cannot read {where}: {err} (store the factors as float16 or float32)") from None
     if not tensors:
         raise LoRAFileError(f"{where} holds no tensors")
     foreign = [k for k in tensors if ".lora_down." in k or k.startswith(("diffusion_model.", "base_model."))]
