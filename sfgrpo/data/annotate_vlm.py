@@ -30,7 +30,7 @@ import PIL.Image
 
 from sfgrpo.data.region_diff import RegionError
 from sfgrpo.rewards.base import RewardError
-from sfgrpo.rewards.remote import Transport, TransportError
+from sfgrpo.rewards.remote import Transport, TransportError, served_models
 from sfgrpo.rewards.vlm import answer_text, chat_body
 from sfgrpo.rewards.wire import png_b64
 
@@ -279,16 +279,9 @@ class GroundingClient:
         """GET {url}/models: ``EndpointDown`` if nothing answers, ``ValueError`` if the model is not served.
         An endpoint without a /models route (404) passes."""
         try:
-            listing = self.transport.request("GET", "/models")
+            served = served_models(self.transport)
         except TransportError as e:
-            if e.status == 404:
-                return
             raise EndpointDown(f"the VLM endpoint {self.url} is not answering: {e}") from None
-        served = (
-            [m.get("id") for m in listing.get("data", []) if isinstance(m, dict)]
-            if isinstance(listing, dict)
-            else []
-        )
         if served and self.model not in served:
             raise ValueError(f"--judge-model: {self.url} does not serve {self.model!r}; it serves {served}")
 

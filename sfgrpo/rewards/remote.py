@@ -253,6 +253,19 @@ def parallel_map(
         return [f.result() for f in futures]
 
 
+def served_models(transport: Transport) -> list[str] | None:
+    """GET {url}/models: the served model ids (empty when the listing names none), or None for an endpoint
+    without a /models route (404). ``TransportError`` when the endpoint does not answer."""
+    try:
+        listing = transport.request("GET", "/models")
+    except TransportError as e:
+        if e.status == 404:
+            return None
+        raise
+    data = listing.get("data", []) if isinstance(listing, dict) else []
+    return [m.get("id") for m in data if isinstance(m, dict)]
+
+
 # ---------------------------------------------------------------------------------------------- our server
 
 

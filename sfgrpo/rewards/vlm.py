@@ -28,7 +28,7 @@ import numpy as np
 
 from sfgrpo.rewards.base import HostScores, RewardError, ScoreRequest, no_failures
 from sfgrpo.rewards.judgement import JudgementError, parse_quality, parse_semantic
-from sfgrpo.rewards.remote import Transport, TransportError, lost_batch, parallel_map
+from sfgrpo.rewards.remote import Transport, TransportError, lost_batch, parallel_map, served_models
 from sfgrpo.rewards.reward_config import ON_FAILURE, judge_options
 from sfgrpo.rewards.wire import png_b64
 
@@ -192,22 +192,17 @@ class VLMJudge:
 
         An endpoint without a /models route (404) passes: the first scoring request will tell."""
         try:
-            listing = self.transport.request("GET", "/models")
+            served = served_models(self.transport)
         except TransportError as e:
-            if e.status == 404:
-                _log.info("VLM endpoint %s has no /models route; not checking the model name", self.url)
-                return
             raise RewardError(f"VLM endpoint {self.url} is not answering: {e}") from e
-        served = (
-            [m.get("id") for m in listing.get("data", []) if isinstance(m, dict)]
-            if isinstance(listing, dict)
-            else []
-        )
-        if served and self.model not in served:
+        if served is None:
+            _log.info("VLM endpoint %s has no /models route; not checking the model name", self.url)
+        elif served and self.model not in served:
             raise RewardError(
                 f"VLM endpoint {self.url} does not serve model {self.model!r}; it serves {served}"
             )
-        _log.info("VLM endpoint %s serves %s", self.url, served or "(unlisted models)")
+        else:
+            _log.info("VLM endpoint %s serves %s", self.url, served or "(unlisted models)")
 
     def __call__(self, request: ScoreRequest) -> HostScores:
         b, r = request.batch_size, request.num_regions
