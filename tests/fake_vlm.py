@@ -35,7 +35,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import PIL.Image
+from fake_chat_server import ChatHandler, FakeChatServer, Fault, decode_content
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -292,39 +292,10 @@ def reasoning_answer(answer: str, draft: str) -> str:
 # ---------------------------------------------------------------------------------------------- server
 
 
-@dataclasses.dataclass
-class _Fault:
-    kind: str
-    times: int | None  # None: every matching request
-    only: str | None  # 'semantic', 'quality' or None (both)
-    delay_s: float
-
-
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(ChatHandler):
     server: FakeVLM
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        _log.debug(format, *args)
-
-    def _send(self, status: int, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self) -> None:  # noqa: N802
-        if self.path.rstrip("/") == "/v1/models":
-            self._send(200, {"object": "list", "data": [{"id": self.server.model, "object": "model"}]})
-        else:
-            self._send(404, {"error": {"message": f"no route {self.path}"}})
-
-    def do_POST(self) -> None:  # noqa: N802
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        if self.path.rstrip("/") != "/v1/chat/completions":
-            self._send(404, {"error": {"message": f"no route {self.path}"}})
-            return
+    def _chat(self, body: bytes) -> None:
         self.server.authorization = self.headers.get("Authorization")
         try:
             request = json.loads(body)
@@ -337,12 +308,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         kind = "semantic" if semantic else "quality"
         fault = self.server.take_fault(kind)
-        if fault is not None and fault.kind == "die":
-            self.server.die()
-            self.close_connection = True
-            return  # no answer: the connection drops, as when the process dies mid-request
-        if fault is not None and fault.kind == "slow":
-            self.server.closing.wait(fault.delay_s)
+        if self._play_fault(fault):
+            return
         if fault is not None and fault.kind == "http_500":
             self._send(500, {"error": {"message": "internal error (scripted)"}})
             return
@@ -377,34 +344,14 @@ class _Handler(BaseHTTPRequestHandler):
             )
             answer = reasoning_answer(answer, draft)
         self.server.count(kind)
-        self._send(
-            200,
-            {
-                "id": f"chatcmpl-{self.server.served}",
-                "object": "chat.completion",
-                "model": self.server.model,
-                "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}
-                ],
-            },
-        )
+        self._send_answer(answer, f"chatcmpl-{self.server.served}", model=self.server.model)
 
 
 def _content(messages: list[dict]) -> tuple[list[np.ndarray], str]:
-    images, texts = [], []
-    for part in messages[-1]["content"]:
-        if part["type"] == "image_url":
-            url = part["image_url"]["url"]
-            head, _, data = url.partition(",")
-            if head != "data:image/png;base64":
-                raise ValueError(f"expected a base64 PNG data URL, got {head!r}")
-            with PIL.Image.open(io.BytesIO(base64.b64decode(data, validate=True))) as pil:
-                images.append(np.asarray(pil.convert("RGB"), np.uint8))
-        elif part["type"] == "text":
-            texts.append(part["text"])
+    images, text = decode_content(messages)
     if len(images) != 2:
         raise ValueError(f"expected two images (source, edited), got {len(images)}")
-    return images, "\n".join(texts)
+    return images, text
 
 
 def _check_regions(regions: list[dict], example: Example) -> str | None:
@@ -421,7 +368,7 @@ def _check_regions(regions: list[dict], example: Example) -> str | None:
     return None
 
 
-def _apply_fault(scores: dict[str, Any], fault: _Fault | None) -> dict[str, Any]:
+def _apply_fault(scores: dict[str, Any], fault: Fault | None) -> dict[str, Any]:
     scores = dict(scores)
     if fault is not None and fault.kind == "out_of_range":
         if "success" in scores and scores["success"]:
@@ -430,10 +377,10 @@ def _apply_fault(scores: dict[str, Any], fault: _Fault | None) -> dict[str, Any]
     return scores
 
 
-class FakeVLM(ThreadingHTTPServer):
+class FakeVLM(FakeChatServer):
     """The fake judge's server on 127.0.0.1 (port 0: ephemeral), run in a thread by the context manager."""
 
-    daemon_threads = False  # server_close joins the handler threads: nothing outlives the context
+    log = _log
 
     def __init__(
         self,
@@ -444,27 +391,12 @@ class FakeVLM(ThreadingHTTPServer):
         model: str = MODEL,
         reasoning: bool = False,
     ):
-        super().__init__((host, port), _Handler)
-        self.oracle, self.model = oracle, model
+        super().__init__(_Handler, host=host, port=port, model=model)
+        self.oracle = oracle
         self.reasoning = reasoning  # answers start with a <think> block holding a wrong draft
-        self._lock = threading.Lock()
-        self._faults: list[_Fault] = []
-        self._style = 0
         self.served = 0
         self.counts = {"semantic": 0, "quality": 0}
-        self._thread: threading.Thread | None = None
-        self._dead = False
         self.authorization: str | None = None  # the last request's Authorization header
-        self.closing = threading.Event()  # cuts scripted delays short at exit
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that timed out and left is part of the fault tests, not an error of the server.
-        _log.debug("request from %s ended early", client_address)
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}/v1"
 
     def fault(
         self, kind: str, times: int | None = None, *, only: str | None = None, delay_s: float = 1.0
@@ -478,60 +410,12 @@ class FakeVLM(ThreadingHTTPServer):
         if kind not in FAULTS:
             raise ValueError(f"unknown fault {kind!r}; known: {FAULTS}")
         with self._lock:
-            self._faults.append(_Fault(kind, times, only, delay_s))
-
-    def clear_faults(self) -> None:
-        with self._lock:
-            self._faults.clear()
-
-    def take_fault(self, kind: str) -> _Fault | None:
-        with self._lock:
-            for f in self._faults:
-                if f.only in (None, kind):
-                    if f.times is not None:
-                        f.times -= 1
-                        if f.times <= 0:
-                            self._faults.remove(f)
-                    return f
-        return None
-
-    def next_style(self) -> int:
-        with self._lock:
-            self._style = (self._style + 1) % 3
-            return self._style
+            self._faults.append(Fault(kind, times, only, delay_s))  # only: 'semantic', 'quality' or None
 
     def count(self, kind: str) -> None:
         with self._lock:
             self.counts[kind] += 1
             self.served += 1
-
-    def die(self) -> None:
-        """Stops listening now (later connections are refused), as when the judge's process dies."""
-        with self._lock:
-            if self._dead:
-                return
-            self._dead = True
-
-        def stop() -> None:
-            self.shutdown()
-            self.server_close()
-
-        threading.Thread(target=stop, daemon=True).start()
-
-    def __enter__(self) -> FakeVLM:
-        self._thread = threading.Thread(
-            target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.closing.set()
-        if not self._dead:
-            self.shutdown()
-        self.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
 
 
 # ---------------------------------------------------------------------------------------------- grounding
@@ -603,26 +487,20 @@ def grounding_answer(example: Example, style: int, fault: str | None = None) -> 
 class _GroundingHandler(_Handler):
     server: FakeGroundingVLM
 
-    def do_POST(self) -> None:  # noqa: N802
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+    def _chat(self, body: bytes) -> None:
         try:
             content = json.loads(body)["messages"][-1]["content"]
             grounding = sum(p.get("type") == "image_url" for p in content) == 1
         except (ValueError, KeyError, TypeError, IndexError, AttributeError):
             grounding = False
-        if self.path.rstrip("/") != "/v1/chat/completions" or not grounding:
-            self.rfile = io.BytesIO(body)  # the judge's requests: the base handler reads the body again
-            super().do_POST()
+        if not grounding:  # the judge's requests
+            super()._chat(body)
             return
         self.server.count_grounding()
         self.server.authorization = self.headers.get("Authorization")
         fault = self.server.take_fault("grounding")
-        if fault is not None and fault.kind == "die":
-            self.server.die()
-            self.close_connection = True
+        if self._play_fault(fault):
             return
-        if fault is not None and fault.kind == "slow":
-            self.server.closing.wait(fault.delay_s)
         if fault is not None and fault.kind in ("http_400", "http_500"):
             status = int(fault.kind[-3:])
             self._send(status, {"error": {"message": f"scripted {status}"}})
@@ -646,9 +524,7 @@ class _GroundingHandler(_Handler):
             return
         kind = None if fault is None else fault.kind
         answer = grounding_answer(example, self.server.next_style(), kind)
-        message = {"role": "assistant", "content": answer}
-        choice = {"index": 0, "message": message, "finish_reason": "stop"}
-        self._send(200, {"id": "chatcmpl-ground", "object": "chat.completion", "choices": [choice]})
+        self._send_answer(answer, "chatcmpl-ground")
 
 
 class FakeGroundingVLM(FakeVLM):
@@ -671,7 +547,7 @@ class FakeGroundingVLM(FakeVLM):
         if kind not in GROUNDING_FAULTS:
             raise ValueError(f"unknown grounding fault {kind!r}; known: {GROUNDING_FAULTS}")
         with self._lock:
-            self._faults.append(_Fault(kind, times, "grounding", delay_s))
+            self._faults.append(Fault(kind, times, "grounding", delay_s))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
