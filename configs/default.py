@@ -13,6 +13,7 @@ tolerances call a visibly damaged background damaged.
 
 import ml_collections
 
+from sfgrpo.evaluation.train_config import eval_benchmark_defaults
 from sfgrpo.rewards.reward_config import reward_config_defaults
 
 
@@ -150,6 +151,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.fuse_step = False  # one compiled step; False compiles rollout/reward/update apart to time them
     c.train.eval_every = 10
     c.train.eval_examples = 0  # held-out examples evaluated (the first ones); 0: the whole test split
+    c.train.update(eval_benchmark_defaults())  # train.eval_benchmark: off (sfgrpo/evaluation/train_config.py)
     c.train.checkpoint_every = 10
     c.train.keep_checkpoints = 2
     c.train.log_every = 1

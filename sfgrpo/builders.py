@@ -255,6 +255,7 @@ def validate(config: ml_collections.ConfigDict, processes: int | None = None) ->
         f"must be >= 0 (0: the whole test split), got {config.train.eval_examples}",
     )
     _validate_export(config)
+    _validate_eval_benchmark(config)
     _require(config.warmstart.steps >= 0, "warmstart.steps", "must be >= 0")
     _require(
         config.warmstart.steps == 0 or config.warmstart.batch_size % shards == 0,
@@ -283,6 +284,52 @@ def _validate_export(config: ml_collections.ConfigDict) -> None:
             export.check_format(config, "peft")
         except export.ExportError as err:
             raise ConfigError(f"train.export_format: {err}".replace("--format peft: ", "")) from None
+
+
+def _validate_eval_benchmark(config: ml_collections.ConfigDict) -> None:
+    """train.eval_benchmark's settings; the benchmark itself is read (and its judge asked) by the trainer."""
+    from sfgrpo.evaluation import train_config  # noqa: PLC0415
+
+    t = config.train
+    for key in ("eval_benchmark", "eval_benchmark_judge_url", "eval_benchmark_judge_model"):
+        _require(isinstance(t[key], str), f"train.{key}", f"must be a string, got {t[key]!r}")
+    _require(
+        t.eval_benchmark_protocol in train_config.PROTOCOLS,
+        "train.eval_benchmark_protocol",
+        f"must be one of {train_config.PROTOCOLS}, got {t.eval_benchmark_protocol!r}",
+    )
+    n = t.eval_benchmark_examples
+    _require(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 1,
+        "train.eval_benchmark_examples",
+        f"must be an integer >= 1 (the benchmark's first N examples), got {n!r}",
+    )
+    _require(
+        t.eval_benchmark_box_format in train_config.BOX_FORMATS,
+        "train.eval_benchmark_box_format",
+        f"must be one of {train_config.BOX_FORMATS}, got {t.eval_benchmark_box_format!r}",
+    )
+    if not t.eval_benchmark:
+        return
+    if t.eval_benchmark_protocol == "shapes":
+        _require(
+            not (t.eval_benchmark_judge_url or t.eval_benchmark_judge_model),
+            "train.eval_benchmark_judge_url",
+            "the shapes protocol is scored by the run's reward, not a judge: leave the judge's url and "
+            "model ''",
+        )
+        return
+    _require(
+        t.eval_benchmark_judge_url.startswith(("http://", "https://")),
+        "train.eval_benchmark_judge_url",
+        f"the {t.eval_benchmark_protocol!r} protocol asks a VLM judge: give its http(s) URL, got "
+        f"{t.eval_benchmark_judge_url!r}",
+    )
+    _require(
+        bool(t.eval_benchmark_judge_model),
+        "train.eval_benchmark_judge_model",
+        f"the {t.eval_benchmark_protocol!r} protocol asks a VLM judge: give its served model name",
+    )
 
 
 def _number(config: ml_collections.ConfigDict, key: str) -> float:

@@ -157,6 +157,8 @@ class Programs:
             "update": jax.jit(self.update, donate_argnums=() if on_cpu else (0, 2)),
             "iteration": jax.jit(self.iteration, donate_argnums=() if on_cpu else (0, 2)),
             "evaluate": jax.jit(self.evaluate),
+            "edit": jax.jit(self.edit),
+            "scores": jax.jit(self.scores),
             "judge_metrics": jax.jit(self.judge_metrics),
         }
 
@@ -268,24 +270,35 @@ class Programs:
         )
         return params, opt_state, {**metrics, **update_metrics}
 
-    def evaluate(
-        self, params: Any, frozen: Any, batch: dict[str, jax.Array], key: jax.Array
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Deterministic (ODE) edits of a fixed batch and their rewards; returns (edited, metrics)."""
+    def edit(self, params: Any, frozen: Any, batch: dict[str, jax.Array], noise: jax.Array) -> jax.Array:
+        """Deterministic (ODE) edits of a batch from the given (B, L, C) initial noise: the decoded images
+        (B, H, W, 3) float32, not clipped (what evaluation and ``sfgrpo.evaluate`` judge)."""
         cond = self.conditioning(params, frozen, batch)
-        noise = self._noise(key, batch, cond.reference)
         policy = merge(self._parts(params, frozen))
         traj = rollout(
             velocity_fn(policy, cond, self.settings.cfg_scale),
             noise,
             self.eval_sigmas,
-            key,
+            jax.random.key(0),  # unused: ODE steps draw no noise
             eta=0.0,
             kind="ode",
             window_start=jnp.zeros((), jnp.int32),
             window=1,
         )
-        edited = self._autoencoder(params, frozen).decode(traj.final, self.grid)
+        return self._autoencoder(params, frozen).decode(traj.final, self.grid)
+
+    def scores(
+        self, params: Any, frozen: Any, edited: jax.Array, batch: dict[str, jax.Array]
+    ) -> RegionScores:
+        """The in-graph (shapes) reward's scores of edited images, judged as in training."""
+        return self._scores(params, frozen, edited, batch)
+
+    def evaluate(
+        self, params: Any, frozen: Any, batch: dict[str, jax.Array], key: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Deterministic (ODE) edits of a fixed batch and their rewards; returns (edited, metrics)."""
+        ref = self.condition.autoencoder_of(merge(self._parts(params, frozen))).encode(batch["source"])
+        edited = self.edit(params, frozen, batch, self._noise(key, batch, ref))
         if not self.in_graph_reward:
             return edited, {}  # the judge is remote: RewardStage.evaluate scores these images
         return edited, self.judge_metrics(self._scores(params, frozen, edited, batch), batch)

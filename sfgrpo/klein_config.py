@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from sfgrpo.evaluation.train_config import eval_benchmark_defaults
 from sfgrpo.rewards.reward_config import reward_config_defaults
 
 
@@ -117,6 +118,7 @@ def klein_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 50
     # The first 64 held-out examples, in one batch of 28-step ODE edits: a stable curve at a small cost.
     c.train.eval_examples = 64
+    c.train.update(eval_benchmark_defaults())  # train.eval_benchmark: off (sfgrpo/evaluation/train_config.py)
     c.train.checkpoint_every = 50
     c.train.keep_checkpoints = 3
     c.train.log_every = 1

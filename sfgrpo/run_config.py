@@ -28,6 +28,12 @@ HARMLESS: tuple[str, ...] = (
     "train.restore_fallback",
     "train.export_format",  # what the run writes for diffusers, not what it learns
     "train.export_every",
+    "train.eval_benchmark",  # what the run reports at its evaluations, not what it learns
+    "train.eval_benchmark_protocol",
+    "train.eval_benchmark_examples",
+    "train.eval_benchmark_judge_url",
+    "train.eval_benchmark_judge_model",
+    "train.eval_benchmark_box_format",
     "data.num_workers",
     "mesh.",  # checkpoints restore onto any mesh
     "model.remat",
@@ -49,6 +55,13 @@ INTRODUCED_WITH_NEUTRAL_VALUE: dict[str, Any] = {
     "warmstart.seed": -1,
     "rl.token_map": "own",
     "sampler.schedule": "flux2",
+    # train.eval_benchmark is off ('') in runs from before it; the rest are its defaults.
+    "train.eval_benchmark": "",
+    "train.eval_benchmark_protocol": "shapes",
+    "train.eval_benchmark_examples": 16,
+    "train.eval_benchmark_judge_url": "",
+    "train.eval_benchmark_judge_model": "",
+    "train.eval_benchmark_box_format": "",
 }
 GLOBAL_BATCH = "global batch (rl.batch_size x processes)"
 _MAX_SHOWN = 8

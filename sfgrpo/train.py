@@ -38,6 +38,7 @@ from sfgrpo import (
     warmstart,
 )
 from sfgrpo.data import pipeline
+from sfgrpo.evaluation import in_training
 from sfgrpo.iteration import host_numpy
 from sfgrpo.models.tiny import images_to_uint8
 from sfgrpo.rl.step import compute_copy
@@ -90,6 +91,8 @@ def _train(
     n_eval = _eval_rows(config, len(eval_source))
     # A remote judge must answer before hours of set-up and warm start are spent.
     judge = reward_stage.connect(config.reward)
+    # The benchmark subset scored at every evaluation (train.eval_benchmark): read, and its judge checked.
+    bench = in_training.open_benchmark(config, workdir)
     _log.info("mesh %s on %d devices (%s)", dict(mesh.shape), jax.device_count(), jax.default_backend())
 
     with runtime.use_mesh(mesh):
@@ -201,6 +204,8 @@ def _train(
         _, eval_batches = batches(eval_source, n_eval, 1, config.seed, shuffle=False)
         eval_host, eval_batch = next(eval_batches)  # fixed held-out inputs, evaluated with ODE sampling
         eval_key = jax.random.key(config.seed + 10_000)
+        if bench is not None:
+            bench.place(programs, mesh, model.text_fields)
 
         def evaluate(step: int, grid_name: str | None) -> dict[str, float]:
             """Held-out metrics (the same on every process); the grid is drawn by process 0. Collective."""
@@ -208,6 +213,8 @@ def _train(
             if rewards.on_host:
                 m = rewards.evaluate(edited, eval_batch, eval_host)
             m = {k: float(v) for k, v in host_numpy(m).items()}
+            if bench is not None:
+                m |= bench.evaluate(step, programs, state["params"], frozen)
             if grid_name is not None:
                 rows = min(config.train.grid_rows, edited.shape[0])
                 fields = ("source", "target", "boxes", "region_valid")
@@ -385,6 +392,8 @@ def _train(
             writer.write(config.train.steps, "compile", compile_times)
         if not last_eval:
             last_eval = evaluate(int(state["step"]), None)
+        if bench is not None:
+            bench.close()
         writer.close()
         before = _first_evaluation(workdir)
         if before is not None:

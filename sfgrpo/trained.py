@@ -153,12 +153,13 @@ def checkpoint_steps(workdir: Path) -> list[int]:
 def load_trained(
     workdir: str | Path,
     *,
-    step: int | None = None,
+    step: int | str | None = None,
     base: str | Path | None = None,
     dtype: str | None = None,
 ) -> TrainedRun:
     """Loads the run at ``workdir``: its base, and the GRPO parameters of checkpoint ``step`` (default: the
-    newest), on this process's first device.
+    newest), on this process's first device. ``step='base'`` loads the model GRPO started from (its
+    ``step`` is then 0; LoRA adapters are attached at their zero initialisation, which changes nothing).
 
     Args:
       base: the base folder of a klein run, instead of the run's ``config.model.folder`` (the run's folder
@@ -170,13 +171,19 @@ def load_trained(
     """
     workdir = Path(workdir).absolute()
     config = read_config(workdir)
-    steps = checkpoint_steps(workdir)
-    if not steps:
-        raise TrainedRunError(f"--workdir {str(workdir)!r} has no checkpoint: GRPO has not saved a step yet")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise TrainedRunError(f"--workdir {str(workdir)!r} has no checkpoint of step {step} (it has {steps})")
+    from_base = step == "base"
+    if not from_base:
+        steps = checkpoint_steps(workdir)
+        if not steps:
+            raise TrainedRunError(
+                f"--workdir {str(workdir)!r} has no checkpoint: GRPO has not saved a step yet"
+            )
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise TrainedRunError(
+                f"--workdir {str(workdir)!r} has no checkpoint of step {step} (it has {steps})"
+            )
     if dtype is not None:
         if dtype not in builders.DTYPES:
             raise TrainedRunError(f"dtype {dtype!r} is not one of {sorted(builders.DTYPES)}")
@@ -184,6 +191,10 @@ def load_trained(
     mesh = runtime.make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
     with runtime.use_mesh(mesh):
         policy, base_model = _base_policy(workdir, config, base, mesh)
+        if from_base:
+            builders.add_lora(policy, config, config.seed + 2)
+            _log.info("loaded the base model of %s (%s)", workdir, base_model.folder or "its warm start")
+            return TrainedRun(workdir, config, 0, policy, base_model)
         optimizer = builders.make_optimizer(config.rl.lr, config.rl.weight_decay, config.rl.max_grad_norm)
         key = jax.random.key(config.seed)
         abstract = builders.abstract_train_state(policy, config, optimizer, key)

@@ -27,6 +27,8 @@ _LONGEST_FIRST = (
     "test_multihost.py",
     "test_credit_study.py",
     "test_export.py",
+    "test_evaluate.py",
+    "test_eval_benchmark.py",
     "test_step.py",
     "test_reward_stage.py",
     "test_klein_config.py",

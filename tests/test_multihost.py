@@ -27,7 +27,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 STEPS = 4
 # The demo shrunk to seconds per iteration: 32 px, a 2-block transformer, 3 sampler steps, 8 rollouts per
-# host (2 groups of 4), checkpoints every 2 iterations, evaluations at 0 and 4, the brightness judge.
+# host (2 groups of 4), checkpoints every 2 iterations, evaluations at 0 and 4 (with 5 examples of the
+# shapes benchmark: padded to 8, 4 edited on each host of the 2-process runs), the brightness judge.
 TINY = [
     "--config.data.resolution=32",
     "--config.data.shapes_train=64",
@@ -42,7 +43,8 @@ TINY = [
     "--config.model.text_dim=16",
     "--config.sampler.num_steps=3",
     "--config.sampler.eval_steps=2",
-    "--config.warmstart.steps=2",
+    "--config.warmstart.steps=200",  # edits the shapes benchmark scores above 0 (+10 s per warm start)
+    "--config.warmstart.lr=1e-2",
     "--config.warmstart.batch_size=8",
     "--config.rl.group_size=4",
     "--config.rl.micro_batch=8",
@@ -50,6 +52,8 @@ TINY = [
     f"--config.train.steps={STEPS}",
     "--config.train.eval_every=4",
     "--config.train.checkpoint_every=2",
+    "--config.train.eval_benchmark=shapes:test",
+    "--config.train.eval_benchmark_examples=5",
     "--config.reward.kind=host",
     "--config.reward.host_reward=brightness",
     "--config.reward.host_import=brightness_judge",
@@ -143,6 +147,8 @@ def test_two_processes_train_end_to_end(two):
     assert len(keys) == len(set(keys)), keys
     assert [r["step"] for r in _records(workdir, "grpo")] == list(range(1, STEPS + 1))
     assert [r["step"] for r in _records(workdir, "eval")] == [0]
+    assert [r["step"] for r in records if "bench/overall" in r] == [0, STEPS]
+    assert all(r["bench/overall"] > 0 for r in records if "bench/overall" in r)
     for r in _records(workdir, "grpo"):
         # Something to learn from: non-zero rewards that differ within groups, and a real update.
         assert r["reward/mean"] > 0 and r["adv/abs_mean"] > 0 and r["grad_norm"] > 0, r
@@ -168,13 +174,16 @@ def test_two_processes_match_one_process(two, one):
             "grad_norm",
             "adv/abs_mean",
             "eval/reward/mean",
+            "bench/overall",
+            "bench/score/quality",
         ):
             if key in a or key in b:
                 np.testing.assert_allclose(
                     a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=f"{key} at {a['step']}"
                 )
     (e_two,), (e_one,) = _records(two[0], "eval"), _records(one[0], "eval")
-    np.testing.assert_allclose(e_two["eval/reward/mean"], e_one["eval/reward/mean"], rtol=1e-4, atol=1e-6)
+    for key in ("eval/reward/mean", "bench/overall", "bench/score/quality"):
+        np.testing.assert_allclose(e_two[key], e_one[key], rtol=1e-4, atol=1e-6, err_msg=key)
     # Their exports hold the same model (the adapters merged into the warm start).
     exported = [_exported_tensors(w) for w in (two[0], one[0])]
     assert exported[0].keys() == exported[1].keys()

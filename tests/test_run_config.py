@@ -58,3 +58,13 @@ def test_harmless_prefixes_match_whole_sections_only():
     assert run_config.is_harmless("train.steps")
     assert not run_config.is_harmless("train.steps_extra")
     assert not run_config.is_harmless("model.folder")
+
+
+def test_eval_benchmark_keys_resume_old_checkpoints_and_may_change():
+    c = tiny_config()
+    current = run_config.snapshot(c, 1)
+    old = {k: v for k, v in current.items() if not k.startswith("train.eval_benchmark")}
+    assert run_config.compare(old, current) == ({}, {})  # a checkpoint from before the keys
+    c.train.eval_benchmark, c.train.eval_benchmark_examples = "shapes:test", 5
+    altering, harmless = run_config.compare(old, run_config.snapshot(c, 1))
+    assert altering == {} and set(harmless) == {"train.eval_benchmark", "train.eval_benchmark_examples"}

@@ -182,7 +182,7 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _load_image_file(path: str, *, record: str, field: str) -> tuple[np.ndarray, bytes | None]:
+def load_image_file(path: str, *, record: str, field: str) -> tuple[np.ndarray, bytes | None]:
     """Reads and decodes an image file; returns the array and the bytes if they can be stored unchanged."""
     try:
         with open(path, "rb") as f:
@@ -236,7 +236,7 @@ def parse_jsonl_record(
     src_path = _first(obj, _SOURCE_KEYS)
     if not isinstance(src_path, str) or not src_path:
         raise RecordError(name, "source", "missing, or not a file name")
-    source, source_bytes = _load_image_file(os.path.join(folder, src_path), record=name, field="source")
+    source, source_bytes = load_image_file(os.path.join(folder, src_path), record=name, field="source")
     height, width = source.shape[:2]
     instruction = _first(obj, _INSTRUCTION_KEYS)
     if not isinstance(instruction, str) or not instruction.strip():
@@ -245,7 +245,7 @@ def parse_jsonl_record(
     if obj.get("target") is not None:
         if not isinstance(obj["target"], str):
             raise RecordError(name, "target", f"must be a file name, got {obj['target']!r}")
-        target, target_bytes = _load_image_file(
+        target, target_bytes = load_image_file(
             os.path.join(folder, obj["target"]), record=name, field="target"
         )
         if target.shape != source.shape:

@@ -1,0 +1,332 @@
+"""The policy under evaluation, making deterministic (ODE) edits of benchmark examples.
+
+Two kinds of policy:
+  RunEditor    a training run of the demo's tiny model (``--workdir``, at a checkpoint or its base): edits
+               at the run's resolution with the run's compiled evaluation sampler (``Programs.edit``:
+               ``sampler.eval_steps`` ODE steps, its schedule and CFG), in fixed-size batches compiled
+               once, and judged by the run's own shapes reward (``Programs.scores``) for the 'shapes'
+               protocol;
+  KleinEditor  a FLUX.2-klein folder, a klein run's trained model, and/or a LoRA file: ``sfgrpo.edit``'s
+               pipeline at each source's own (prepared) size.
+The initial noise of an edit depends only on (seed, example key) (``example_noise``), never on the order
+or batching of the examples, so two policies evaluated with the same seeds see the same noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sfgrpo import builders, runtime, trained
+from sfgrpo.data.pipeline import fit_to_resolution
+from sfgrpo.data.records import EditRecord, Region
+from sfgrpo.evaluation.benchmarks import Example
+from sfgrpo.models.tiny import images_to_uint8
+from sfgrpo.rewards.base import score_rewards
+from sfgrpo.rl.step import SUCCESS_SHARE
+
+_log = logging.getLogger(__name__)
+
+
+def example_noise(seed: int, key: str, shape: tuple[int, ...]) -> jax.Array:
+    """(shape) float32 standard normal noise of example ``key`` under ``seed``."""
+    index = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little") & 0x7FFFFFFF
+    return jax.random.normal(jax.random.fold_in(jax.random.key(seed), index), shape, jnp.float32)
+
+
+class Edits:
+    """Edited images of a list of examples: ``images[i]`` (H, W, 3) uint8, the ``sources[i]`` the policy
+    saw (after its resizing), and with the shapes protocol the per-example ``scores`` rows."""
+
+    def __init__(self, images: list[np.ndarray], sources: list[np.ndarray], scores: list[dict] | None):
+        self.images, self.sources, self.scores = images, sources, scores
+
+
+def shapes_row_scores(scores: Any, region_valid: np.ndarray, scale: float) -> list[dict[str, float]]:
+    """Per-image scores of the shapes reward, the numbers the trainer's evaluation reports.
+
+    Args:
+      scores: a ``RegionScores`` of B images (host or device arrays).
+      region_valid: (B, R) bool.
+    Returns B dicts (an image the reward marks invalid gets None): 'reward' (R^g), 'region_reward' (mean
+    Eq. 3 region reward over the edit regions), 'background_reward', 'region_success_rate' (share of edit
+    regions with success >= 0.8 C), 'multi_region_success' (1 if every edit region succeeds),
+    'background_preservation' (background score / C), 'quality' (min(naturalness, artifacts) / C).
+    """
+    rewards = jax.tree.map(np.asarray, score_rewards(scores, jnp.asarray(region_valid), scale))
+    success = np.asarray(scores.success) >= SUCCESS_SHARE * scale
+    rows: list[dict[str, float] | None] = []
+    for i in range(region_valid.shape[0]):
+        if not bool(rewards.image_valid[i]):
+            rows.append(None)
+            continue
+        edit = region_valid[i]
+        n = max(int(edit.sum()), 1)
+        rows.append(
+            {
+                "reward": float(rewards.image[i]),
+                "region_reward": float((rewards.region[i, :-1] * edit).sum() / n),
+                "background_reward": float(rewards.region[i, -1]),
+                "region_success_rate": float((success[i] & edit).sum() / n),
+                "multi_region_success": float(bool(np.all(success[i] | ~edit))),
+                "background_preservation": float(np.asarray(scores.background)[i] / scale),
+                "quality": float(
+                    min(np.asarray(scores.naturalness)[i], np.asarray(scores.artifacts)[i]) / scale
+                ),
+            }
+        )
+    return rows  # type: ignore[return-value]
+
+
+def _record(example: Example) -> EditRecord:
+    masks = example.masks if example.masks is not None else [None] * len(example.labels)
+    regions = tuple(
+        Region(box=tuple(float(v) for v in box), label=label, mask=mask)  # type: ignore[arg-type]
+        for box, label, mask in zip(example.boxes, example.labels, masks, strict=True)
+    )
+    return EditRecord(example.key, example.source, example.instruction, regions, example.target)
+
+
+def shapes_row_fields(scores: dict[str, float] | None) -> dict[str, Any]:
+    """A row's protocol fields ('scores', 'overall', 'failure', 'judge') from ``shapes_row_scores``' entry
+    (None: the reward marked the image invalid, a failed row)."""
+    if scores is None:
+        return {
+            "scores": {},
+            "overall": None,
+            "failure": {"reason": "invalid", "message": "the reward marked the edited image invalid"},
+            "judge": {"answers": {}},
+        }
+    return {"scores": scores, "overall": scores["reward"], "failure": None, "judge": {"answers": {}}}
+
+
+def example_fields(example: Example, seed: int) -> dict[str, Any]:
+    """The fields of a row that name what was edited (the schema's key, seed, task_type, language,
+    instruction)."""
+    return {
+        "key": example.key,
+        "seed": seed,
+        "task_type": example.task_type,
+        "language": example.language,
+        "instruction": example.instruction,
+    }
+
+
+def check_scorable(examples: Sequence[Example]) -> None:
+    """``ValueError`` unless every example has the target and region masks the shapes protocol needs."""
+    missing = [e.key for e in examples if e.target is None or e.masks is None]
+    if missing:
+        raise ValueError(
+            f"the shapes protocol needs each example's target and region masks; {len(missing)} "
+            f"examples lack them (first: {missing[0]!r})"
+        )
+
+
+def region_slots(examples: Sequence[Example], r_max: int) -> int:
+    """R, the region slots of a batch: the run's ``data.r_max``, or more when an example has more."""
+    return max([1, int(r_max), *(len(e.labels) for e in examples)])
+
+
+def pad_examples(examples: Sequence[Example], size: int) -> list[Example]:
+    """``examples`` repeated at the end to ``size`` (one compiled batch shape); the copies are dropped."""
+    examples = list(examples)
+    return examples + [examples[-1]] * (size - len(examples))
+
+
+def latent_shape(programs: Any) -> tuple[int, int]:
+    """(L, C): the initial noise of one edit under a run's ``Programs`` (its token grid and latent)."""
+    return programs.grid[0] * programs.grid[1], int(programs.condition.autoencoder.latent_channels)
+
+
+def host_batch(examples: Sequence[Example], resolution: int, r: int) -> dict[str, np.ndarray]:
+    """The examples as a host batch at the run's ``resolution`` (fit as the data pipeline fits records).
+
+    Returns {"source", "target" (the source where there is none): (B, H, W, 3) uint8, "boxes": (B, R, 4)
+    float32, "region_valid": (B, R) bool, "region_masks": (B, R, H, W) bool, "instruction": (B,) object},
+    ready for ``builders.device_batch``.
+    """
+    size = (resolution, resolution)
+    b = len(examples)
+    out = {
+        "source": np.zeros((b, *size, 3), np.uint8),
+        "target": np.zeros((b, *size, 3), np.uint8),
+        "boxes": np.zeros((b, r, 4), np.float32),
+        "region_valid": np.zeros((b, r), bool),
+        "region_masks": np.zeros((b, r, *size), bool),
+        "instruction": np.array([e.instruction for e in examples], object),
+    }
+    for i, example in enumerate(examples):
+        source, target, boxes, valid, masks = fit_to_resolution(_record(example), size)
+        k = len(boxes)
+        out["source"][i] = source
+        out["target"][i] = source if target is None else target
+        out["boxes"][i, :k], out["region_valid"][i, :k] = boxes, valid
+        if masks is not None:
+            out["region_masks"][i, :k] = masks
+    return out
+
+
+def noise_stack(seed: int, examples: Sequence[Example], latent: tuple[int, int]) -> np.ndarray:
+    """(B, L, C) float32: each example's ``example_noise`` under ``seed``, in order."""
+    return np.asarray(jnp.stack([example_noise(seed, e.key, latent) for e in examples]))
+
+
+class RunEditor:
+    """A tiny-model training run's policy (``step``: a checkpoint, None for the newest, 'base' for the model
+    GRPO started from), editing ``batch_size`` examples per compiled call.
+
+    Args:
+      eval_steps: ODE steps instead of the run's ``sampler.eval_steps``.
+    """
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        step: int | str | None,
+        *,
+        batch_size: int = 8,
+        eval_steps: int | None = None,
+    ) -> None:
+        run = trained.load_trained(workdir, step=step)
+        config = run.config
+        if config.model.name != "tiny":
+            raise trained.TrainedRunError(
+                f"{workdir} trained the {config.model.name!r} model: evaluate it as a klein policy"
+            )
+        if eval_steps is not None:
+            config.sampler.eval_steps = int(eval_steps)
+        self.config, self.step, self.batch_size = config, run.step, int(batch_size)
+        self.workdir = Path(workdir).absolute()
+        self.resolution = int(config.data.resolution)
+        self.mesh = runtime.make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
+        with runtime.use_mesh(self.mesh):
+            # The conditioner and text fields of the run's model (the tiny model's are weightless).
+            model = builders.build_model(config, self.mesh, builders.warmstart_seed(config))
+            graphdef, self.params, self.frozen, dtypes = builders.split_for_grpo(run.policy, config)
+            optimizer = builders.make_optimizer(config.rl.lr, config.rl.weight_decay, config.rl.max_grad_norm)
+            self.programs = builders.make_programs(config, graphdef, optimizer, model.condition, dtypes)
+        self.text_fields = model.text_fields
+        self.latent = latent_shape(self.programs)
+        self.scale = float(builders.grpo_settings(config).score_scale)
+        self.shapes_reward = config.reward.kind == "shapes"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": "run",
+            "model": "tiny",
+            "workdir": str(self.workdir),
+            "step": "base" if self.step == 0 else self.step,
+            "resolution": self.resolution,
+            "sampler": {
+                "kind": "ode",
+                "steps": int(self.config.sampler.eval_steps),
+                "schedule": builders.sampler_schedule(self.config),
+                "cfg_scale": float(self.config.sampler.cfg_scale),
+            },
+        }
+
+    def check(self, examples: Sequence[Example]) -> None:
+        """``ValueError`` naming the first example this model cannot read: the tiny model's word encoder
+        holds a fixed number of words (unknown words are its unknown-word id)."""
+        for example in examples:
+            try:
+                self.text_fields([example.instruction])
+            except ValueError as err:
+                raise ValueError(f"example {example.key!r}: {err}") from None
+
+    def edit(self, examples: Sequence[Example], seed: int, *, score: bool) -> Edits:
+        """Edits ``examples`` (any number; batches are padded to ``batch_size``) from their seeded noise."""
+        if score:
+            check_scorable(examples)
+        r = region_slots(examples, self.config.data.r_max)
+        images, sources, rows = [], [], []
+        for start in range(0, len(examples), self.batch_size):
+            chunk = list(examples[start : start + self.batch_size])
+            padded = pad_examples(chunk, self.batch_size)  # one compiled shape
+            host = host_batch(padded, self.resolution, r)
+            noise = noise_stack(seed, padded, self.latent)
+            with runtime.use_mesh(self.mesh):
+                batch = builders.device_batch(host, self.mesh, self.text_fields)
+                noise = runtime.host_local_to_global({"noise": noise}, self.mesh)["noise"]
+                edited = self.programs("edit", self.params, self.frozen, batch, noise)
+                scores = self.programs("scores", self.params, self.frozen, edited, batch) if score else None
+            pixels = images_to_uint8(runtime.to_host(edited))
+            images.extend(pixels[: len(chunk)])
+            sources.extend(host["source"][: len(chunk)])
+            if scores is not None:
+                host_scores = jax.tree.map(lambda x: np.asarray(runtime.to_host(x)), scores)
+                rows.extend(shapes_row_scores(host_scores, host["region_valid"], self.scale)[: len(chunk)])
+        return Edits(images, sources, rows if score else None)
+
+
+class KleinEditor:
+    """A FLUX.2-klein policy (``sfgrpo.edit.load_parts``: a folder, a klein run at a step, a LoRA file),
+    editing each example at its source's prepared size with ``steps`` ODE steps."""
+
+    def __init__(
+        self,
+        *,
+        model: str | None,
+        workdir: str | None,
+        step: int | None,
+        lora_file: str | None,
+        steps: int | None,
+        guidance: float | None,
+        dtype: str = "float32",
+    ) -> None:
+        from sfgrpo import edit  # noqa: PLC0415
+
+        self._edit = edit
+        self.parts = edit.load_parts(model, workdir=workdir, step=step, lora_file=lora_file, dtype=dtype)
+        self.steps = (
+            steps
+            if steps is not None
+            else (edit.DISTILLED_STEPS if self.parts.is_distilled else edit.BASE_STEPS)
+        )
+        self.guidance = guidance
+        self.identity = {
+            "kind": "klein",
+            "model": model,
+            "workdir": workdir,
+            "step": step,
+            "lora": lora_file,
+            "dtype": dtype,
+            "sampler": {"kind": "ode", "steps": self.steps, "guidance": guidance, "schedule": "flux2"},
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self.identity)
+
+    def check(self, examples: Sequence[Example]) -> None:
+        """Nothing to check before editing: a prompt over the token limit is truncated with a warning."""
+
+    def edit(self, examples: Sequence[Example], seed: int, *, score: bool) -> Edits:
+        if score:
+            raise ValueError(
+                "the shapes protocol scores a tiny-model training run (--workdir) with the run's own reward; "
+                "score a klein policy with --protocol regions, viescore or imgedit"
+            )
+        images, sources = [], []
+        for example in examples:
+            source = self._edit.prepare_image(example.source, int(self.parts.vae.config.scale))
+            grid = self.parts.vae.grid(*source.shape[:2])
+            shape = (1, grid[0] * grid[1], self.parts.transformer.config.in_channels)
+            images.append(
+                self._edit.edit_image(
+                    self.parts,
+                    source,
+                    example.instruction,
+                    steps=self.steps,
+                    guidance_scale=self.guidance,
+                    noise=example_noise(seed, example.key, shape),
+                )
+            )
+            sources.append(source)
+        return Edits(images, sources, None)

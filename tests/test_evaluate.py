@@ -1,0 +1,347 @@
+"""``python -m sfgrpo.evaluate``: a policy edits a benchmark, the protocol scores it, the run resumes.
+
+The demo's tiny model: a 2-iteration run evaluated on its held-out shapes split with the shapes protocol,
+at its base and after GRPO; the scores are checked against the shapes reward recomputed from the written
+PNGs, the edits against a change of batch size (the noise belongs to the example), and a killed evaluation
+resumes without redoing finished edits. FLUX.2-klein: a tiny klein folder scored with 'viescore' by a fake
+judge on loopback.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import PIL.Image
+import pytest
+from helpers import tiny_config
+
+from sfgrpo import evaluate, train, trained
+from sfgrpo.evaluation import aggregate, editing
+from sfgrpo.models.tiny import PixelAutoencoder
+from sfgrpo.rewards.base import SCORE_SCALE
+from sfgrpo.rewards.reward_config import shapes_reward_options
+from sfgrpo.rewards.synthetic import shapes_scores
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("evaluate_tiny") / "run"
+    c = tiny_config()
+    c.rl.lr = 2e-2  # two iterations that move the edits
+    # A judge whose rewards differ within groups (the shapes reward scores this barely trained model 0,
+    # so GRPO would not move it); the evaluation still scores with the shapes reward.
+    c.reward.kind = "host"
+    c.reward.host_reward = "brightness"
+    c.reward.host_import = "brightness_judge"
+    c.reward.overlap = False
+    train.train(c, workdir)
+    return workdir
+
+
+def _cli(args, capsys):
+    try:
+        code = evaluate.main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def _png(path):
+    return np.asarray(PIL.Image.open(path).convert("RGB"))
+
+
+def _recomputed_reward(run_dir, row, example):
+    """The shapes reward of the written edit PNG, judged as the trainer judges (autoencoder round trips)."""
+    config = trained.read_config(run_dir)
+    ae = PixelAutoencoder(pool=config.model.pixel_pool)
+    grid = ae.grid(*example.source.shape[:2])
+
+    def round_trip(x):
+        return ae.decode(ae.encode(jnp.asarray(x[None])), grid)
+
+    edited = _png(row["_dir"] / row["edit"]).astype(np.float32)[None] / 255.0
+    k = len(example.labels)
+    scores = shapes_scores(
+        jnp.asarray(edited),
+        round_trip(example.source),
+        round_trip(example.target),
+        jnp.asarray(example.masks[None]),
+        jnp.asarray(example.boxes[None]),
+        jnp.ones((1, k), bool),
+        scale=SCORE_SCALE,
+        **dict(shapes_reward_options(config.reward)),
+    )
+    return editing.shapes_row_scores(scores, np.ones((1, k), bool), SCORE_SCALE)[0]
+
+
+def test_shapes_protocol_scores_a_run_at_its_base_and_after_grpo(tiny_run, tmp_path, capsys, monkeypatch):
+    from sfgrpo.evaluation import benchmarks
+
+    examples = {
+        e.key: e
+        for e in benchmarks.read_benchmark("shapes:test", run_config=trained.read_config(tiny_run)).examples
+    }
+    base, after = tmp_path / "base", tmp_path / "after"
+    code, err = _cli(
+        ["--benchmark", "shapes:test", "--workdir", tiny_run, "--step", "base", "--out", base], capsys
+    )
+    assert code == 0, err
+    code, err = _cli(
+        ["--benchmark", "shapes:test", "--workdir", tiny_run, "--out", after, "--batch-size", 3], capsys
+    )
+    assert code == 0, err
+
+    rows = {d: aggregate.read_rows(d / "scores.jsonl") for d in (base, after)}
+    assert all(len(r) == len(examples) for r in rows.values())
+    moved = []
+    for d, rs in rows.items():
+        for row in rs:
+            row["_dir"] = d
+            assert row["failure"] is None and row["overall"] == row["scores"]["reward"]
+            assert _png(d / row["edit"]).shape == (32, 32, 3)
+            again = _recomputed_reward(tiny_run, row, examples[row["key"]])
+            # The PNG is the float edit rounded to uint8: the reward moves by far less than 1e-2.
+            assert abs(again["reward"] - row["scores"]["reward"]) < 1e-2
+            assert abs(again["background_preservation"] - row["scores"]["background_preservation"]) < 1e-2
+    for a, b in zip(rows[base], rows[after], strict=True):
+        assert a["key"] == b["key"]
+        moved.append(np.abs(_png(base / a["edit"]).astype(int) - _png(after / b["edit"])).mean())
+    assert np.mean(moved) > 1.0  # GRPO at lr 2e-2 changed the edits
+
+    summary = json.loads((after / "summary.json").read_text())
+    by_type = {}
+    for row in rows[after]:
+        by_type.setdefault(row["task_type"], []).append(row["overall"])
+    assert summary["by_task_type"] == pytest.approx({t: np.mean(v) for t, v in by_type.items()})
+    assert summary["overall"] == pytest.approx(np.mean([np.mean(v) for v in by_type.values()]))
+    assert summary["policy"]["step"] == 2 and summary["benchmark"]["format"] == "shapes"
+    for name in ("summary.md", "gallery.html"):
+        assert (after / name).stat().st_size > 0
+
+    # The noise belongs to (seed, example): batches of 8 (base run: default) and 3 give the same edits.
+    same = tmp_path / "after8"
+    code, err = _cli(["--benchmark", "shapes:test", "--workdir", tiny_run, "--out", same], capsys)
+    assert code == 0, err
+    for row in aggregate.read_rows(same / "scores.jsonl"):
+        diff = np.abs(_png(same / row["edit"]).astype(int) - _png(after / row["edit"]))
+        assert diff.max() <= 1
+
+    code, err = _cli(["compare", base, after, "--bootstrap", 500], capsys)
+    assert code == 0, err
+    result = json.loads((after / f"compare_vs_{base.name}" / "compare.json").read_text())
+    assert result["n_pairs"] == len(examples)
+
+
+def test_a_killed_evaluation_resumes_and_other_settings_are_refused(tiny_run, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "eval"
+    args = [
+        "--benchmark",
+        "shapes:test",
+        "--workdir",
+        tiny_run,
+        "--out",
+        out,
+        "--seeds",
+        2,
+        "--batch-size",
+        4,
+    ]
+    code, err = _cli(args, capsys)
+    assert code == 0, err
+    lines = (out / "scores.jsonl").read_text().splitlines()
+    assert len(lines) == 16
+    full = {(r["key"], r["seed"]): r for r in map(json.loads, lines)}
+
+    # A kill after 5 rows, in the middle of writing the 6th.
+    (out / "scores.jsonl").write_text("\n".join(lines[:5]) + "\n" + lines[5][:40])
+    edited = []
+    real_edit = editing.RunEditor.edit
+
+    def counting_edit(self, examples, seed, *, score):
+        edited.extend((e.key, seed) for e in examples)
+        return real_edit(self, examples, seed, score=score)
+
+    monkeypatch.setattr(editing.RunEditor, "edit", counting_edit)
+    code, err = _cli(args, capsys)
+    assert code == 0, err
+    assert len(edited) == 11 and not set(edited) & {
+        tuple(json.loads(x)[k] for k in ("key", "seed")) for x in lines[:5]
+    }
+    rows = aggregate.read_rows(out / "scores.jsonl")
+    assert {(r["key"], r["seed"]): r["overall"] for r in rows} == pytest.approx(
+        {k: r["overall"] for k, r in full.items()}, abs=1e-6
+    )
+    edited.clear()
+    code, err = _cli(args, capsys)  # finished: nothing is edited again
+    assert code == 0 and edited == []
+
+    code, err = _cli([*args[:-4], "--seeds", 1, "--step", 1], capsys)
+    assert code == 2 and "other settings" in err and "--overwrite" in err
+    code, err = _cli([*args[:-4], "--seeds", 1, "--step", 1, "--overwrite"], capsys)
+    assert code == 0, err
+    assert len(aggregate.read_rows(out / "scores.jsonl")) == 8
+
+
+def test_bad_command_lines_exit_2_with_one_line(tiny_run, tmp_path, capsys):
+    shapes = ["--benchmark", "shapes:test", "--out", tmp_path / "o"]
+    run = [*shapes, "--workdir", tiny_run]
+    gedit = tmp_path / "gedit"
+    gedit.mkdir()
+    PIL.Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(gedit / "a.png")
+    words = " ".join(["red"] * 40)  # more words than the tiny model's encoder holds
+    lines = [{"key": "short", "task_type": "t", "instruction": "make it red", "instruction_language": "en",
+              "input_image": "a.png"}, {"key": "long", "task_type": "t", "instruction": words,
+              "instruction_language": "en", "input_image": "a.png"}]  # fmt: skip
+    (gedit / "b.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines[:1]))
+    long_bench = tmp_path / "gedit_long"
+    long_bench.mkdir()
+    (long_bench / "a.png").write_bytes((gedit / "a.png").read_bytes())
+    (long_bench / "b.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    on_gedit = ["--out", tmp_path / "g", "--workdir", tiny_run]
+    cases = [
+        (shapes, "give the policy"),
+        ([*shapes, "--model", tmp_path / "nope"], "not a directory"),
+        ([*run, "--step", 7], "step 7"),
+        ([*run, "--protocol", "viescore"], "--judge-url"),
+        ([*shapes, "--step", 1, "--model", tmp_path], "--step"),
+        (
+            ["--benchmark", tmp_path / "nowhere", "--out", tmp_path / "o", "--workdir", tiny_run],
+            "does not exist",
+        ),
+        (["compare", tmp_path / "a", tmp_path / "b"], "scores.jsonl"),
+        (["--benchmark", gedit, *on_gedit, "--protocol", "shapes"], "target and region masks"),
+        (["--benchmark", long_bench, *on_gedit, "--protocol", "shapes"], "'long'"),
+    ]
+    for args, message in cases:
+        code, err = _cli(args, capsys)
+        assert code == 2, (args, err)
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("sfgrpo.evaluate: ") and message in last, (args, err)
+
+
+# --- judged protocols --------------------------------------------------------------------------------------
+
+
+def _judge_args(fake):
+    return ["--judge-url", fake.url, "--judge-model", fake.model, "--retries", 0, "--backoff", 0.01]
+
+
+def test_regions_protocol_on_a_run_asks_the_judge_once_per_call(tiny_run, tmp_path, capsys):
+    from fake_edit_judge import FakeEditJudge
+
+    out = tmp_path / "regions"
+    args = ["--benchmark", "shapes:test", "--workdir", tiny_run, "--out", out, "--protocol", "regions"]
+    with FakeEditJudge() as fake:
+        code, err = _cli([*args, *_judge_args(fake)], capsys)
+        assert code == 0, err
+        assert fake.answered == 2 * 8  # semantic and quality per edit
+        rows = aggregate.read_rows(out / "scores.jsonl")
+        for row in rows:
+            assert row["failure"] is None and set(row["judge"]["answers"]) == {"semantics", "quality"}
+            assert 0.0 <= row["scores"]["region_success_rate"] <= 1.0
+        # The judge saw the source and the edit the PNGs hold, with the example's boxes.
+        first = fake.received[0]
+        assert {im.shape for im in first.images} == {(32, 32, 3)}
+        code, err = _cli([*args, *_judge_args(fake)], capsys)  # finished: no new requests
+        assert code == 0 and fake.requests == 16
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["judge"]["model"] == "fake-edit-judge" and summary["judge"]["temperature"] == 0.0
+    assert len(summary["judge"]["prompts_sha256"]) == 64
+
+    # A published protocol's wording replaces a built-in prompt; it is what the judge reads and records.
+    quality = 'House quality rubric, 0 to {scale}. Answer with this JSON: {"score": [naturalness, artifacts]}'
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"regions": {"quality": quality}}))
+    custom = tmp_path / "custom"
+    args = ["--benchmark", "shapes:test", "--workdir", tiny_run, "--protocol", "regions", "--limit", 2]
+    args += ["--out", custom, "--prompts", prompts]
+    with FakeEditJudge() as fake:
+        code, err = _cli([*args, *_judge_args(fake)], capsys)
+        assert code == 0, err
+        asked = [r.text for r in fake.received if r.text.startswith("House quality rubric")]
+        assert len(asked) == 2 and asked[0].startswith("House quality rubric, 0 to 25.")
+    described = json.loads((custom / "summary.json").read_text())["judge"]
+    assert described["prompts"]["quality"] == quality
+    assert described["prompts_sha256"] != summary["judge"]["prompts_sha256"]
+    prompts.write_text(json.dumps({"regions": {"quality": "no scale here"}}))
+    code, err = _cli([*args[:-1], prompts, "--overwrite", "--judge-url", "http://127.0.0.1:9/v1",
+                      "--judge-model", "m"], capsys)  # fmt: skip
+    assert code == 2 and "regions.quality" in err.strip().splitlines()[-1]
+
+
+def test_viescore_on_a_klein_folder_per_language_with_a_failure(tmp_path, capsys):
+    from fake_edit_judge import FakeEditJudge
+    from tiny_klein import build_tiny_klein
+
+    folder = build_tiny_klein(tmp_path / "klein")
+    bench = tmp_path / "gedit"
+    bench.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, (task, lang) in enumerate([("color", "en"), ("color", "cn"), ("remove", "en"), ("remove", "en")]):
+        PIL.Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(bench / f"{i}.png")
+        rows.append({"key": f"k{i}", "task_type": task, "instruction": f"edit number {i}",
+                     "instruction_language": lang, "input_image": f"{i}.png"})  # fmt: skip
+    (bench / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "vie"
+    args = ["--benchmark", bench, "--model", folder, "--out", out, "--protocol", "viescore", "--steps", 2]
+    with FakeEditJudge() as fake:
+        fake.fault("malformed", times=1, only="viescore_quality")
+        code, err = _cli([*args, *_judge_args(fake)], capsys)
+        assert code == 0, err
+        vie = [r for r in fake.received if r.kind == "viescore_semantics"]
+        # The semantic call sees the source and the edit (resized to the source: here the same size).
+        assert all(r.sizes == [(64, 80), (64, 80)] for r in vie)
+    rows = aggregate.read_rows(out / "scores.jsonl")
+    failed = [r for r in rows if r["failure"] is not None]
+    assert (
+        len(failed) == 1 and failed[0]["failure"]["reason"] == "unparsable" and failed[0]["overall"] is None
+    )
+    for row in rows:
+        if row["failure"] is None:
+            s = row["scores"]
+            assert s["semantics"] == min(s["success"], s["overediting"])
+            assert row["overall"] == pytest.approx(np.sqrt(s["semantics"] * s["quality"]))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failures"]["total"] == 1 and set(summary["by_language"]) == {"cn", "en"}
+    assert summary["policy"]["kind"] == "klein" and summary["policy"]["sampler"]["steps"] == 2
+    gallery = (out / "gallery.html").read_text()
+    assert all(f"edit number {i}" in gallery for i in range(4))
+
+
+def test_an_evaluation_killed_by_sigkill_resumes_without_asking_twice(tiny_run, tmp_path):
+    """A real kill (SIGKILL, mid-judging): the rerun finishes the rows, and no judge call whose answer was
+    received before the kill is asked again (those answers come from the cache)."""
+    from fake_edit_judge import FakeEditJudge
+
+    out = tmp_path / "killed"
+    with FakeEditJudge() as fake:
+        fake.fault("slow", delay_s=0.5)  # every answer half a second late: time to kill mid-run
+        command = [sys.executable, "-m", "sfgrpo.evaluate", "--benchmark", "shapes:test", "--workdir",
+                   str(tiny_run), "--out", str(out), "--protocol", "regions", "--batch-size", "1",
+                   "--concurrency", "1", *map(str, _judge_args(fake))]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 300
+        while fake.answered < 5 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        before = fake.answered
+        assert 5 <= before < 16
+        fake.clear_faults()
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        # 16 calls in all, the answers from before the kill not asked again; the one call in flight when
+        # the kill came (answered by the judge, never received) may be asked twice.
+        assert 16 <= fake.answered <= 17
+    rows = aggregate.read_rows(out / "scores.jsonl")
+    assert sorted(r["key"] for r in rows) == sorted({r["key"] for r in rows}) and len(rows) == 8
+    assert all(r["failure"] is None for r in rows)
