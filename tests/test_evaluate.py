@@ -275,6 +275,54 @@ def test_regions_protocol_on_a_run_asks_the_judge_once_per_call(tiny_run, tmp_pa
     assert code == 2 and "regions.quality" in err.strip().splitlines()[-1]
 
 
+def test_imgedit_table_on_a_run_scores_by_edit_type(tiny_run, tmp_path, capsys):
+    from fake_edit_judge import FakeEditJudge
+
+    (tmp_path / "animal").mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        PIL.Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(
+            tmp_path / "animal" / f"{i}.png"
+        )
+    table = {
+        "11": {"id": "animal/0.png", "prompt": "add a red square", "edit_type": "add"},
+        "12": {"id": "animal/1.png", "prompt": "remove the circle", "edit_type": "remove"},
+        "13": {"id": "animal/2.png", "prompt": "make the square blue", "edit_type": "alter"},
+    }
+    (tmp_path / "basic_edit.json").write_text(json.dumps(table))
+    out = tmp_path / "imgedit"
+    args = [
+        "--benchmark",
+        tmp_path / "basic_edit.json",
+        "--workdir",
+        tiny_run,
+        "--out",
+        out,
+        "--protocol",
+        "imgedit",
+    ]
+    with FakeEditJudge() as fake:
+        code, err = _cli([*args, *_judge_args(fake)], capsys)
+        assert code == 0, err
+        asked = fake.of_kind("imgedit")
+        assert len(asked) == 3
+        # Each call carries its own edit type's rubric ('alter' is read as ImgEdit's 'adjust').
+        assert any('of type "add"' in r.text for r in asked) and any(
+            'of type "alter"' in r.text for r in asked
+        )
+    rows = {r["key"]: r for r in aggregate.read_rows(out / "scores.jsonl")}
+    for row in rows.values():
+        s = row["scores"]
+        assert set(s) == {"compliance", "edit_quality", "preservation"} and all(
+            1 <= v <= 5 for v in s.values()
+        )
+        assert row["overall"] == pytest.approx(np.mean(list(s.values())))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["by_task_type"] == pytest.approx({t: rows[k]["overall"] for k, t in (("11", "add"),
+                                                     ("12", "remove"), ("13", "alter"))})  # fmt: skip
+    assert summary["overall"] == pytest.approx(np.mean([r["overall"] for r in rows.values()]))
+
+
 def test_viescore_on_a_klein_folder_per_language_with_a_failure(tmp_path, capsys):
     from fake_edit_judge import FakeEditJudge
     from tiny_klein import build_tiny_klein
