@@ -273,7 +273,9 @@ class Programs:
     def edit(self, params: Any, frozen: Any, batch: dict[str, jax.Array], noise: jax.Array) -> jax.Array:
         """Deterministic (ODE) edits of a batch from the given (B, L, C) initial noise: the decoded images
         (B, H, W, 3) float32, not clipped (what evaluation and ``sfgrpo.evaluate`` judge)."""
-        cond = self.conditioning(params, frozen, batch)
+        return self._ode_edit(params, frozen, self.conditioning(params, frozen, batch), noise)
+
+    def _ode_edit(self, params: Any, frozen: Any, cond: Conditioning, noise: jax.Array) -> jax.Array:
         policy = merge(self._parts(params, frozen))
         traj = rollout(
             velocity_fn(policy, cond, self.settings.cfg_scale),
@@ -297,8 +299,8 @@ class Programs:
         self, params: Any, frozen: Any, batch: dict[str, jax.Array], key: jax.Array
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Deterministic (ODE) edits of a fixed batch and their rewards; returns (edited, metrics)."""
-        ref = self.condition.autoencoder_of(merge(self._parts(params, frozen))).encode(batch["source"])
-        edited = self.edit(params, frozen, batch, self._noise(key, batch, ref))
+        cond = self.conditioning(params, frozen, batch)  # once: the noise takes its reference's sharding
+        edited = self._ode_edit(params, frozen, cond, self._noise(key, batch, cond.reference))
         if not self.in_graph_reward:
             return edited, {}  # the judge is remote: RewardStage.evaluate scores these images
         return edited, self.judge_metrics(self._scores(params, frozen, edited, batch), batch)
