@@ -25,7 +25,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (7.8 GB) is sharded 4 ways inside a host, where its all-gathers ride the fast ICI links of one tray,
     # and only gradients of the LoRA adapters (96M parameters) cross hosts.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=4, tensor=1))
-    c.model.attention = "xla"  # XLA's fused attention on TPU
+    # The Pallas splash-attention kernel: XLA's TPU attention materialises each (heads, L, L) weight matrix
+    # (2560² per head here), splash tiles it in VMEM. Parity: tests/test_attention.py (interpret mode).
+    c.model.attention = "splash"
     # 32 rollouts per host, 256 per iteration: 16 prompts x G=16. A group stays on one host.
     c.rl.batch_size = 32
     # One sample per chip per micro-batch (32 over the slice): a 2560-token sequence with remat 'dots'

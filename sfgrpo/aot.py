@@ -94,15 +94,16 @@ def abstract_run(
 ) -> AbstractRun:
     """The run of ``config`` on ``mesh`` with ``global_batch`` rows per iteration, from shapes alone.
 
-    'klein' models take their architecture from ``klein`` (default: klein-4B). cuDNN attention is traced
-    as XLA's: the CPU compiler has no cuDNN kernels (on TPUs XLA's is the one used anyway).
+    'klein' models take their architecture from ``klein`` (default: klein-4B). cuDNN and splash attention
+    are traced as 'blockwise': the CPU compiler has neither cuDNN nor Mosaic TPU kernels, and blockwise
+    attention has their memory profile (linear in the sequence, no L x L weights).
     """
     m, d = config.model, config.data
     dtype = builders.DTYPES[m.dtype]
     hw = d.resolution
     text_len = builders.text_length(config)
     attention = m.get("attention", "xla")
-    attention = "xla" if attention == "cudnn" else attention  # XLA:CPU has no cuDNN kernels
+    attention = "blockwise" if attention in ("cudnn", "splash") else attention
     cfg = config.sampler.cfg_scale != 1.0
 
     if m.name == "tiny":

@@ -23,7 +23,7 @@ from sfgrpo.data import pipeline, shapes
 from sfgrpo.iteration import Conditioner, Programs
 from sfgrpo.models import lora
 from sfgrpo.models.flux2 import Flux2Transformer
-from sfgrpo.models.flux2_config import REMAT_POLICIES
+from sfgrpo.models.flux2_config import ATTENTION_IMPLS, REMAT_POLICIES
 from sfgrpo.models.policy import EditPolicy
 from sfgrpo.models.tiny import PixelAutoencoder, WordTextEncoder
 from sfgrpo.rewards import reward_config
@@ -428,7 +428,8 @@ def _validate_klein(config: ml_collections.ConfigDict) -> None:
     m = config.model
     _require(bool(m.folder), "model.folder", "model.name='klein' needs the diffusers FLUX.2-klein folder")
     _require(m.remat in REMAT_POLICIES, "model.remat", f"one of {REMAT_POLICIES}, got {m.remat!r}")
-    _require(m.attention in ("xla", "cudnn"), "model.attention", f"'xla' or 'cudnn', got {m.attention!r}")
+    impls = tuple(a for a in ATTENTION_IMPLS if a is not None)
+    _require(m.attention in impls, "model.attention", f"one of {impls}, got {m.attention!r}")
     _require(
         len(m.text_layers) >= 1 and min(m.text_layers) >= 1,
         "model.text_layers",

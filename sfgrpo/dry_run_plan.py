@@ -94,7 +94,9 @@ def render(
     if m.name == "klein":
         arch = klein.source if klein is not None else "built-in klein-4B (the folder is not here)"
         attention = m.attention + (
-            " (traced as xla: XLA:CPU has no cuDNN)" if m.attention != run.attention else ""
+            f" (traced as {run.attention}: XLA:CPU has no {m.attention} kernel)"
+            if m.attention != run.attention
+            else ""
         )
         lines.append(
             f"model         FLUX.2-klein from {arch}; {m.dtype}, remat {m.remat}, attention {attention}"

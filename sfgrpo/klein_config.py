@@ -39,7 +39,9 @@ def klein_config() -> ml_collections.ConfigDict:
     # where storing every activation of 25 blocks does not fit beside the weights; 'full' would recompute
     # the matmuls too, about 30% more compute for little more memory.
     c.model.remat = "dots"
-    c.model.attention = "xla"  # set per platform
+    # Flash-style attention in plain JAX (models/attention.py): memory linear in the 2560-token sequence
+    # on any backend; the platform configs pick their fused kernel (cuDNN, Pallas splash).
+    c.model.attention = "blockwise"
     # The pipeline's text features: Qwen3 hidden states 9, 18 and 27, concatenated (3 x 2560 = 7680), of
     # 512-token chat-formatted instructions (Flux2KleinPipeline's max_sequence_length).
     c.model.text_layers = (9, 18, 27)

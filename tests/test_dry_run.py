@@ -215,7 +215,7 @@ def test_dry_run_plans_a_shipped_config(plans, name):
         assert "processes     1  [$OMPI_COMM_WORLD_SIZE (the launch environment)]" in text
         assert "devices 2  [the config's mesh]" in text
         assert "mesh          data=1 x fsdp=2 x tensor=1 = 2 devices" in text
-        assert "attention cudnn (traced as xla" in text
+        assert "attention cudnn (traced as blockwise" in text
     if name != "default":
         assert "model folder  ok:" in text and "no weights" in text
         assert "judge         ok:" in text and "answered HTTP 404" in text

@@ -121,3 +121,36 @@ def test_true_cfg():
     v = guided(_velocity, uncond, 4.0)(_noise(), jnp.full((B,), 0.5))
     expected = 1.0 + 4.0 * (_velocity(_noise(), jnp.full((B,), 0.5)) - 1.0)
     np.testing.assert_allclose(v, expected, atol=1e-5)
+
+
+def test_step_noise_is_drawn_with_the_batch_sharding(monkeypatch):
+    """On a data x fsdp mesh with the batch sharded, every step's noise has the batch's sharding (not
+    replicated on all 8 devices), and the trajectory equals the unsharded one."""
+    from sfgrpo import runtime  # noqa: PLC0415
+    from sfgrpo.sampling import rollout as rollout_module  # noqa: PLC0415
+
+    batch = 8
+    x0 = jax.random.normal(jax.random.key(0), (batch, L, C))
+    sigmas = flux2_sigmas(N, 64)
+
+    def run(x):
+        return rollout(
+            _velocity, x, sigmas, jax.random.key(3), eta=0.9, kind="sde", window_start=jnp.int32(1), window=3
+        )
+
+    want = jax.jit(run)(x0)
+    seen = []
+
+    def recording_step(v, x, s, s_next, eta, noise, **kw):
+        seen.append(jax.typeof(noise).sharding.spec)
+        return sde_step(v, x, s, s_next, eta, noise, **kw)
+
+    monkeypatch.setattr(rollout_module, "sde_step", recording_step)
+    mesh = runtime.make_mesh(2, 4, 1)
+    with runtime.use_mesh(mesh):
+        sharded = jax.device_put(x0, runtime.batch_sharding(mesh, 3))
+        got = jax.jit(run)(sharded)
+    assert seen and all(spec[0] == ("data", "fsdp") for spec in seen), seen
+    assert got.final.sharding.spec[0] == ("data", "fsdp")
+    np.testing.assert_allclose(np.asarray(got.final), np.asarray(want.final), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got.logp), np.asarray(want.logp), atol=1e-5)

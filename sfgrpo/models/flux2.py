@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from sfgrpo.models import attention
 from sfgrpo.models.flux2_config import CONFIGS, Flux2Config, get_config
 from sfgrpo.models.layers import (
     PROJECTION,
@@ -47,9 +48,9 @@ def _chunks(mod: jax.Array, n: int) -> list[jax.Array]:
 
 
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str | None) -> jax.Array:
-    """(B, L, N, D) each -> (B, L, N*D), softmax scale 1/sqrt(D), no mask."""
-    out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
-    return out.reshape(*out.shape[:2], -1).astype(q.dtype)
+    """(B, L, N, D) each -> (B, L, N*D), softmax scale 1/sqrt(D), no mask (see models/attention.py)."""
+    out = attention.attention(q, k, v, impl)
+    return out.reshape(*out.shape[:2], -1)
 
 
 class FeedForward(nnx.Module):

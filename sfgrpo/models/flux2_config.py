@@ -7,8 +7,9 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from sfgrpo.models.attention import ATTENTION_IMPLS
+
 REMAT_POLICIES = ("none", "full", "dots")
-ATTENTION_IMPLS = (None, "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,7 +17,8 @@ class Flux2Config:
     """Architecture (diffusers' field names) plus two execution options, ``remat`` and ``attention``.
 
     remat: 'none', 'full' (recompute each block in the backward pass) or 'dots' (save the weight
-    matmuls, recompute the rest). attention: the ``implementation`` of ``jax.nn.dot_product_attention``.
+    matmuls, recompute the rest). attention: None/'xla', 'cudnn', 'blockwise' or 'splash'
+    (``models.attention``).
     """
 
     in_channels: int = 128

@@ -55,6 +55,14 @@ def window_size(num_steps: int, mode: str, size: int) -> int:
     return size
 
 
+def _sharding_of(x: jax.Array) -> jax.sharding.PartitionSpec | None:
+    """x's spec on the current (explicit) mesh, None without one: the step noise is drawn where each batch
+    shard lives instead of whole on every device (jax's partitionable threefry gives the same numbers)."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return None
+    return jax.typeof(x).sharding.spec
+
+
 def draw_window_start(key: jax.Array, mode: str, lo: int, hi: int, num_steps: int, size: int) -> jax.Array:
     """() int32 first window step: 0 for 'all_but_last', uniform in [lo, hi) for 'random'."""
     if mode == "all_but_last":
@@ -107,7 +115,7 @@ def rollout(
         in_window = (t >= window_start) & (t < window_start + window) & (kind != "ode")
         s, s_next = sig[t], sig[t + 1]
         v = velocity_fn(x, jnp.full((batch,), s))
-        noise = jax.random.normal(keys[t], x.shape, jnp.float32)
+        noise = jax.random.normal(keys[t], x.shape, jnp.float32, out_sharding=_sharding_of(x))
         out = sde_step(
             v, x, s, s_next, jnp.where(in_window, eta, 0.0), noise, kind=step_kind, sigma_max=sig[1]
         )

@@ -1,0 +1,214 @@
+"""Unmasked multi-head attention behind one switch, the transformer config's ``attention`` option.
+
+- ``None`` / ``"xla"``: ``jax.nn.dot_product_attention``'s XLA path. It materialises the (B, N, L, L)
+  weights, so its memory grows with L².
+- ``"cudnn"``: cuDNN's fused kernel through the same function (NVIDIA GPUs only).
+- ``"blockwise"``: flash-style attention in plain JAX, the portable default for long sequences. Keys are
+  visited in blocks of ``block_kv`` with an online softmax; the backward pass (a ``custom_vjp``)
+  recomputes each block's weights from the saved log-sum-exp, so forward and backward memory are
+  O(L · block_kv), never O(L²).
+- ``"splash"``: the Pallas TPU splash-attention kernel, one call per (batch, head) shard through
+  ``shard_map``. Off TPU it runs in Pallas interpret mode (tests only: slow).
+
+Every implementation takes (B, L, N, D) arrays, scales scores by 1/sqrt(D) and returns (B, Lq, N, D) in
+q's dtype; scores and softmax statistics are float32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["ATTENTION_IMPLS", "attention", "blockwise_attention", "splash_attention"]
+
+ATTENTION_IMPLS = (None, "xla", "cudnn", "blockwise", "splash")
+BLOCK_KV = 512  # keys per block: a (B, N, Lq, 512) f32 score block
+SPLASH_BLOCK = 128  # splash's sequence tiling (TPU lanes); sequences are padded to a multiple of it
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str | None) -> jax.Array:
+    """(B, Lq, N, D), (B, Lk, N, D), (B, Lk, N, D) -> (B, Lq, N, D) with implementation ``impl``."""
+    if impl in (None, "xla", "cudnn"):
+        return jax.nn.dot_product_attention(q, k, v, implementation=impl).astype(q.dtype)
+    if impl == "blockwise":
+        return blockwise_attention(q, k, v)
+    if impl == "splash":
+        return splash_attention(q, k, v)
+    raise ValueError(f"attention implementation {impl!r}: expected one of {ATTENTION_IMPLS}")
+
+
+# --- blockwise (flash-style) attention ------------------------------------------------------------
+
+
+def _key_blocks(x: jax.Array, block: int) -> jax.Array:
+    """(B, Lk, N, D) -> (nb, B, N, block, D), zero-padded to nb * block keys."""
+    b, lk, n, d = x.shape
+    nb = -(-lk // block)
+    x = jnp.pad(x, ((0, 0), (0, nb * block - lk), (0, 0), (0, 0)))
+    return jnp.einsum("bjknd->jbnkd", x.reshape(b, nb, block, n, d))
+
+
+def _key_bias(lk: int, block: int) -> np.ndarray:
+    """(nb, block) float32: 0 for real keys, -inf for the padding of the last block."""
+    nb = -(-lk // block)
+    return np.where(np.arange(nb * block) < lk, 0.0, -np.inf).astype(np.float32).reshape(nb, block)
+
+
+def _scores(q: jax.Array, k: jax.Array, bias: jax.Array) -> jax.Array:
+    """(B, N, Lq, D) x (B, N, bk, D) -> (B, N, Lq, bk) float32 scaled scores (+ key bias)."""
+    s = jnp.einsum("bnqd,bnkd->bnqk", q, k, preferred_element_type=jnp.float32)
+    return s * (q.shape[-1] ** -0.5) + bias
+
+
+def _blockwise_forward(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+    """Output (B, Lq, N, D) in q's dtype and log-sum-exp (B, N, Lq) float32."""
+    qh = jnp.einsum("bqnd->bnqd", q)  # head-major once, not in every block step
+    kb, vb, bias = _key_blocks(k, block), _key_blocks(v, block), _key_bias(k.shape[1], block)
+
+    def step(carry: tuple, xs: tuple) -> tuple[tuple, None]:
+        m, total, acc = carry
+        kj, vj, bj = xs
+        s = _scores(qh, kj, bj)
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.exp(s - m_new[..., None])
+        corr = jnp.exp(m - m_new)
+        pv = jnp.einsum("bnqk,bnkd->bnqd", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
+        return (m_new, total * corr + p.sum(-1), acc * corr[..., None] + pv), None
+
+    # zeros_like keeps q's sharding, so the carry's type matches the body's output on a mesh.
+    stats = jnp.zeros_like(qh[..., 0], jnp.float32)
+    init = (stats - jnp.inf, stats, jnp.zeros_like(qh, jnp.float32))
+    (m, total, acc), _ = jax.lax.scan(step, init, (kb, vb, bias))
+    out = jnp.einsum("bnqd->bqnd", acc / total[..., None]).astype(q.dtype)
+    return out, m + jnp.log(total)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _blockwise(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> jax.Array:
+    return _blockwise_forward(q, k, v, block)[0]
+
+
+def _blockwise_fwd(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> tuple[jax.Array, tuple]:
+    out, lse = _blockwise_forward(q, k, v, block)
+    return out, (q, k, v, out, lse)
+
+
+def _blockwise_bwd(block: int, res: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    q, k, v, out, lse = res
+    lk = k.shape[1]
+    scale = q.shape[-1] ** -0.5
+    qh, gh = jnp.einsum("bqnd->bnqd", q), jnp.einsum("bqnd->bnqd", g)
+    # softmax backward: dS = P * (dP - rowsum(dO * O))
+    delta = jnp.einsum("bqnd,bqnd->bnq", g.astype(jnp.float32), out.astype(jnp.float32))
+    kb, vb, bias = _key_blocks(k, block), _key_blocks(v, block), _key_bias(lk, block)
+
+    def step(dq: jax.Array, xs: tuple) -> tuple[jax.Array, tuple]:
+        kj, vj, bj = xs
+        p = jnp.exp(_scores(qh, kj, bj) - lse[..., None])
+        dv = jnp.einsum("bnqk,bnqd->bnkd", p.astype(g.dtype), gh, preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bnqd,bnkd->bnqk", gh, vj, preferred_element_type=jnp.float32)
+        ds = (p * (dp - delta[..., None]) * scale).astype(q.dtype)
+        dq = dq + jnp.einsum("bnqk,bnkd->bnqd", ds, kj, preferred_element_type=jnp.float32)
+        dk = jnp.einsum("bnqk,bnqd->bnkd", ds, qh, preferred_element_type=jnp.float32)
+        return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
+
+    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros_like(qh, jnp.float32), (kb, vb, bias))
+
+    def unblock(x: jax.Array) -> jax.Array:  # (nb, B, N, block, D) -> (B, Lk, N, D)
+        x = jnp.einsum("jbnkd->bjknd", x)
+        return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :lk]
+
+    return jnp.einsum("bnqd->bqnd", dq).astype(q.dtype), unblock(dk), unblock(dv)
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_kv: int = BLOCK_KV) -> jax.Array:
+    """Flash-style attention: (B, Lq, N, D), (B, Lk, N, D) x2 -> (B, Lq, N, D), memory O(Lq · block_kv)."""
+    return _blockwise(q, k, v, min(block_kv, k.shape[1]))
+
+
+# --- Pallas splash attention (TPU) -------------------------------------------------------------------
+
+
+def _splash_block(length: int) -> int:
+    """The largest of 512, 256, 128 dividing ``length`` (a multiple of SPLASH_BLOCK)."""
+    return next(b for b in (512, 256, SPLASH_BLOCK) if length % b == 0)
+
+
+def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, lk: int) -> jax.Array:
+    """Splash on one shard: (b, Lq_p, n, D), (b, Lk_p, n, D) x2, padded to SPLASH_BLOCK -> (b, Lq_p, n, D).
+
+    Padded keys (index >= lk) get segment id 1 and real ones 0; every query has segment 0, so no query
+    attends to padding.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415 - TPU-only module
+        splash_attention_kernel as kernel_lib,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
+        splash_attention_mask as mask_lib,
+    )
+
+    _, lq_p, n, d = q.shape
+    lk_p = k.shape[1]
+    bq, bk = _splash_block(lq_p), _splash_block(lk_p)
+    sizes = kernel_lib.BlockSizes(
+        block_q=bq,
+        block_kv=bk,
+        block_kv_compute=bk,
+        block_q_dkv=bq,
+        block_kv_dkv=bk,
+        block_kv_dkv_compute=bk,
+        use_fused_bwd_kernel=True,
+    )
+    mask = mask_lib.MultiHeadMask([mask_lib.FullMask((lq_p, lk_p))] * n)
+    kernel = kernel_lib.make_splash_mha(
+        mask,
+        block_sizes=sizes,
+        head_shards=1,
+        q_seq_shards=1,
+        interpret=jax.default_backend() != "tpu",
+    )
+    segments = None
+    if lk_p != lk:
+        segments = kernel_lib.SegmentIds(
+            q=jnp.zeros((lq_p,), jnp.int32), kv=jnp.asarray(np.arange(lk_p) >= lk, jnp.int32)
+        )
+    # splash does not scale the scores; it takes head-major (n, L, D) arrays for one sequence.
+    qh = jnp.einsum("bqnd->bnqd", q * jnp.asarray(d**-0.5, q.dtype))
+    kh, vh = jnp.einsum("bknd->bnkd", k), jnp.einsum("bknd->bnkd", v)
+    out = jax.vmap(lambda qi, ki, vi: kernel(qi, ki, vi, segment_ids=segments))(qh, kh, vh)
+    return jnp.einsum("bnqd->bqnd", out)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Pallas splash attention: (B, Lq, N, D), (B, Lk, N, D) x2 -> (B, Lq, N, D).
+
+    Sequences are padded to a multiple of 128. On a mesh, the kernel runs per shard (``shard_map``) with
+    the batch split as the activations are ("batch") and the heads as the projections are ("heads"); the
+    sequence stays whole.
+    """
+    from sfgrpo.models.layers import _fitting_spec, _spec_of, shard  # noqa: PLC0415 - avoids an import cycle
+
+    lq, lk = q.shape[1], k.shape[1]
+    spec_in = _spec_of(q)
+
+    def pad(x: jax.Array) -> jax.Array:
+        extra = -x.shape[1] % SPLASH_BLOCK
+        return jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0))) if extra else x
+
+    axes = ("batch", None, "heads", None)
+    q, k, v = (pad(shard(x, axes)) for x in (q, k, v))
+    local = functools.partial(_splash_local, lk=lk)
+    spec = _fitting_spec(q.shape, axes)
+    if spec is None:
+        out = local(q, k, v)
+    else:
+        out = jax.shard_map(local, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+        # Back to the caller's layout: XLA's and blockwise attention keep q's sharding too.
+        out = jax.sharding.reshard(out[:, :lq], jax.sharding.PartitionSpec(*spec_in))
+    return out[:, :lq].astype(q.dtype)
