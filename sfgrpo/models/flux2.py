@@ -33,6 +33,7 @@ from sfgrpo.models.layers import (
     mesh_of,
     rope,
     shard,
+    split,
     swiglu,
     timestep_features,
 )
@@ -93,8 +94,8 @@ class JointAttention(nnx.Module):
         )
         v = jnp.concatenate([self._heads(self.add_v_proj(c)), self._heads(self.to_v(x))], 1)
         out = _attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, self.impl)
-        lt = c.shape[1]
-        return self.to_out(out[:, lt:]), self.to_add_out(out[:, :lt])
+        out_c, out_x = split(out, (c.shape[1], x.shape[1]), axis=1)
+        return self.to_out(out_x), self.to_add_out(out_c)
 
 
 class DoubleStreamBlock(nnx.Module):
@@ -147,10 +148,11 @@ class ParallelSelfAttention(nnx.Module):
         """h (B, L, C) -> (B, L, C)."""
         proj = self.to_qkv_mlp_proj(h)
         c = self.inner
-        q, k, v = (proj[..., i * c : (i + 1) * c].reshape(*h.shape[:2], self.heads, -1) for i in range(3))
+        q, k, v, mlp = split(proj, (c, c, c, proj.shape[-1] - 3 * c))
+        q, k, v = (x.reshape(*h.shape[:2], self.heads, -1) for x in (q, k, v))
         q, k = apply_rope(self.norm_q(q), cos, sin), apply_rope(self.norm_k(k), cos, sin)
         out = _attention(q, k, v, self.impl)
-        return self.to_out(jnp.concatenate([out, swiglu(proj[..., 3 * c :])], axis=-1))
+        return self.to_out(jnp.concatenate([out, swiglu(mlp)], axis=-1))
 
 
 class SingleStreamBlock(nnx.Module):

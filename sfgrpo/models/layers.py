@@ -8,6 +8,7 @@ block, scanned over) carries a leading ``"layers"`` axis. Activations are reshar
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -162,9 +163,34 @@ def layer_norm(x: jax.Array, eps: float) -> jax.Array:
     return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def split(x: jax.Array, sizes: tuple[int, ...], axis: int = -1) -> tuple[jax.Array, ...]:
+    """``x`` cut into consecutive pieces of ``sizes`` along ``axis`` (the sizes sum to its length).
+
+    The same values as slicing; the backward pass concatenates the pieces' cotangents in one copy, where
+    slicing's transpose pads each cotangent to the full width and adds them (measured ~1.6x slower for
+    the single-stream blocks' fused projection on CPU).
+    """
+    if sum(sizes) != x.shape[axis]:
+        raise ValueError(f"split: sizes {sizes} do not sum to axis {axis}'s length {x.shape[axis]}")
+    return tuple(jnp.split(x, np.cumsum(sizes)[:-1].tolist(), axis=axis))
+
+
+def _split_fwd(x: jax.Array, sizes: tuple[int, ...], axis: int) -> tuple[tuple[jax.Array, ...], None]:
+    return split(x, sizes, axis), None
+
+
+def _split_bwd(sizes: tuple[int, ...], axis: int, _: None, grads: tuple[jax.Array, ...]) -> tuple[jax.Array]:
+    return (jnp.concatenate(grads, axis=axis),)
+
+
+split.defvjp(_split_fwd, _split_bwd)
+
+
 def swiglu(x: jax.Array) -> jax.Array:
     """SiLU(first half) * second half of the last axis: (..., 2F) -> (..., F)."""
-    gate, lin = jnp.split(x, 2, axis=-1)
+    half = x.shape[-1] // 2
+    gate, lin = split(x, (half, half))
     return jax.nn.silu(gate) * lin
 
 
