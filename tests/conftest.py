@@ -30,6 +30,7 @@ _LONGEST_FIRST = (
     "test_evaluate.py",
     "test_eval_benchmark.py",
     "test_step.py",
+    "test_flux2.py",
     "test_reward_stage.py",
     "test_klein_config.py",
     "test_regions.py",
@@ -38,6 +39,9 @@ _LONGEST_FIRST = (
     "test_warmstart.py",
     "test_bad_inputs.py",
     "test_vae.py",
+    "test_benchmark_device_grpo.py",
+    "test_attention.py",
+    "test_benchmark_vs_diffusers.py",
 )
 
 

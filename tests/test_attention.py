@@ -30,22 +30,26 @@ def _reference(q, k, v, g):
     return _value_and_grads(lambda *a: attention.attention(*a, "xla"), *up)
 
 
-# (batch, query tokens, key tokens, heads, head dim, key block): several key blocks, a last block
-# that needs padding, one block larger than the keys, queries and keys of different lengths.
+# (batch, query tokens, key tokens, heads, head dim, query block, key block): several query and key
+# blocks, last blocks that need padding, blocks larger than the sequence, queries and keys of different
+# lengths.
 SHAPES = [
-    (2, 40, 40, 2, 16, 16),
-    (1, 37, 70, 3, 8, 32),
-    (2, 24, 9, 2, 16, 512),
+    (2, 40, 40, 2, 16, 16, 16),
+    (1, 37, 70, 3, 8, 8, 32),
+    (2, 24, 9, 2, 16, 256, 512),
+    (1, 50, 33, 2, 8, 64, 8),
 ]
 
 
-@pytest.mark.parametrize("b,lq,lk,n,d,block", SHAPES)
-def test_blockwise_matches_xla_values_and_gradients(b, lq, lk, n, d, block):
+@pytest.mark.parametrize("b,lq,lk,n,d,block_q,block_kv", SHAPES)
+def test_blockwise_matches_xla_values_and_gradients(b, lq, lk, n, d, block_q, block_kv):
     q, k, v, g = _qkvg(b, lq, lk, n, d)
     want = _reference(q, k, v, g)
-    got = jax.jit(lambda *a: _value_and_grads(lambda *x: attention.blockwise_attention(*x, block), *a))(
-        q, k, v, g
-    )
+
+    def blockwise(*x):
+        return attention.blockwise_attention(*x, block_q=block_q, block_kv=block_kv)
+
+    got = jax.jit(lambda *a: _value_and_grads(blockwise, *a))(q, k, v, g)
     for name, w, x in zip(("out", "dq", "dk", "dv"), want, got, strict=True):
         assert x.shape == w.shape and x.dtype == jnp.float32, name
         np.testing.assert_allclose(np.asarray(x), np.asarray(w), atol=2e-5, err_msg=name)
@@ -55,9 +59,9 @@ def test_blockwise_matches_xla_values_and_gradients(b, lq, lk, n, d, block):
 def test_blockwise_in_bfloat16_stays_close_to_float32():
     q, k, v, g = _qkvg(2, 48, 48, 2, 32, dtype=jnp.bfloat16)
     want = _reference(q, k, v, g)
-    got = jax.jit(lambda *a: _value_and_grads(lambda *x: attention.blockwise_attention(*x, 16), *a))(
-        q, k, v, g
-    )
+    got = jax.jit(
+        lambda *a: _value_and_grads(lambda *x: attention.blockwise_attention(*x, block_q=16, block_kv=16), *a)
+    )(q, k, v, g)
     for name, w, x in zip(("out", "dq", "dk", "dv"), want, got, strict=True):
         assert x.dtype == jnp.bfloat16, name
         scale = float(jnp.abs(w).max())
