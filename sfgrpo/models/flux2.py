@@ -25,13 +25,13 @@ from jax.sharding import Mesh
 from sfgrpo.models import attention
 from sfgrpo.models.flux2_config import CONFIGS, Flux2Config, get_config
 from sfgrpo.models.layers import (
-    PROJECTION,
     Linear,
     RMSNorm,
     apply_rope,
     layer_norm,
     mesh_of,
     rope,
+    scan_blocks,
     shard,
     split,
     swiglu,
@@ -222,28 +222,6 @@ class OutputNorm(nnx.Module):
         return layer_norm(h, self.eps) * (1 + scale) + shift
 
 
-def _remat(fn: Any, policy: str) -> Any:
-    if policy == "none":
-        return fn
-    if policy == "full":
-        return jax.checkpoint(fn, prevent_cse=False)
-    # 'dots': keep each linear layer's output (base + LoRA, see layers.PROJECTION); recompute the rest,
-    # attention scores included.
-    policy = jax.checkpoint_policies.save_only_these_names(PROJECTION)
-    return jax.checkpoint(fn, prevent_cse=False, policy=policy)
-
-
-def _scan_blocks(blocks: nnx.Module, carry: Any, step: Any, remat: str) -> Any:
-    """Runs ``carry = step(block_i, carry)`` over the stacked blocks with ``lax.scan`` (+ remat)."""
-    graphdef, state = nnx.split(blocks)
-
-    def body(carry: Any, layer_state: Any) -> tuple[Any, None]:
-        return step(nnx.merge(graphdef, layer_state), carry), None
-
-    carry, _ = jax.lax.scan(_remat(body, remat), carry, state)
-    return carry
-
-
 class Flux2Transformer(nnx.Module):
     """FLUX.2 MMDiT. Call with diffusers' forward arrays; returns the velocity (B, Li, out_channels)."""
 
@@ -346,7 +324,7 @@ class Flux2Transformer(nnx.Module):
         cos, sin = rope(jnp.concatenate([txt_ids, img_ids], axis=0), cfg.axes_dims_rope, cfg.rope_theta)
 
         if self.transformer_blocks is not None:
-            x, c = _scan_blocks(
+            x, c = scan_blocks(
                 self.transformer_blocks,
                 (x, c),
                 lambda blk, xc: blk(xc[0], xc[1], mod_img, mod_txt, cos, sin),
@@ -354,7 +332,7 @@ class Flux2Transformer(nnx.Module):
             )
         h = jnp.concatenate([c, x], axis=1)
         if self.single_transformer_blocks is not None:
-            h = _scan_blocks(
+            h = scan_blocks(
                 self.single_transformer_blocks, h, lambda blk, h: blk(h, mod_single, cos, sin), cfg.remat
             )
         return self.proj_out(self.norm_out(h[:, c.shape[1] :], temb))

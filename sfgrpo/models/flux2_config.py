@@ -8,8 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sfgrpo.models.attention import ATTENTION_IMPLS
-
-REMAT_POLICIES = ("none", "full", "dots")
+from sfgrpo.models.layers import REMAT_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)

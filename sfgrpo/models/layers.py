@@ -1,4 +1,5 @@
-"""Building blocks shared by the FLUX.2 transformer: sharded linear layers, norms, RoPE, timestep features.
+"""Building blocks shared by the transformers (FLUX.2, OmniGen2): sharded linear layers, norms, RoPE,
+timestep features, scanned and rematerialised block stacks.
 
 Parameters carry logical axis names (``runtime.LOGICAL_AXIS_RULES``); a stacked layer (one parameter per
 block, scanned over) carries a leading ``"layers"`` axis. Activations are resharded at a few points with
@@ -101,15 +102,25 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum("...i,io->...o", x, w, out_sharding=out)
 
 
+def repeat(x: jax.Array, repeats: int, axis: int) -> jax.Array:
+    """``jnp.repeat`` keeping x's sharding: each shard's elements repeat within the shard, so a sharded
+    axis stays sharded alike with no communication (grouped K/V heads serve the query heads of the same
+    shard)."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return jnp.repeat(x, repeats, axis=axis)
+    return jnp.repeat(x, repeats, axis=axis, out_sharding=PartitionSpec(*_spec_of(x)))
+
+
 def _stacked(stack: Sequence[int], names: tuple[str | None, ...]) -> tuple[str | None, ...]:
     return ("layers",) * len(stack) + names
 
 
 class Linear(nnx.Module):
-    """A bias-free linear layer, ``y = x @ kernel`` with kernel (*stack, in, out) in the param dtype.
+    """A linear layer, ``y = x @ kernel [+ bias]`` with kernel (*stack, in, out) in the param dtype.
 
-    ``axes`` are the logical names of (in, out). ``lora`` is None or a ``sfgrpo.models.lora.LoRA``
-    attached later; it adds its low-rank update to the output.
+    ``axes`` are the logical names of (in, out); ``bias`` adds a (*stack, out) bias (zero-initialised).
+    ``lora`` is None or a ``sfgrpo.models.lora.LoRA`` attached later; it adds its low-rank update to the
+    output.
     """
 
     def __init__(
@@ -121,6 +132,7 @@ class Linear(nnx.Module):
         rngs: nnx.Rngs,
         dtype: jnp.dtype = jnp.float32,
         stack: Sequence[int] = (),
+        bias: bool = False,
     ) -> None:
         batch_axis = tuple(range(len(stack)))
         init = nnx.initializers.variance_scaling(
@@ -128,12 +140,19 @@ class Linear(nnx.Module):
         )
         shape = (*stack, in_features, out_features)
         self.kernel = nnx.Param(init(rngs.params(), shape, dtype), out_sharding=_stacked(stack, axes))
+        self.bias = nnx.data(
+            nnx.Param(jnp.zeros((*stack, out_features), dtype), out_sharding=_stacked(stack, axes[1:]))
+            if bias
+            else None
+        )
         self.axes = axes
         self.lora = nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...]
         y = matmul(x.astype(kernel.dtype), kernel)
+        if self.bias is not None:
+            y = y + _gather_fsdp(self.bias[...])
         if self.lora is not None:
             y = y + self.lora(x.astype(kernel.dtype)).astype(y.dtype)
         # The remat policy 'dots' saves these outputs (one per layer, LoRA update included).
@@ -194,12 +213,15 @@ def swiglu(x: jax.Array) -> jax.Array:
     return jax.nn.silu(gate) * lin
 
 
-def timestep_features(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+def timestep_features(t: jax.Array, dim: int, max_period: float = 10000.0, scale: float = 1.0) -> jax.Array:
     """Sinusoidal features of t (B,) -> (B, dim) float32, cosines first (diffusers ``Timesteps`` with
-    flip_sin_to_cos=True, downscale_freq_shift=0)."""
+    flip_sin_to_cos=True, downscale_freq_shift=0; ``scale`` multiplies the angles, after t * frequency,
+    in diffusers' order)."""
     half = dim // 2
     freqs = jnp.exp(-np.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
     args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+    if scale != 1.0:
+        args = args * jnp.float32(scale)
     emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
     if dim % 2:
         emb = jnp.pad(emb, ((0, 0), (0, 1)))
@@ -223,9 +245,41 @@ def rope(ids: jax.Array, axes_dims: Sequence[int], theta: float) -> tuple[jax.Ar
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates interleaved channel pairs of x (B, L, N, D) by (cos, sin) (L, D); float32 inside."""
+    """Rotates interleaved channel pairs of x (B, L, N, D) by (cos, sin), (L, D) shared by the batch or
+    (B, L, D) per sequence; float32 inside."""
     xf = x.astype(jnp.float32)
     pairs = xf.reshape(*x.shape[:-1], -1, 2)
     rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
-    out = xf * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+    cos, sin = (t[None] if t.ndim == 2 else t for t in (cos, sin))
+    out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
     return out.astype(x.dtype)
+
+
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def remat(fn: Any, policy: str) -> Any:
+    """``fn`` rematerialised by ``policy``: 'none', 'full' (recompute everything in the backward pass) or
+    'dots' (keep each linear layer's output, base + LoRA, see PROJECTION; recompute the rest, attention
+    scores included)."""
+    if policy == "none":
+        return fn
+    if policy == "full":
+        return jax.checkpoint(fn, prevent_cse=False)
+    if policy == "dots":
+        return jax.checkpoint(
+            fn, prevent_cse=False, policy=jax.checkpoint_policies.save_only_these_names(PROJECTION)
+        )
+    raise ValueError(f"remat policy {policy!r}: expected one of {REMAT_POLICIES}")
+
+
+def scan_blocks(blocks: nnx.Module, carry: Any, step: Any, policy: str) -> Any:
+    """Runs ``carry = step(block_i, carry)`` over blocks stacked on a leading ``layers`` axis with
+    ``lax.scan`` (one compiled body whatever the depth), each step rematerialised by ``policy``."""
+    graphdef, state = nnx.split(blocks)
+
+    def body(carry: Any, layer_state: Any) -> tuple[Any, None]:
+        return step(nnx.merge(graphdef, layer_state), carry), None
+
+    carry, _ = jax.lax.scan(remat(body, policy), carry, state)
+    return carry
