@@ -111,6 +111,57 @@ def test_sharded_attention_matches_one_device(impl):
         np.testing.assert_allclose(np.asarray(x), np.asarray(w), atol=2e-5, err_msg=name)
 
 
+def _masked_reference(q, k, v, kv_len):
+    """Attention with keys >= kv_len[b] dropped, one sequence at a time (no mask in the reference)."""
+    outs = [
+        attention.attention(q[b : b + 1], k[b : b + 1, :n], v[b : b + 1, :n], "xla")
+        for b, n in enumerate(np.asarray(kv_len))
+    ]
+    return jnp.concatenate(outs, axis=0)
+
+
+@pytest.mark.parametrize("impl", ["xla", "blockwise", "splash"])
+def test_key_lengths_mask_the_keys_beyond_them(impl):
+    """kv_len: each sequence sees its first kv_len[b] keys, values and all three gradients, including
+    key blocks that are wholly masked (blockwise blocks of 8 over 40 keys, a length of 3)."""
+    q, k, v, g = _qkvg(3, 20, 40, 2, 8, seed=3)
+    kv_len = jnp.asarray([40, 3, 17], jnp.int32)
+    want = _value_and_grads(lambda *x: _masked_reference(*x, kv_len), q, k, v, g)
+
+    def fn(*x):
+        if impl == "blockwise":
+            return attention.blockwise_attention(*x, block_q=8, block_kv=8, kv_len=kv_len)
+        return attention.attention(*x, impl, kv_len=kv_len)
+
+    got = jax.jit(lambda *a: _value_and_grads(fn, *a))(q, k, v, g)
+    for name, w, x in zip(("out", "dq", "dk", "dv"), want, got, strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(w), atol=2e-5, err_msg=name)
+    assert float(jnp.abs(got[2][1, 3:]).max()) == 0.0  # masked keys get no gradient
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "splash"])
+def test_key_lengths_on_a_mesh_match_one_device(impl):
+    q, k, v, g = _qkvg(4, 24, 24, 2, 8, seed=4)
+    kv_len = jnp.asarray([24, 5, 11, 1], jnp.int32)
+    want = _value_and_grads(lambda *x: attention.attention(*x, "xla", kv_len=kv_len), q, k, v, g)
+    mesh = runtime.make_mesh(2, 2, 2)
+    spec = jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor", None)
+    with runtime.use_mesh(mesh):
+        args = [jax.device_put(x, jax.sharding.NamedSharding(mesh, spec)) for x in (q, k, v, g)]
+        lens = jax.device_put(kv_len, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        got = jax.jit(
+            lambda n, *a: _value_and_grads(lambda *x: attention.attention(*x, impl, kv_len=n), *a)
+        )(lens, *args)
+    for name, w, x in zip(("out", "dq", "dk", "dv"), want, got, strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(w), atol=2e-5, err_msg=name)
+
+
+def test_key_lengths_of_the_wrong_shape_are_refused():
+    q = jnp.zeros((2, 4, 1, 8))
+    with pytest.raises(ValueError, match="kv_len"):
+        attention.attention(q, q, q, "blockwise", kv_len=jnp.asarray([1, 2, 3]))
+
+
 def test_unknown_implementation_is_refused_by_name():
     q = jnp.zeros((1, 4, 1, 8))
     with pytest.raises(ValueError, match="'flash'.*blockwise"):
