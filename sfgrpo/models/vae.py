@@ -1,14 +1,19 @@
-"""The FLUX.2 VAE (diffusers' ``AutoencoderKLFlux2``) in Flax NNX: images <-> FLUX.2 latent tokens.
+"""diffusers' KL autoencoders in Flax NNX: the shared Encoder/Decoder, and the FLUX.2 VAE on top of it.
 
-``Flux2VAE`` implements the autoencoder interface of ``tiny.PixelAutoencoder`` (ARCHITECTURE.md):
+``KLAutoencoder`` is the encoder/decoder (plus optional 1x1 quant convs) common to diffusers'
+``AutoencoderKL`` and ``AutoencoderKLFlux2``; its subclasses implement the autoencoder interface of
+``tiny.PixelAutoencoder`` (ARCHITECTURE.md) and differ only in how latents become tokens:
   encode(images (B, H, W, 3) uint8 or float in [0, 1]) -> (B, L, 4C) float32 tokens on the (H/16, W/16)
-    grid: exactly ``Flux2KleinPipeline``'s image latents (posterior mode, 2x2 patchified, normalised by
-    the BatchNorm running statistics, packed row-major);
+    grid (for the real models): the posterior mode, 2x2 patchified, normalised, packed row-major;
   decode(tokens (B, L, 4C), grid_hw) -> (B, H, W, 3) float32 images, (x + 1) / 2, not clipped.
 
+``Flux2VAE`` (here) is ``AutoencoderKLFlux2`` as ``Flux2KleinPipeline`` uses it: tokens normalised by the
+BatchNorm running statistics, patch channels ordered (c p1 p2). ``vae_flux1.Flux1VAE`` is the FLUX.1
+``AutoencoderKL`` as OmniGen2 uses it. ``load_autoencoder`` loads either, by the config's ``_class_name``.
+
 Arrays are NHWC. Parameter paths mirror diffusers' module names (``encoder.down_blocks.0.resnets.1.conv1.
-kernel`` <-> ``...conv1.weight``; see ``vae_weights``). Parameters are replicated: the VAE is small (84M
-parameters for the real model) and only the batch axis is sharded.
+kernel`` <-> ``...conv1.weight``; see ``vae_weights``). Parameters are replicated: the VAEs are small (84M
+parameters for the real models) and only the batch axis is sharded.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Self, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +31,17 @@ from jax.sharding import Mesh
 
 from sfgrpo.models import vae_weights
 
-__all__ = ["Flux2VAE", "Flux2VAEConfig", "RunningStat", "config_from_dict", "load_vae"]
+__all__ = [
+    "CoderConfig",
+    "Flux2VAE",
+    "Flux2VAEConfig",
+    "KLAutoencoder",
+    "RunningStat",
+    "config_from_dict",
+    "load_autoencoder",
+    "load_vae",
+    "parse_config",
+]
 
 _DOWN, _UP = "DownEncoderBlock2D", "UpDecoderBlock2D"
 _RESNET_EPS = 1e-6  # diffusers' Encoder/Decoder hard-code this for every GroupNorm
@@ -36,23 +52,26 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
     "relu": jax.nn.relu,
 }
+# Token channel orders of a 2x2 patch of C latent channels, in einops notation (last name fastest).
+TokenOrder = Literal["c p1 p2", "p1 p2 c"]
 
 
 @dataclasses.dataclass(frozen=True)
-class Flux2VAEConfig:
-    """``AutoencoderKLFlux2``'s config (diffusers' field names and defaults = the real FLUX.2 VAE).
+class CoderConfig:
+    """The Encoder/Decoder fields shared by diffusers' KL autoencoder configs (diffusers' names).
 
-    Not used here: ``sample_size`` (diffusers' tiling only; we never tile), ``batch_norm_momentum``
-    (training of the statistics; they are frozen) and ``force_upcast`` (``Flux2KleinPipeline`` ignores it;
-    the caller picks the dtype, and GroupNorm statistics are float32 in any case).
+    Subclasses set ``DIFFUSERS_CLASS``, add their own fields and override defaults. Not used here:
+    ``sample_size`` (diffusers' tiling only; we never tile) and ``force_upcast`` (the caller picks the
+    dtype, and GroupNorm statistics are float32 in any case).
     """
+
+    DIFFUSERS_CLASS: ClassVar[str] = ""
 
     in_channels: int = 3
     out_channels: int = 3
     down_block_types: tuple[str, ...] = (_DOWN,) * 4
     up_block_types: tuple[str, ...] = (_UP,) * 4
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
-    decoder_block_out_channels: tuple[int, ...] | None = None
     layers_per_block: int = 2
     act_fn: str = "silu"
     latent_channels: int = 32
@@ -61,18 +80,18 @@ class Flux2VAEConfig:
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
-    batch_norm_eps: float = 1e-4
-    batch_norm_momentum: float = 0.1
-    patch_size: tuple[int, ...] = (2, 2)
     force_upcast: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("down_block_types", "up_block_types", "block_out_channels", "patch_size"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        if self.decoder_block_out_channels is not None:
-            object.__setattr__(self, "decoder_block_out_channels", tuple(self.decoder_block_out_channels))
-        if isinstance(self.sample_size, list):
-            object.__setattr__(self, "sample_size", tuple(self.sample_size))
+        for field in dataclasses.fields(self):  # JSON gives lists; keep the config hashable
+            if isinstance(getattr(self, field.name), list):
+                object.__setattr__(self, field.name, tuple(getattr(self, field.name)))
+        problems = self._problems()
+        if problems:
+            raise ValueError(f"unsupported {self.DIFFUSERS_CLASS} config: " + "; ".join(problems))
+
+    def _problems(self) -> list[str]:
+        """What this implementation cannot build; subclasses extend the list."""
         problems = []
         if self.in_channels != 3 or self.out_channels != 3:
             problems.append(
@@ -80,7 +99,10 @@ class Flux2VAEConfig:
             )
         enc, dec = self.block_out_channels, self.decoder_channels
         if not enc or min(enc) < 1 or not dec or min(dec) < 1:
-            problems.append(f"block_out_channels={enc}, decoder_block_out_channels={dec} must be positive")
+            named = f"block_out_channels={enc}" + (
+                f", decoder_block_out_channels={dec}" if dec != enc else ""
+            )
+            problems.append(f"{named} must be positive")
         if len(dec) != len(enc):
             problems.append(f"decoder_block_out_channels={dec} must have as many entries as {enc}")
         # get_down_block / get_up_block strip a "UNetRes" prefix.
@@ -96,41 +118,77 @@ class Flux2VAEConfig:
             problems.append(f"latent_channels={self.latent_channels} (must be >= 1)")
         if self.norm_num_groups < 1 or any(c % self.norm_num_groups for c in (*enc, *dec)):
             problems.append(f"norm_num_groups={self.norm_num_groups} must divide every block's channels")
+        return problems
+
+    @property
+    def decoder_channels(self) -> tuple[int, ...]:
+        """The decoder's block channels (in encoder order): the encoder's unless a subclass says otherwise."""
+        return self.block_out_channels
+
+    @property
+    def scale(self) -> int:
+        """Pixels per token side: 2**(blocks - 1) from the down blocks, times the pipelines' 2x2 patch."""
+        return 2 ** (len(self.block_out_channels) - 1) * 2
+
+    def replace(self, **changes: Any) -> Self:
+        return dataclasses.replace(self, **changes)
+
+
+_C = TypeVar("_C", bound=CoderConfig)
+
+
+def parse_config(
+    cls: type[_C], d: Mapping[str, Any], *, source: str = "config", defaults: Mapping[str, Any] | None = None
+) -> _C:
+    """A diffusers config dict -> ``cls``; another ``_class_name`` or an unknown field raises.
+
+    ``defaults``: values for fields the dict lacks, where diffusers' defaults differ from ``cls``'s.
+    """
+    name = cls.DIFFUSERS_CLASS
+    found = d.get("_class_name")
+    if found is not None and found != name:
+        raise ValueError(f"{source}: unsupported VAE class {found!r}; expected {name!r}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(k for k in d if not k.startswith("_") and k not in fields)
+    if unknown:
+        raise ValueError(f"{source}: unsupported {name} config fields {unknown}")
+    try:
+        return cls(**{**(defaults or {}), **{k: v for k, v in d.items() if k in fields}})
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Flux2VAEConfig(CoderConfig):
+    """``AutoencoderKLFlux2``'s config (diffusers' field names and defaults = the real FLUX.2 VAE).
+
+    Not used here besides ``CoderConfig``'s: ``batch_norm_momentum`` (training of the statistics; they are
+    frozen); ``force_upcast`` is ignored by ``Flux2KleinPipeline`` too.
+    """
+
+    DIFFUSERS_CLASS: ClassVar[str] = "AutoencoderKLFlux2"
+
+    decoder_block_out_channels: tuple[int, ...] | None = None
+    batch_norm_eps: float = 1e-4
+    batch_norm_momentum: float = 0.1
+    patch_size: tuple[int, ...] = (2, 2)
+
+    def _problems(self) -> list[str]:
+        problems = super()._problems()
         if self.patch_size != (2, 2):
             problems.append(f"patch_size={self.patch_size} (the FLUX.2 pipelines patchify 2x2 only)")
         if self.batch_norm_eps < 0:
             problems.append(f"batch_norm_eps={self.batch_norm_eps} (must be >= 0)")
-        if problems:
-            raise ValueError("unsupported AutoencoderKLFlux2 config: " + "; ".join(problems))
+        return problems
 
     @property
     def decoder_channels(self) -> tuple[int, ...]:
         return self.decoder_block_out_channels or self.block_out_channels
 
-    @property
-    def scale(self) -> int:
-        """Pixels per token side: 2**(blocks - 1) from the down blocks, times the 2x2 patch."""
-        return 2 ** (len(self.block_out_channels) - 1) * self.patch_size[0]
-
-    def replace(self, **changes: Any) -> Flux2VAEConfig:
-        return dataclasses.replace(self, **changes)
-
-
-_FIELDS = {f.name for f in dataclasses.fields(Flux2VAEConfig)}
-
 
 def config_from_dict(d: Mapping[str, Any], *, source: str = "config") -> Flux2VAEConfig:
     """Parses a diffusers ``AutoencoderKLFlux2`` config dict; other classes and unknown fields raise."""
-    cls = d.get("_class_name")
-    if cls is not None and cls != "AutoencoderKLFlux2":
-        raise ValueError(f"{source}: unsupported VAE class {cls!r}; expected 'AutoencoderKLFlux2'")
-    unknown = sorted(k for k in d if not k.startswith("_") and k not in _FIELDS)
-    if unknown:
-        raise ValueError(f"{source}: unsupported AutoencoderKLFlux2 config fields {unknown}")
-    try:
-        return Flux2VAEConfig(**{k: v for k, v in d.items() if k in _FIELDS})
-    except ValueError as err:
-        raise ValueError(f"{source}: {err}") from None
+    return parse_config(Flux2VAEConfig, d, source=source)
 
 
 class RunningStat(nnx.Variable):
@@ -205,7 +263,7 @@ class GroupNorm(nnx.Module):
 class ResnetBlock(nnx.Module):
     """norm -> act -> conv3x3 -> norm -> act -> conv3x3, plus a (1x1-projected if cin != cout) skip."""
 
-    def __init__(self, cin: int, cout: int, cfg: Flux2VAEConfig, *, rngs: nnx.Rngs, dtype: Any) -> None:
+    def __init__(self, cin: int, cout: int, cfg: CoderConfig, *, rngs: nnx.Rngs, dtype: Any) -> None:
         g = cfg.norm_num_groups
         self.act = _ACTIVATIONS[cfg.act_fn]
         self.norm1 = GroupNorm(g, cin, dtype=dtype)
@@ -253,7 +311,7 @@ class Attention(nnx.Module):
     the decode accordingly, or swap in a flash kernel (``jax.nn.dot_product_attention``) on GPU.
     """
 
-    def __init__(self, channels: int, cfg: Flux2VAEConfig, *, rngs: nnx.Rngs, dtype: Any) -> None:
+    def __init__(self, channels: int, cfg: CoderConfig, *, rngs: nnx.Rngs, dtype: Any) -> None:
         self.group_norm = GroupNorm(cfg.norm_num_groups, channels, dtype=dtype)
         self.to_q = Dense(channels, channels, rngs=rngs, dtype=dtype)
         self.to_k = Dense(channels, channels, rngs=rngs, dtype=dtype)
@@ -273,7 +331,7 @@ class Attention(nnx.Module):
 class MidBlock(nnx.Module):
     """resnet -> (attention) -> resnet at constant channels."""
 
-    def __init__(self, channels: int, cfg: Flux2VAEConfig, *, rngs: nnx.Rngs, dtype: Any) -> None:
+    def __init__(self, channels: int, cfg: CoderConfig, *, rngs: nnx.Rngs, dtype: Any) -> None:
         self.resnets = nnx.List(
             [ResnetBlock(channels, channels, cfg, rngs=rngs, dtype=dtype) for _ in range(2)]
         )
@@ -297,7 +355,7 @@ class Block(nnx.Module):
         cout: int,
         layers: int,
         resample: str | None,
-        cfg: Flux2VAEConfig,
+        cfg: CoderConfig,
         *,
         rngs: nnx.Rngs,
         dtype: Any,
@@ -321,7 +379,7 @@ class Block(nnx.Module):
 class Encoder(nnx.Module):
     """(B, H, W, 3) in [-1, 1] -> (B, H/2^(n-1), W/2^(n-1), 2 * latent_channels) posterior moments."""
 
-    def __init__(self, cfg: Flux2VAEConfig, *, rngs: nnx.Rngs, dtype: Any) -> None:
+    def __init__(self, cfg: CoderConfig, *, rngs: nnx.Rngs, dtype: Any) -> None:
         ch = cfg.block_out_channels
         pad = ((1, 1), (1, 1))
         self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, padding=pad, rngs=rngs, dtype=dtype)
@@ -347,7 +405,7 @@ class Encoder(nnx.Module):
 class Decoder(nnx.Module):
     """(B, h, w, latent_channels) -> (B, h 2^(n-1), w 2^(n-1), 3) in about [-1, 1]."""
 
-    def __init__(self, cfg: Flux2VAEConfig, *, rngs: nnx.Rngs, dtype: Any) -> None:
+    def __init__(self, cfg: CoderConfig, *, rngs: nnx.Rngs, dtype: Any) -> None:
         ch = tuple(reversed(cfg.decoder_channels))
         pad = ((1, 1), (1, 1))
         self.conv_in = Conv2d(cfg.latent_channels, ch[0], 3, padding=pad, rngs=rngs, dtype=dtype)
@@ -370,20 +428,39 @@ class Decoder(nnx.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Latents <-> tokens. z is (B, 2h, 2w, C) float32 latents; tokens are (B, h w, 4C), row-major over (h, w).
 
 
-class BatchStats(nnx.Module):
-    """BatchNorm2d's running statistics (frozen buffers), diffusers' ``bn.running_mean/var``."""
+def patchify(z: jax.Array, order: TokenOrder) -> jax.Array:
+    """(B, 2h, 2w, C) -> (B, h w, 4C): each token a 2x2 patch, channels in ``order`` (last fastest)."""
+    b, hh, ww, c = z.shape
+    h, w = hh // 2, ww // 2
+    x = _batch_reshape(z, (b, h, 2, w, 2, c))  # (b, h, p1, w, p2, c)
+    x = x.transpose(0, 1, 3, 5, 2, 4) if order == "c p1 p2" else x.transpose(0, 1, 3, 2, 4, 5)
+    return _batch_reshape(x, (b, h * w, 4 * c))
 
-    def __init__(self, channels: int) -> None:
-        self.running_mean = RunningStat(jnp.zeros((channels,), jnp.float32))
-        self.running_var = RunningStat(jnp.ones((channels,), jnp.float32))
+
+def unpatchify(tokens: jax.Array, grid_hw: tuple[int, int], order: TokenOrder) -> jax.Array:
+    """The inverse of :func:`patchify`: (B, h w, 4C) on grid (h, w) -> (B, 2h, 2w, C)."""
+    (b, _, c4), (h, w) = tokens.shape, grid_hw
+    c = c4 // 4
+    if order == "c p1 p2":
+        x = _batch_reshape(tokens, (b, h, w, c, 2, 2)).transpose(0, 1, 4, 2, 5, 3)
+    else:
+        x = _batch_reshape(tokens, (b, h, w, 2, 2, c)).transpose(0, 1, 3, 2, 4, 5)
+    return _batch_reshape(x, (b, 2 * h, 2 * w, c))
 
 
-class Flux2VAE(nnx.Module):
-    """Images <-> FLUX.2 latent tokens (the ``PixelAutoencoder`` interface, with learned weights)."""
+class KLAutoencoder(nnx.Module):
+    """Images <-> latent tokens through a diffusers KL autoencoder (the ``PixelAutoencoder`` interface).
 
-    def __init__(self, config: Flux2VAEConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32) -> None:
+    Subclasses set ``token_order`` and the token normalisation (``_normalise`` / ``_denormalise``);
+    encode/decode, the grid and the input checks are shared.
+    """
+
+    token_order: ClassVar[TokenOrder] = "c p1 p2"
+
+    def __init__(self, config: CoderConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32) -> None:
         c = config.latent_channels
         self.config = config
         self.encoder = Encoder(config, rngs=rngs, dtype=dtype)
@@ -395,8 +472,6 @@ class Flux2VAE(nnx.Module):
         self.post_quant_conv = (
             Conv2d(c, c, 1, padding=one, rngs=rngs, dtype=dtype) if config.use_post_quant_conv else None
         )
-        # The token normalisation statistics (BatchNorm2d(4C, affine=False)), always float32.
-        self.bn = BatchStats(4 * c)
 
     @property
     def latent_channels(self) -> int:
@@ -413,28 +488,25 @@ class Flux2VAE(nnx.Module):
             )
         return height // s, width // s
 
-    def _stats(self) -> tuple[jax.Array, jax.Array]:
-        mean = self.bn.running_mean[...].astype(jnp.float32)
-        std = jnp.sqrt(self.bn.running_var[...].astype(jnp.float32) + self.config.batch_norm_eps)
-        return mean, std
+    def _normalise(self, tokens: jax.Array) -> jax.Array:
+        """Raw patchified latents (B, L, 4C) float32 -> the tokens the transformer sees."""
+        raise NotImplementedError
+
+    def _denormalise(self, tokens: jax.Array) -> jax.Array:
+        """The inverse of ``_normalise``."""
+        raise NotImplementedError
 
     def encode(self, images: jax.Array) -> jax.Array:
         """(B, H, W, 3) uint8 (or float in [0, 1]) -> (B, L, 4C) float32 tokens, row-major over the grid."""
         if images.ndim != 4 or images.shape[-1] != self.config.in_channels:
             raise ValueError(f"images must be (B, H, W, {self.config.in_channels}), got {images.shape}")
-        h, w = self.grid(images.shape[1], images.shape[2])
+        self.grid(images.shape[1], images.shape[2])
         unit = images.astype(jnp.float32) / 255.0 if images.dtype == jnp.uint8 else images.astype(jnp.float32)
         moments = self.encoder(unit * 2.0 - 1.0)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
-        c = self.config.latent_channels
-        mode = moments[..., :c].astype(jnp.float32)  # the posterior's mean; the rest is its log-variance
-        b = mode.shape[0]
-        # Patchify 2x2 with the pipeline's channel order: channel c * 4 + dy * 2 + dx.
-        x = _batch_reshape(mode, (b, h, 2, w, 2, c)).transpose(0, 1, 3, 5, 2, 4)
-        tokens = _batch_reshape(x, (b, h * w, 4 * c))
-        mean, std = self._stats()
-        return (tokens - mean) / std
+        mode = moments[..., : self.config.latent_channels].astype(jnp.float32)  # the rest is the log-var
+        return self._normalise(patchify(mode, self.token_order))
 
     def decode(self, tokens: jax.Array, grid_hw: Sequence[int]) -> jax.Array:
         """(B, L, 4C) tokens on grid (h, w) -> (B, s h, s w, 3) float32 images, s = config.scale.
@@ -444,15 +516,59 @@ class Flux2VAE(nnx.Module):
         c = self.config.latent_channels
         if tokens.ndim != 3 or tokens.shape[1:] != (h * w, 4 * c):
             raise ValueError(f"tokens must be (B, {h * w}, {4 * c}) for grid {(h, w)}, got {tokens.shape}")
-        mean, std = self._stats()
-        x = tokens.astype(jnp.float32) * std + mean
-        b = x.shape[0]
-        x = _batch_reshape(x, (b, h, w, c, 2, 2)).transpose(0, 1, 4, 2, 5, 3)
-        z = _batch_reshape(x, (b, 2 * h, 2 * w, c))
+        z = unpatchify(self._denormalise(tokens.astype(jnp.float32)), (h, w), self.token_order)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         image = self.decoder(z).astype(jnp.float32)
         return (image + 1.0) / 2.0
+
+
+class BatchStats(nnx.Module):
+    """BatchNorm2d's running statistics (frozen buffers), diffusers' ``bn.running_mean/var``."""
+
+    def __init__(self, channels: int) -> None:
+        self.running_mean = RunningStat(jnp.zeros((channels,), jnp.float32))
+        self.running_var = RunningStat(jnp.ones((channels,), jnp.float32))
+
+
+class Flux2VAE(KLAutoencoder):
+    """Images <-> FLUX.2 latent tokens: ``Flux2KleinPipeline``'s image latents (posterior mode, 2x2
+    patchified with channel c * 4 + dy * 2 + dx, normalised by the BatchNorm running statistics)."""
+
+    token_order: ClassVar[TokenOrder] = "c p1 p2"
+
+    def __init__(self, config: Flux2VAEConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32) -> None:
+        super().__init__(config, rngs=rngs, dtype=dtype)
+        # The token normalisation statistics (BatchNorm2d(4C, affine=False)), always float32.
+        self.bn = BatchStats(4 * config.latent_channels)
+
+    def _stats(self) -> tuple[jax.Array, jax.Array]:
+        mean = self.bn.running_mean[...].astype(jnp.float32)
+        std = jnp.sqrt(self.bn.running_var[...].astype(jnp.float32) + self.config.batch_norm_eps)
+        return mean, std
+
+    def _normalise(self, tokens: jax.Array) -> jax.Array:
+        mean, std = self._stats()
+        return (tokens - mean) / std
+
+    def _denormalise(self, tokens: jax.Array) -> jax.Array:
+        mean, std = self._stats()
+        return tokens * std + mean
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading.
+
+_M = TypeVar("_M", bound=KLAutoencoder)
+
+
+def build_from_folder(
+    model_cls: type[_M], config: CoderConfig, folder: Path, *, dtype: Any, mesh: Mesh | None
+) -> _M:
+    """``model_cls(config)`` with its variables read from ``folder``'s safetensors (no random init)."""
+    abstract = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0), dtype=dtype))
+    graphdef, state = nnx.split(abstract)
+    return nnx.merge(graphdef, vae_weights.load_state(folder, state, mesh))
 
 
 def load_vae(path: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: Mesh | None = None) -> Flux2VAE:
@@ -464,7 +580,23 @@ def load_vae(path: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: Mesh | 
     """
     folder = vae_weights.resolve_vae_folder(path)
     cfg = config_from_dict(vae_weights.read_config_dict(folder), source=str(folder / vae_weights.CONFIG_NAME))
-    abstract = nnx.eval_shape(lambda: Flux2VAE(cfg, rngs=nnx.Rngs(0), dtype=dtype))
-    graphdef, state = nnx.split(abstract)
-    state = vae_weights.load_state(folder, state, mesh)
-    return nnx.merge(graphdef, state)
+    return build_from_folder(Flux2VAE, cfg, folder, dtype=dtype, mesh=mesh)
+
+
+def load_autoencoder(
+    path: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: Mesh | None = None
+) -> KLAutoencoder:
+    """Loads a diffusers VAE folder (or a pipeline folder holding ``vae/``) by its config's ``_class_name``:
+    ``AutoencoderKLFlux2`` -> ``Flux2VAE`` (:func:`load_vae`), ``AutoencoderKL`` -> ``vae_flux1.Flux1VAE``."""
+    from sfgrpo.models import vae_flux1  # noqa: PLC0415 -- vae_flux1 imports this module
+
+    loaders = {
+        Flux2VAEConfig.DIFFUSERS_CLASS: load_vae,
+        vae_flux1.Flux1VAEConfig.DIFFUSERS_CLASS: vae_flux1.load_flux1_vae,
+    }
+    folder = vae_weights.resolve_vae_folder(path)
+    cls = vae_weights.read_config_dict(folder).get("_class_name")
+    if cls not in loaders:
+        source = folder / vae_weights.CONFIG_NAME
+        raise ValueError(f"{source}: unsupported VAE class {cls!r}; expected one of {sorted(loaders)}")
+    return loaders[cls](folder, dtype=dtype, mesh=mesh)

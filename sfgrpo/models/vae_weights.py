@@ -1,4 +1,4 @@
-"""Reading a diffusers ``AutoencoderKLFlux2`` folder into ``vae.Flux2VAE``'s parameters.
+"""Reading a diffusers VAE folder (``AutoencoderKLFlux2`` or ``AutoencoderKL``) into a ``vae.KLAutoencoder``.
 
 Our parameter paths mirror diffusers' state-dict names, so the mapping is a rule (:func:`diffusers_name`):
 ``kernel`` is torch's ``weight`` (conv OIHW -> HWIO, linear (out, in) -> (in, out)), and three modules
@@ -40,11 +40,15 @@ def resolve_vae_folder(path: str | os.PathLike) -> Path:
 
 
 def read_config_dict(folder: Path) -> dict[str, Any]:
+    """The folder's config.json as a dict; invalid JSON or a non-object raises naming the file."""
     file = folder / CONFIG_NAME
     try:
-        return json.loads(file.read_text())
+        config = json.loads(file.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 def diffusers_name(path: tuple[Any, ...]) -> str:
@@ -73,7 +77,7 @@ def _from_torch(t: np.ndarray, is_kernel: bool) -> np.ndarray:
 
 
 def load_state(folder: Path, abstract_state: nnx.State, mesh: Mesh | None) -> nnx.State:
-    """Fills an abstract ``Flux2VAE`` state from the folder's safetensors (each variable keeps its dtype).
+    """Fills an abstract ``KLAutoencoder`` state from the folder's safetensors (variables keep their dtype).
 
     Missing, unexpected or mis-shaped tensors raise one ``ValueError`` naming the folder and all of them.
     """
