@@ -34,13 +34,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 from sfgrpo.models import attention
 from sfgrpo.models.layers import (
     Linear,
     RMSNorm,
     _fitting_spec,
+    _spec_of,
     apply_rope,
     layer_norm,
     mesh_of,
@@ -225,6 +226,14 @@ def _rotary_tables(cfg: OmniGen2Config) -> list[tuple[np.ndarray, np.ndarray]]:
     return tables
 
 
+def _gather_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """table (N, D) rows at ids (B, L) -> (B, L, D), sharded as the ids are (a replicated table, so no
+    communication)."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return jnp.take(table, ids, axis=0)
+    return table.at[ids].get(out_sharding=PartitionSpec(*_spec_of(ids), None))
+
+
 def position_ids(
     text_len: jax.Array, text_tokens: int, grid_hw: tuple[int, int], ref_grids: Sequence[tuple[int, int]]
 ) -> jax.Array:
@@ -249,7 +258,9 @@ def position_ids(
         parts.append(grid(h, w, shift))
         shift += max(h, w)
     parts.append(grid(*grid_hw, shift))
-    text = jnp.broadcast_to(jnp.arange(text_tokens, dtype=jnp.int32)[None, :, None], (b, text_tokens, 3))
+    # Built from text_len so that every part carries its (batch) sharding.
+    text = jnp.zeros_like(text_len)[:, None, None] + jnp.arange(text_tokens, dtype=jnp.int32)[None, :, None]
+    text = jnp.broadcast_to(text, (b, text_tokens, 3))
     return jnp.concatenate([*parts, text], axis=1)
 
 
@@ -356,8 +367,8 @@ class OmniGen2Transformer(nnx.Module):
         """(B, L, 3) position ids -> (cos, sin), each (B, L, head_dim) float32, pairs interleaved."""
         cos, sin = [], []
         for axis, (c, s) in enumerate(_rotary_tables(self.config)):
-            cos.append(jnp.take(jnp.asarray(c), ids[..., axis], axis=0))
-            sin.append(jnp.take(jnp.asarray(s), ids[..., axis], axis=0))
+            cos.append(_gather_rows(jnp.asarray(c), ids[..., axis]))
+            sin.append(_gather_rows(jnp.asarray(s), ids[..., axis]))
         cos, sin = jnp.concatenate(cos, axis=-1), jnp.concatenate(sin, axis=-1)
         return jnp.repeat(cos, 2, axis=-1), jnp.repeat(sin, 2, axis=-1)
 
