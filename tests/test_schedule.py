@@ -5,6 +5,7 @@ import pytest
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 
+from sfgrpo.sampling import schedule
 from sfgrpo.sampling.schedule import empirical_mu, flux2_sigmas
 
 
@@ -54,3 +55,17 @@ def test_bad_arguments(bad, schedule):
         flux2_sigmas(4, bad, schedule)
     with pytest.raises(ValueError, match="schedule"):
         flux2_sigmas(4, 256, "cosine")
+
+
+def test_omnigen2_schedule_is_its_scheduler_in_sigma():
+    """OmniGen2's scheduler: t = k/N shifted by m = sqrt(latent pixels)/40, then t = 1; sigma = 1 - t.
+    At 320 px (a 40 x 40 latent) m = 1, no shift; at 1024 px m = 3.2: t_1 = 0.25 / (3.2 - 0.8 + 0.25)."""
+    np.testing.assert_allclose(schedule.omnigen2_sigmas(4, 40 * 40), [1.0, 0.75, 0.5, 0.25, 0.0], atol=1e-7)
+    sig = schedule.omnigen2_sigmas(4, 128 * 128)
+    assert sig.dtype == np.float32 and sig[0] == 1.0 and sig[-1] == 0.0
+    np.testing.assert_allclose(sig[1], 1 - 0.25 / 2.65, rtol=1e-6)
+    assert np.all(np.diff(sig) < 0)
+    # 16-px tokens are 2 x 2 latent pixels: 64 x 64 tokens is the 1024 px image.
+    np.testing.assert_array_equal(schedule.schedule_sigmas(4, 64 * 64, "omnigen2"), sig)
+    with pytest.raises(ValueError, match="latent_pixels"):
+        schedule.omnigen2_sigmas(4, 0)

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sfgrpo.models.policy import Conditioning, EditPolicy
+from sfgrpo.models.policy import Conditioning, EditPolicy, OmniGen2EditPolicy
 from sfgrpo.rewards.base import RegionScores, Rewards, score_rewards
 from sfgrpo.rl.advantages import (
     group_advantages,
@@ -131,23 +131,47 @@ def merge(parts: PolicyParts, params: Any = None) -> EditPolicy:
 
 
 def velocity_fn(
-    policy: EditPolicy, cond: Conditioning, cfg_scale: float = 1.0
+    policy: Any, cond: Conditioning, cfg_scale: float = 1.0, image_scale: float = 1.0
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """The policy's velocity as a function of (x (B, L, C), sigma (B,)), its conditioning closed over.
 
-    With cfg_scale != 1 it is true classifier-free guidance against ``cond.text_uncond``; the guided
-    velocity is then the policy, in the rollout and in the update alike.
+    With cfg_scale != 1 it is true classifier-free guidance against the empty instruction
+    (``cond.unconditional()``), as each model's pipeline does it:
+    - FLUX.2: the unconditional forward keeps the source (``Flux2KleinPipeline``); ``image_scale`` must be 1.
+    - OmniGen2 (``OmniGen2Pipeline.processing``): text guidance alone drops the source too,
+      v = v(∅, ∅) + cfg (v(text, src) - v(∅, ∅)); with image_scale > 1 as well it is the dual guidance
+      v = v(∅, ∅) + image (v(∅, src) - v(∅, ∅)) + cfg (v(text, src) - v(∅, src)), three forwards per
+      step; with cfg_scale 1 there is no guidance at all, whatever image_scale (the pipeline's rule).
+    The guided velocity is then the policy, in the rollout and in the update alike.
     """
 
     def conditional(x: jax.Array, sigma: jax.Array) -> jax.Array:
         return policy.velocity(x, sigma, cond)
 
+    def with_cond(c: Conditioning) -> Callable[[jax.Array, jax.Array], jax.Array]:
+        return lambda x, sigma: policy.velocity(x, sigma, c)
+
+    if not isinstance(policy, OmniGen2EditPolicy):
+        if image_scale != 1.0:
+            raise ValueError(f"image guidance ({image_scale}) is OmniGen2's; this policy has none")
+        return (
+            guided(conditional, with_cond(cond.unconditional()), cfg_scale)
+            if cfg_scale != 1.0
+            else conditional
+        )
     if cfg_scale == 1.0:
         return conditional
-    if cond.text_uncond is None:
-        raise ValueError("cfg_scale != 1 needs the unconditional text features (Conditioning.text_uncond)")
-    uncond = cond._replace(text=cond.text_uncond)
-    return guided(conditional, lambda x, sigma: policy.velocity(x, sigma, uncond), cfg_scale)
+    uncond = cond.unconditional()
+    neither = with_cond(uncond._replace(reference=None))
+    if image_scale == 1.0:
+        return guided(conditional, neither, cfg_scale)
+    source_only = with_cond(uncond)
+
+    def dual(x: jax.Array, sigma: jax.Array) -> jax.Array:
+        v_ref, v_none = source_only(x, sigma), neither(x, sigma)
+        return v_none + image_scale * (v_ref - v_none) + cfg_scale * (conditional(x, sigma) - v_ref)
+
+    return dual
 
 
 # --- rollout ------------------------------------------------------------------------------------------
@@ -264,7 +288,8 @@ def reward_metrics(scores: RegionScores, rewards: Rewards, scale: float) -> dict
 
 def _per_sample(traj: Trajectory, cond: Conditioning, credit_: Credit) -> dict[str, jax.Array]:
     """Everything the update slices by sample, batch axis first."""
-    extra = {} if cond.text_uncond is None else {"text_uncond": cond.text_uncond}
+    optional = ("text_uncond", "text_mask", "text_mask_uncond")
+    extra = {k: getattr(cond, k) for k in optional if getattr(cond, k) is not None}
     return extra | {
         "x": jnp.moveaxis(traj.x, 0, 1),  # (B, W, L, C)
         "x_next": jnp.moveaxis(traj.x_next, 0, 1),
@@ -322,7 +347,14 @@ def _step_loss(
     divided by the whole optimizer step's count of valid entries, ``counts`` = (policy-loss entries, KL
     (sample, token) entries), both over all its micro-batches and window steps, so that the shares sum to
     the full-batch mean (SPEC section 8)."""
-    cond = Conditioning(mb["text"], mb["reference"], *ids, mb.get("text_uncond"))
+    cond = Conditioning(
+        mb["text"],
+        mb["reference"],
+        *ids,
+        mb.get("text_uncond"),
+        text_mask=mb.get("text_mask"),
+        text_mask_uncond=mb.get("text_mask_uncond"),
+    )
     # A sample without credit (its reward failed) is selected away before the model sees it: a NaN in its
     # trajectory would otherwise reach the weight gradient as 0 * NaN through the backward pass.
     valid = sample_validity(mb["mask"])  # (b,)

@@ -1,7 +1,12 @@
-"""The FLUX.2 sampling schedule (SPEC section 3): a linear sigma grid with a resolution-dependent time shift.
+"""Sampling schedules (SPEC section 3): linear sigma grids with a resolution-dependent time shift.
 
-Matches diffusers' ``Flux2KleinPipeline`` with ``FlowMatchEulerDiscreteScheduler`` (dynamic, exponential
-shifting): sigmas = linspace(1, 1/N, N), shifted by mu = ``compute_empirical_mu(L, N)``, then a final 0.
+- FLUX.2 (``flux2_sigmas``) matches diffusers' ``Flux2KleinPipeline`` with
+  ``FlowMatchEulerDiscreteScheduler`` (dynamic, exponential shifting): sigmas = linspace(1, 1/N, N),
+  shifted by mu = ``compute_empirical_mu(L, N)``, then a final 0.
+- OmniGen2 (``omnigen2_sigmas``) matches its own ``FlowMatchEulerDiscreteScheduler`` with
+  ``dynamic_time_shift``: OmniGen2 times t = k/N (0 = noise) shifted to t / (m - m t + t) with
+  m = sqrt(latent pixels) / 40, then a final 1; here as sigma = 1 - t, so every sampler runs one convention.
+
 Sigmas depend only on static integers (steps, token count), so they are computed once on the host and enter
 jitted code as constants.
 """
@@ -37,7 +42,7 @@ def time_shift(mu: float, sigmas: np.ndarray) -> np.ndarray:
     return e_mu / (e_mu + (1.0 / sigmas - 1.0))
 
 
-SCHEDULES = ("flux2", "linear")
+SCHEDULES = ("flux2", "linear", "omnigen2")
 
 
 def flux2_sigmas(num_steps: int, image_seq_len: int, schedule: str = "flux2") -> np.ndarray:
@@ -56,12 +61,43 @@ def flux2_sigmas(num_steps: int, image_seq_len: int, schedule: str = "flux2") ->
     """
     _check_positive_int("num_steps", num_steps)
     _check_positive_int("image_seq_len", image_seq_len)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule not in ("flux2", "linear"):
+        raise ValueError(f"schedule must be 'flux2' or 'linear', got {schedule!r}")
     base = np.linspace(1.0, 1.0 / num_steps, num_steps)
     if schedule == "flux2":
         base = time_shift(empirical_mu(image_seq_len, num_steps), base)
     return np.append(base, 0.0).astype(np.float32)
+
+
+def schedule_sigmas(num_steps: int, image_seq_len: int, schedule: str) -> np.ndarray:
+    """(N + 1,) float32 sigmas of ``schedule`` for ``image_seq_len`` 16-px target tokens: 'flux2' and
+    'linear' (``flux2_sigmas``) or 'omnigen2' (``omnigen2_sigmas``; 4 latent pixels per token)."""
+    if schedule == "omnigen2":
+        _check_positive_int("image_seq_len", image_seq_len)
+        return omnigen2_sigmas(num_steps, 4 * image_seq_len)
+    return flux2_sigmas(num_steps, image_seq_len, schedule)
+
+
+def omnigen2_sigmas(num_steps: int, latent_pixels: int, shift: bool = True) -> np.ndarray:
+    """OmniGen2's schedule in sigma = 1 - t.
+
+    Args:
+      num_steps: N, the number of sampler steps.
+      latent_pixels: the VAE latent's h * w (4 per 16-px token; 128 * 128 at 1024 px, where m = 3.2).
+      shift: the scheduler's ``dynamic_time_shift`` (True in the released model's scheduler config).
+
+    Returns:
+      (N + 1,) float32 sigmas from 1.0 down to a final 0.0. The times are computed in float32 as upstream
+      does (``np.linspace(..., dtype=np.float32)``), then 1 - t.
+    """
+    _check_positive_int("num_steps", num_steps)
+    _check_positive_int("latent_pixels", latent_pixels)
+    t = np.linspace(0, 1, num_steps + 1, dtype=np.float32)[:-1]
+    if shift:
+        m = np.sqrt(latent_pixels) / 40
+        t = t / (m - m * t + t)
+    t = np.append(t.astype(np.float32), np.float32(1.0))
+    return (np.float32(1.0) - t).astype(np.float32)
 
 
 def _check_positive_int(name: str, value: int) -> None:
