@@ -7,6 +7,7 @@ with a ``ConfigError`` that names the key and the problem.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -24,7 +25,7 @@ from sfgrpo.iteration import Conditioner, Programs
 from sfgrpo.models import lora
 from sfgrpo.models.flux2 import Flux2Transformer
 from sfgrpo.models.flux2_config import ATTENTION_IMPLS, REMAT_POLICIES
-from sfgrpo.models.policy import EditPolicy
+from sfgrpo.models.policy import EditPolicy, OmniGen2EditPolicy
 from sfgrpo.models.tiny import PixelAutoencoder, WordTextEncoder
 from sfgrpo.rewards import reward_config
 from sfgrpo.rl.loss import CREDIT_MODES
@@ -34,7 +35,8 @@ from sfgrpo.sampling.schedule import SCHEDULES
 from sfgrpo.sampling.sde import STEP_KINDS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-MODELS = ("tiny", "klein")  # the CPU demo's tiny policy; FLUX.2-klein from a diffusers folder
+# The CPU demo's tiny policy; FLUX.2-klein from a diffusers folder; OmniGen2 from its model folder.
+MODELS = ("tiny", "klein", "omnigen2")
 
 
 class ConfigError(ValueError):
@@ -225,7 +227,7 @@ def validate(config: ml_collections.ConfigDict, processes: int | None = None) ->
     if m.name == "tiny":
         _validate_tiny(config)
     else:
-        _validate_klein(config)
+        _validate_folder_model(config)
     _require(m.lora_rank >= 0, "model.lora_rank", f"must be >= 0, got {m.lora_rank}")
     kinds = reward_config.IN_GRAPH_KINDS + reward_config.HOST_KINDS
     _require(config.reward.kind in kinds, "reward.kind", f"one of {kinds}, got {config.reward.kind!r}")
@@ -423,22 +425,32 @@ def _validate_tiny(config: ml_collections.ConfigDict) -> None:
     )
 
 
-def _validate_klein(config: ml_collections.ConfigDict) -> None:
-    """The FLUX.2-klein settings; the folder's own contents are checked when it is loaded."""
+def _validate_folder_model(config: ml_collections.ConfigDict) -> None:
+    """The settings of a model loaded from a folder (FLUX.2-klein, OmniGen2); the folder's own contents are
+    checked when it is loaded."""
     m = config.model
-    _require(bool(m.folder), "model.folder", "model.name='klein' needs the diffusers FLUX.2-klein folder")
+    what = {"klein": "diffusers FLUX.2-klein", "omnigen2": "OmniGen2"}[m.name]
+    _require(bool(m.folder), "model.folder", f"model.name={m.name!r} needs the {what} folder")
     _require(m.remat in REMAT_POLICIES, "model.remat", f"one of {REMAT_POLICIES}, got {m.remat!r}")
     impls = tuple(a for a in ATTENTION_IMPLS if a is not None)
     _require(m.attention in impls, "model.attention", f"one of {impls}, got {m.attention!r}")
-    _require(
-        len(m.text_layers) >= 1 and min(m.text_layers) >= 1,
-        "model.text_layers",
-        f"hidden-state indices >= 1, got {tuple(m.text_layers)}",
-    )
+    if m.name == "klein":
+        _require(
+            len(m.text_layers) >= 1 and min(m.text_layers) >= 1,
+            "model.text_layers",
+            f"hidden-state indices >= 1, got {tuple(m.text_layers)}",
+        )
     _require(m.max_text_tokens >= 1, "model.max_text_tokens", f"must be >= 1, got {m.max_text_tokens}")
     _require(
         m.prompt_cache_batch >= 1, "model.prompt_cache_batch", f"must be >= 1, got {m.prompt_cache_batch}"
     )
+    if m.name == "omnigen2":
+        # OmniGen2 was trained for its own schedule; FLUX.2's shift would sample it off its training times.
+        _require(
+            sampler_schedule(config) == "omnigen2",
+            "sampler.schedule",
+            f"model.name='omnigen2' needs its own schedule 'omnigen2', got {sampler_schedule(config)!r}",
+        )
 
 
 def grpo_settings(config: ml_collections.ConfigDict) -> GRPOSettings:
@@ -493,14 +505,14 @@ class Model:
     'text_embeds' from a prompt cache; the device batch carries them.
     """
 
-    policy: EditPolicy
+    policy: EditPolicy | OmniGen2EditPolicy
     condition: Conditioner
     text_fields: Callable[[Sequence[str]], dict[str, np.ndarray]]
 
 
 def text_length(config: ml_collections.ConfigDict) -> int:
     """Text tokens per instruction."""
-    if config.model.name == "klein":
+    if config.model.name in ("klein", "omnigen2"):
         return int(config.model.max_text_tokens)
     return shapes.max_words(shapes_config(config))
 
@@ -508,7 +520,7 @@ def text_length(config: ml_collections.ConfigDict) -> int:
 def build_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, seed: int) -> Model:
     """The configured model on ``mesh``; call under ``runtime.use_mesh(mesh)``.
 
-    'tiny' is randomly initialised from ``seed``; 'klein' is loaded from ``model.folder``.
+    'tiny' is randomly initialised from ``seed``; 'klein' and 'omnigen2' are loaded from ``model.folder``.
     """
     hw = (config.data.resolution, config.data.resolution)
     cfg = config.sampler.cfg_scale != 1.0
@@ -522,6 +534,8 @@ def build_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, seed
         uncond = {"text_ids": np.zeros((1, length), np.int32)} if cfg else None  # all padding
         condition = Conditioner(PixelAutoencoder(pool=config.model.pixel_pool), hw, length, uncond=uncond)
         return Model(policy, condition, text_fields)
+    if config.model.name == "omnigen2":
+        return _build_omnigen2(config, mesh, hw, cfg)
     return _build_klein(config, mesh, hw, cfg)
 
 
@@ -588,6 +602,73 @@ def _build_klein(
     return Model(policy, Conditioner(autoencoder, hw, length, uncond=uncond), cached)
 
 
+def _build_omnigen2(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, hw: tuple[int, int], cfg: bool
+) -> Model:
+    """OmniGen2 from ``model.folder``: its transformer, FLUX.1 VAE and Qwen2.5-VL text encoder (or the
+    prompt cache of its features). Its text is masked, so every batch carries 'text_mask' (from the
+    tokenizer, also with a cache: tokenizing is cheap on the host)."""
+    from sfgrpo import runtime  # noqa: PLC0415
+    from sfgrpo.data import prompt_cache  # noqa: PLC0415
+    from sfgrpo.models import omnigen2, omnigen2_folder, omnigen2_prompts, qwen2_5_vl, vae_flux1  # noqa: PLC0415
+
+    m = config.model
+    dtype = DTYPES[m.dtype]
+    try:
+        folder = omnigen2_folder.check_folder(m.folder)
+        omnigen2_folder.check_consistency(folder)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"config.model.folder: {err}") from None
+    transformer = omnigen2.from_pretrained(
+        folder, dtype=dtype, mesh=mesh, remat=m.remat, attention=m.attention
+    )
+    autoencoder = vae_flux1.load_flux1_vae(folder, dtype=dtype, mesh=mesh)
+    length = int(m.max_text_tokens)
+    tokenizer = omnigen2_prompts.OmniGen2PromptTokenizer(folder, max_length=length)
+    condition = functools.partial(Conditioner, autoencoder, hw, length, masked_text=True)
+    grid = autoencoder.grid(*hw)
+
+    def tokens(instructions: Sequence[str]) -> dict[str, np.ndarray]:
+        ids, mask = tokenizer(list(instructions))
+        return {"text_ids": ids, "text_mask": mask}
+
+    def text_encoder() -> nnx.Module:
+        return qwen2_5_vl.load_qwen2_5_vl(folder, dtype=dtype, mesh=mesh)
+
+    if not m.prompt_cache:
+        policy = OmniGen2EditPolicy(transformer, text_encoder(), autoencoder, grid_hw=grid)
+        return Model(policy, condition(uncond=tokens([""]) if cfg else None), tokens)
+
+    splits = ("train", "test")
+    instructions = [t for s in splits for t in prompt_cache.split_instructions(data_source(config, s))]
+    fingerprint = f"{folder}|omnigen2|tokens={length}|{m.dtype}"
+    encoder: list[Any] = []
+    per_host = -(-int(m.prompt_cache_batch) // jax.local_device_count()) * jax.local_device_count()
+
+    def encode(texts: Sequence[str]) -> np.ndarray:
+        if not encoder:
+            graphdef, state = nnx.split(text_encoder())
+            encoder.extend([jax.jit(lambda s, ids, mask: nnx.merge(graphdef, s)(ids, mask)), state])
+        encode_jit, state = encoder
+        arrays = runtime.host_local_to_global(tokens(texts), mesh)
+        return runtime.global_to_host_local(encode_jit(state, arrays["text_ids"], arrays["text_mask"]))
+
+    cache = prompt_cache.open_or_build(
+        m.prompt_cache, instructions, encode, fingerprint=fingerprint, dtype=m.dtype, batch_size=per_host
+    )
+    encoder.clear()
+
+    def cached(instructions: Sequence[str]) -> dict[str, np.ndarray]:
+        return {
+            "text_embeds": cache.lookup(list(instructions)),
+            "text_mask": tokens(instructions)["text_mask"],
+        }
+
+    uncond = {"text_embeds": cache.uncond, "text_mask": tokens([""])["text_mask"]} if cfg else None
+    policy = OmniGen2EditPolicy(transformer, None, autoencoder, grid_hw=grid)
+    return Model(policy, condition(uncond=uncond), cached)
+
+
 def build_policy(config: ml_collections.ConfigDict, seed: int) -> EditPolicy:
     """The tiny policy, randomly initialised; call under ``runtime.use_mesh`` to shard it."""
     m = config.model
@@ -603,7 +684,7 @@ def add_lora(policy: EditPolicy, config: ml_collections.ConfigDict, seed: int) -
     if m.lora_rank == 0:
         return []
     alpha = float(m.lora_alpha) if m.lora_alpha > 0 else 2.0 * m.lora_rank
-    patterns = tuple(lora_patterns(m.lora_targets)) or lora.DEFAULT_PATTERNS
+    patterns = tuple(lora_patterns(m.lora_targets)) or lora.default_patterns(policy.transformer)
     try:
         return lora.apply_lora(
             policy.transformer, lora.LoRAConfig(m.lora_rank, alpha, patterns), rngs=nnx.Rngs(seed)

@@ -2,19 +2,22 @@
 ``python -m sfgrpo.export --workdir W [--step N|latest] --out PATH [--format peft|merged] [--base DIR]``.
 
 Formats:
-  peft    the LoRA adapter as a diffusers/PEFT safetensors file (LoRA runs on a FLUX.2-klein folder):
-          ``pipe = Flux2KleinPipeline.from_pretrained(base); pipe.load_lora_weights(PATH)``. Its metadata
+  peft    the LoRA adapter as a diffusers/PEFT safetensors file (LoRA runs on a FLUX.2-klein or OmniGen2
+          folder): ``pipe = Flux2KleinPipeline.from_pretrained(base); pipe.load_lora_weights(PATH)``, or
+          OmniGen2's ``OmniGen2Pipeline.load_lora_weights(PATH)`` (whose loader ignores the PEFT alpha: an
+          OmniGen2 export folds alpha / r into lora_B, see ``models.lora``). Its metadata
           holds the PEFT config (rank, alpha, target modules) that diffusers reads, and sfgrpo's: the
           version, the step, the base folder's name and fingerprint, and the run's config. ``--out`` is the
           file (ending in .safetensors) or a folder that receives ``pytorch_lora_weights.safetensors`` (the
           name ``load_lora_weights(folder)`` looks for) and ``sfgrpo_export.json``.
-  merged  klein: a complete diffusers pipeline folder, ``Flux2KleinPipeline.from_pretrained(PATH)``: its
+  merged  klein or OmniGen2: a complete pipeline folder (``Flux2KleinPipeline.from_pretrained(PATH)``,
+          ``OmniGen2Pipeline.from_pretrained(PATH)``): its
           ``transformer/`` holds the adapter folded into the base weights (or a full fine-tuning's weights)
           in the base's dtype, as sharded safetensors with an index; the other components are hard-linked
           from the base (copied across filesystems). sfgrpo trains from it (``config.model.folder=PATH``).
           The demo's tiny model: ``transformer/`` (a diffusers ``Flux2Transformer2DModel`` folder),
           ``text_encoder/`` (its word encoder: ``model.safetensors`` and ``config.json``).
-Default: peft for a LoRA run on a klein folder, merged otherwise. Every export folder holds
+Default: peft for a LoRA run on a model folder, merged otherwise. Every export folder holds
 ``sfgrpo_export.json`` (what it is and where it came from). Exports are written next to ``--out`` and
 renamed into place once complete; an existing ``--out`` is replaced only with ``--overwrite``.
 
@@ -59,9 +62,12 @@ class ExportError(ValueError):
     """An export that cannot be made as asked; the message names the input and why."""
 
 
+FOLDER_MODELS = ("klein", "omnigen2")  # trained from a model folder, which an export refers to
+
+
 def default_format(config: ml_collections.ConfigDict) -> str:
-    """peft for a LoRA run on a klein folder (the adapter is all that changed), merged otherwise."""
-    lora_on_folder = config.model.name == "klein" and int(config.model.lora_rank) > 0
+    """peft for a LoRA run on a model folder (the adapter is all that changed), merged otherwise."""
+    lora_on_folder = config.model.name in FOLDER_MODELS and int(config.model.lora_rank) > 0
     return "peft" if lora_on_folder and int(config.warmstart.steps) == 0 else "merged"
 
 
@@ -72,7 +78,7 @@ def check_format(config: ml_collections.ConfigDict, fmt: str) -> None:
     if fmt == "peft":
         if int(config.model.lora_rank) == 0:
             raise ExportError("--format peft: the run fine-tuned the whole transformer (no LoRA); use merged")
-        if config.model.name != "klein":
+        if config.model.name not in FOLDER_MODELS:
             raise ExportError(
                 f"--format peft: the {config.model.name!r} model's base is its warm start, which no "
                 "diffusers folder holds; use merged"
@@ -135,10 +141,10 @@ def export_policy(
     lora.merge_lora(policy.transformer)
     if write:
         out.mkdir(parents=True)
-    if config.model.name == "klein":
+    if config.model.name in FOLDER_MODELS:
         folder = Path(base.folder)
         transformer_config = json.loads((folder / "transformer" / weights.CONFIG_NAME).read_text())
-        save_weights.save_flux2(
+        save_weights.save_transformer(
             policy.transformer,
             out / "transformer",
             dtype=_file_dtype(folder / "transformer"),
@@ -149,7 +155,7 @@ def export_policy(
         if write:
             _link_components(folder, out)
     else:
-        save_weights.save_flux2(
+        save_weights.save_transformer(
             policy.transformer,
             out / "transformer",
             dtype=np.float32,

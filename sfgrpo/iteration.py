@@ -36,7 +36,7 @@ from sfgrpo.rl.step import (
     velocity_fn,
 )
 from sfgrpo.sampling.rollout import Trajectory, rollout
-from sfgrpo.sampling.schedule import flux2_sigmas
+from sfgrpo.sampling.schedule import schedule_sigmas
 
 _log = logging.getLogger(__name__)
 
@@ -61,7 +61,9 @@ class Conditioner:
         policy, so its weights are arguments of the compiled programs rather than constants in them, and
         ``autoencoder_of`` returns the policy's copy.
       uncond: the empty instruction's text fields, each (1, ...) — 'text_ids' and 'text_mask', or
-        'text_embeds' with a prompt cache — for true CFG; None without CFG.
+        'text_embeds' (and 'text_mask') with a prompt cache — for true CFG; None without CFG.
+      masked_text: the policy masks its text padding (OmniGen2): the batch's 'text_mask' goes into the
+        conditioning, next to the features.
     """
 
     def __init__(
@@ -71,11 +73,13 @@ class Conditioner:
         text_len: int,
         *,
         uncond: Mapping[str, np.ndarray] | None = None,
+        masked_text: bool = False,
     ) -> None:
         self.autoencoder = autoencoder
         self.uncond = None if uncond is None else {k: np.asarray(v) for k, v in uncond.items()}
         self.grid = self.autoencoder.grid(*image_hw)
         self.text_len = text_len
+        self.masked_text = masked_text
 
     def autoencoder_of(self, policy: Any) -> Any:
         """The autoencoder to call inside a program: the policy's when it carries one."""
@@ -93,15 +97,26 @@ class Conditioner:
         h, w = self.grid
         img_ids, txt_ids = make_position_ids(h, w, self.text_len, refs=[(h, w)])
         text = self.text(policy, batch)
-        text_uncond = None
+        text_uncond = mask = mask_uncond = None
+        if self.masked_text:
+            mask = batch["text_mask"]
         if self.uncond is not None:
             # Broadcast the (1, ...) empty instruction to the batch, keeping the batch's sharding.
-            ids = batch.get("text_ids")
-            like = {"text_embeds": text, "text_ids": ids, "text_mask": ids}
+            like = {
+                "text_embeds": text,
+                "text_ids": batch.get("text_ids"),
+                "text_mask": batch.get("text_mask"),
+            }
+            if like["text_mask"] is None:
+                like["text_mask"] = like["text_ids"]
             fields = {k: jnp.zeros_like(like[k]) + v.astype(like[k].dtype) for k, v in self.uncond.items()}
             text_uncond = self.text(policy, fields)
+            if self.masked_text:
+                mask_uncond = fields["text_mask"]
         reference = self.autoencoder_of(policy).encode(batch["source"])
-        return Conditioning(text, reference, img_ids, txt_ids, text_uncond)
+        return Conditioning(
+            text, reference, img_ids, txt_ids, text_uncond, text_mask=mask, text_mask_uncond=mask_uncond
+        )
 
 
 class Programs:
@@ -113,7 +128,7 @@ class Programs:
       settings: static GRPO settings.
       condition: the batch -> conditioning map (it holds the autoencoder and the token grid).
       num_steps / eval_steps: sampler steps for training and evaluation.
-      schedule: the sigma schedule, 'flux2' (shifted) or 'linear' (``schedule.flux2_sigmas``).
+      schedule: the sigma schedule, 'flux2' (shifted), 'linear' or 'omnigen2' (``schedule.schedule_sigmas``).
       token_weights: 'boxes' (exact box-cell overlap) or 'masks' (average-pooled region masks where an
         example has them, its boxes otherwise).
       in_graph_reward: the shapes reward runs inside 'reward', 'iteration' and 'evaluate'; False when a
@@ -145,8 +160,8 @@ class Programs:
         self.in_graph_reward = in_graph_reward
         self.compute_dtypes = compute_dtypes
         seq = self.grid[0] * self.grid[1]
-        self.sigmas = flux2_sigmas(num_steps, seq, schedule)
-        self.eval_sigmas = flux2_sigmas(eval_steps, seq, schedule)
+        self.sigmas = schedule_sigmas(num_steps, seq, schedule)
+        self.eval_sigmas = schedule_sigmas(eval_steps, seq, schedule)
         self.compiled: dict[str, Any] = {}
         self.compile_seconds: dict[str, float] = {}
         on_cpu = jax.default_backend() == "cpu"  # CPU buffers cannot be donated; don't ask

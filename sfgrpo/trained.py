@@ -1,8 +1,8 @@
 """The trained model of a run: a workdir's config, its base model and one checkpoint's GRPO parameters.
 
 Shared by ``sfgrpo.export`` and ``sfgrpo.edit --workdir``. The base is what GRPO started from: for a
-FLUX.2-klein run, the diffusers folder ``config.model.folder`` (or the folder passed as ``base``); for the
-demo's tiny model, the warm start cached in ``workdir/warmstart``. A klein run records its base's
+FLUX.2-klein or OmniGen2 run, the model folder ``config.model.folder`` (or the folder passed as ``base``);
+for the demo's tiny model, the warm start cached in ``workdir/warmstart``. A folder run records its base's
 fingerprint (``weights.folder_fingerprint``) in ``workdir/base_model.json`` when it starts; loading the run
 with a base whose fingerprint differs is refused, since the adapters were trained on other weights, and so
 is resuming the run on it.
@@ -22,7 +22,7 @@ from flax import nnx
 
 from sfgrpo import builders, checkpoint, runtime, warmstart
 from sfgrpo.models import weights
-from sfgrpo.models.policy import EditPolicy
+from sfgrpo.models.policy import EditPolicy, OmniGen2EditPolicy
 from sfgrpo.rl.step import compute_copy
 
 _log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class TrainedRunError(ValueError):
 
 @dataclasses.dataclass
 class BaseModel:
-    """What a run's GRPO started from. kind: 'folder' (a diffusers FLUX.2-klein folder) or 'warmstart'
+    """What a run's GRPO started from. kind: 'folder' (a FLUX.2-klein or OmniGen2 model folder) or 'warmstart'
     (the tiny model's cached warm start). folder and fingerprint are the folder's, None for 'warmstart'."""
 
     kind: str
@@ -65,7 +65,7 @@ class TrainedRun:
     workdir: Path
     config: ml_collections.ConfigDict
     step: int
-    policy: EditPolicy
+    policy: EditPolicy | OmniGen2EditPolicy
     base: BaseModel
 
     @property
@@ -85,6 +85,9 @@ def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.loads(file.read_text()))
     except (OSError, ValueError) as err:
         raise TrainedRunError(f"{file} is unreadable ({err})") from None
+
+
+FOLDER_MODELS = ("klein", "omnigen2")  # runs whose base is a model folder (fingerprinted, recorded)
 
 
 def folder_base(folder: str | Path) -> BaseModel:
@@ -125,7 +128,7 @@ def check_base(workdir: Path, base: BaseModel, what: str) -> None:
 def run_base(workdir: Path, config: ml_collections.ConfigDict) -> BaseModel:
     """The base of the run ``config`` starts (or resumes) in ``workdir``; for a resumed klein run, checked
     against the base it recorded (raises ``TrainedRunError``: the adapters were trained on other weights)."""
-    if config.model.name != "klein":
+    if config.model.name not in FOLDER_MODELS:
         return BaseModel("warmstart")
     base = folder_base(config.model.folder)
     if (workdir / BASE_FILE).is_file():
@@ -212,13 +215,14 @@ def load_trained(
 
 def _base_policy(
     workdir: Path, config: ml_collections.ConfigDict, base: str | Path | None, mesh: Any
-) -> tuple[EditPolicy, BaseModel]:
+) -> tuple[EditPolicy | OmniGen2EditPolicy, BaseModel]:
     """The policy GRPO started from, and what it is."""
-    if config.model.name == "klein":
+    if config.model.name in FOLDER_MODELS:
         if int(config.warmstart.steps) > 0:
             raise TrainedRunError(
-                f"{workdir} warm-started the klein model (warmstart.steps={config.warmstart.steps}): its "
-                "base is that warm start, text encoder included, which sfgrpo loads only inside training"
+                f"{workdir} warm-started the {config.model.name} model (warmstart.steps="
+                f"{config.warmstart.steps}): its base is that warm start, text encoder included, which "
+                "sfgrpo loads only inside training"
             )
         folder = Path(base if base is not None else config.model.folder)
         what = "--base" if base is not None else "the run's config.model.folder"
@@ -228,14 +232,21 @@ def _base_policy(
             )
         base_model = folder_base(folder)
         check_base(workdir, base_model, what)
+        dtype = builders.DTYPES[config.model.dtype]
+        # XLA's attention (the folder's config sets none): an export or edit may run on another backend.
+        if config.model.name == "omnigen2":
+            from sfgrpo.models import omnigen2  # noqa: PLC0415
+
+            transformer = omnigen2.from_pretrained(folder, dtype=dtype, mesh=mesh)
+            grid = (config.data.resolution // 16, config.data.resolution // 16)  # 16 px tokens
+            return OmniGen2EditPolicy(transformer, None, None, grid_hw=grid), base_model
         from sfgrpo.models import flux2  # noqa: PLC0415
 
-        # XLA's attention (the folder's config sets none): an export or edit may run on another backend.
-        transformer = flux2.from_pretrained(folder, dtype=builders.DTYPES[config.model.dtype], mesh=mesh)
+        transformer = flux2.from_pretrained(folder, dtype=dtype, mesh=mesh)
         return EditPolicy(transformer, None, None), base_model
     if base is not None:
         raise TrainedRunError(
-            f"--base is for FLUX.2-klein runs; {workdir} trained the {config.model.name!r} model"
+            f"--base is for runs on a model folder; {workdir} trained the {config.model.name!r} model"
         )
     policy = builders.build_model(config, mesh, builders.warmstart_seed(config)).policy
     if int(config.warmstart.steps) > 0:

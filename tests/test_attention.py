@@ -149,9 +149,9 @@ def test_key_lengths_on_a_mesh_match_one_device(impl):
     with runtime.use_mesh(mesh):
         args = [jax.device_put(x, jax.sharding.NamedSharding(mesh, spec)) for x in (q, k, v, g)]
         lens = jax.device_put(kv_len, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        got = jax.jit(
-            lambda n, *a: _value_and_grads(lambda *x: attention.attention(*x, impl, kv_len=n), *a)
-        )(lens, *args)
+        got = jax.jit(lambda n, *a: _value_and_grads(lambda *x: attention.attention(*x, impl, kv_len=n), *a))(
+            lens, *args
+        )
     for name, w, x in zip(("out", "dq", "dk", "dv"), want, got, strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(w), atol=2e-5, err_msg=name)
 

@@ -1,8 +1,10 @@
-"""Writing a FLUX.2 transformer as a diffusers folder: ``config.json``, safetensors shards and their index.
+"""Writing a transformer (FLUX.2 or OmniGen2) as a diffusers-format folder: ``config.json``, safetensors
+shards and their index.
 
-The inverse of ``weights.load_flux2``, through the same name table (``weights.param_table``): a stacked
-parameter becomes one tensor per block and a kernel (in, out) becomes torch's ``weight`` (out, in). The
-folder loads with ``Flux2Transformer2DModel.from_pretrained`` and with sfgrpo's loaders. Shards are named
+The inverse of the loaders (``weights.load_flux2``, ``omnigen2_weights.load``), through the same name
+tables: a stacked parameter becomes one tensor per block and a kernel (in, out) becomes torch's ``weight``
+(out, in). The folder loads with ``Flux2Transformer2DModel.from_pretrained`` (or upstream's
+``OmniGen2Transformer2DModel.from_pretrained``) and with sfgrpo's loaders. Shards are named
 as diffusers names them (``diffusion_pytorch_model-00001-of-00002.safetensors``) and indexed by
 ``diffusion_pytorch_model.safetensors.index.json``, even when there is one.
 """
@@ -20,25 +22,35 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from sfgrpo import runtime
-from sfgrpo.models import weights
+from sfgrpo.models import omnigen2_weights, weights
 from sfgrpo.models.flux2_config import Flux2Config
+from sfgrpo.models.omnigen2 import OmniGen2Transformer
 
 CLASS_NAME = "Flux2Transformer2DModel"
+OMNIGEN2_CLASS_NAME = "OmniGen2Transformer2DModel"
 DEFAULT_SHARD_BYTES = 5 * 1024**3  # diffusers' shards of the klein checkpoints are about this size
 _EXECUTION_FIELDS = ("remat", "attention")  # ours, not the architecture's
 
 
-def diffusers_config(cfg: Flux2Config) -> dict[str, Any]:
-    """The ``config.json`` diffusers writes for a ``Flux2Transformer2DModel`` of this architecture."""
+def diffusers_config(cfg: Any) -> dict[str, Any]:
+    """The ``config.json`` diffusers writes for a ``Flux2Transformer2DModel`` (or upstream's
+    ``OmniGen2Transformer2DModel``) of this architecture."""
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _EXECUTION_FIELDS}
-    fields["axes_dims_rope"] = list(fields["axes_dims_rope"])
-    return {"_class_name": CLASS_NAME, **fields}
+    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
+    name = CLASS_NAME if isinstance(cfg, Flux2Config) else OMNIGEN2_CLASS_NAME
+    return {"_class_name": name, **fields}
+
+
+def _param_table(model: nnx.Module) -> dict[str, weights.Entry]:
+    if isinstance(model, OmniGen2Transformer):
+        return omnigen2_weights.param_table(nnx.state(model, nnx.Param), model.config)
+    return weights.param_table(model.config)
 
 
 def _planned_tensors(model: nnx.Module) -> list[tuple[str, Any, weights.Entry]]:
     """(our parameter path, its variable, its table entry) for every parameter, in table order."""
     state = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    table = weights.param_table(model.config)
+    table = _param_table(model)
     found = {".".join(map(str, path)): var for path, var in state}
     adapters = [p for p in found if ".lora." in p]
     if adapters:
@@ -50,7 +62,7 @@ def _planned_tensors(model: nnx.Module) -> list[tuple[str, Any, weights.Entry]]:
     return [(path, found[path], entry) for path, entry in table.items()]
 
 
-def save_flux2(
+def save_transformer(
     model: nnx.Module,
     folder: str | os.PathLike,
     *,
@@ -59,7 +71,8 @@ def save_flux2(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     write: bool = True,
 ) -> dict[str, Any]:
-    """Writes ``model`` (a Flux2 transformer without attached adapters) to ``folder`` in diffusers' format.
+    """Writes ``model`` (a FLUX.2 or OmniGen2 transformer without attached adapters) to ``folder`` in
+    diffusers' format.
 
     Args:
       dtype: the tensors' dtype in the files (numpy dtype; bfloat16 is ``ml_dtypes.bfloat16``).
