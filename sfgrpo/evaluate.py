@@ -110,8 +110,9 @@ def _check_identity(out: Path, identity: dict[str, Any], overwrite: bool) -> Non
 
 
 def _make_editor(args: argparse.Namespace) -> Any:
-    from sfgrpo import trained  # noqa: PLC0415
+    from sfgrpo import checkpoint, trained  # noqa: PLC0415
     from sfgrpo.evaluation import editing  # noqa: PLC0415
+    from sfgrpo.models import lora  # noqa: PLC0415
 
     if args.workdir is not None:
         config = trained.read_config(args.workdir)
@@ -126,15 +127,22 @@ def _make_editor(args: argparse.Namespace) -> Any:
     step = None if args.step == "latest" else args.step
     if step == "base":
         raise EvaluationError("--step base is for tiny-model runs; for a klein run evaluate --model BASE_DIR")
-    return editing.KleinEditor(
-        model=args.model,
-        workdir=args.workdir,
-        step=step,
-        lora_file=args.lora,
-        steps=args.steps,
-        guidance=args.guidance,
-        dtype=args.dtype,
-    )
+    try:
+        return editing.FolderEditor(
+            model=args.model,
+            workdir=args.workdir,
+            step=step,
+            lora_file=args.lora,
+            steps=args.steps,
+            guidance=args.guidance,
+            text_guidance=args.text_guidance,
+            image_guidance=args.image_guidance,
+            dtype=args.dtype,
+        )
+    except (lora.LoRAFileError, trained.TrainedRunError, checkpoint.CheckpointError):
+        raise
+    except ValueError as err:  # a model folder that is not one, options of the other model
+        raise EvaluationError(f"--model {args.model!r}: {err}") from None
 
 
 def _rows_done(path: Path) -> list[dict[str, Any]]:
@@ -328,8 +336,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--step", type=_step, help="with --workdir: a checkpoint step, 'latest' (default) or 'base'"
     )
-    p.add_argument("--model", help="a FLUX.2-klein folder (with --workdir: the run's base, checked)")
-    p.add_argument("--lora", help="a diffusers-format FLUX.2 LoRA to fold into --model")
+    p.add_argument(
+        "--model", help="a FLUX.2-klein or OmniGen2 folder (with --workdir: the run's base, checked)"
+    )
+    p.add_argument("--lora", help="a diffusers-format LoRA for that model to fold into --model")
     p.add_argument(
         "--protocol", choices=PROTOCOLS, help="how edits are scored (default: shapes for shapes:*)"
     )
@@ -348,6 +358,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_positive, default=1, help="noise seeds per example: 0 .. S-1")
     p.add_argument("--steps", type=_positive, help="ODE steps (default: the run's eval steps; klein 4 or 50)")
     p.add_argument("--guidance", type=float, help="klein base models: the CFG scale (default 4)")
+    p.add_argument("--text-guidance", type=float, help="OmniGen2: text guidance scale (default 4)")
+    p.add_argument("--image-guidance", type=float, help="OmniGen2: image guidance scale (default 1)")
     p.add_argument(
         "--dtype", choices=("float32", "bfloat16"), default="float32", help="klein parameter dtype"
     )

@@ -393,3 +393,39 @@ def test_an_evaluation_killed_by_sigkill_resumes_without_asking_twice(tiny_run, 
     rows = aggregate.read_rows(out / "scores.jsonl")
     assert sorted(r["key"] for r in rows) == sorted({r["key"] for r in rows}) and len(rows) == 8
     assert all(r["failure"] is None for r in rows)
+
+
+def test_viescore_on_an_omnigen2_folder_with_its_guidance(tmp_path, capsys):
+    """An OmniGen2 folder is evaluated through its own pipeline (its preprocessing, schedule and the
+    two guidance scales); klein's --guidance is refused for it."""
+    from fake_edit_judge import FakeEditJudge
+    from tiny_omnigen2 import build_tiny_omnigen2
+
+    folder = build_tiny_omnigen2(tmp_path / "omnigen2")
+    bench = tmp_path / "gedit"
+    bench.mkdir()
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(2):
+        PIL.Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(bench / f"{i}.png")
+        rows.append({"key": f"k{i}", "task_type": "color", "instruction": f"edit number {i}",
+                     "instruction_language": "en", "input_image": f"{i}.png"})  # fmt: skip
+    (bench / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "vie"
+    args = ["--benchmark", bench, "--model", folder, "--out", out, "--protocol", "viescore", "--steps", 2]
+    with FakeEditJudge() as fake:
+        code, err = _cli([*args, "--text-guidance", 3, "--image-guidance", 1.5, *_judge_args(fake)], capsys)
+        assert code == 0, err
+        assert all(r.sizes == [(64, 96), (64, 96)] for r in fake.received if r.kind == "viescore_semantics")
+        klein_option = [*args[:4], "--out", tmp_path / "x", "--protocol", "viescore", "--guidance", 2]
+        code, err = _cli([*klein_option, *_judge_args(fake)], capsys)
+        assert code == 2 and "--guidance is FLUX.2-klein's" in err
+    summary = json.loads((out / "summary.json").read_text())
+    sampler = summary["policy"]["sampler"]
+    assert summary["policy"]["kind"] == "omnigen2" and sampler["steps"] == 2
+    assert (sampler["text_guidance"], sampler["image_guidance"], sampler["schedule"]) == (
+        3.0,
+        1.5,
+        "omnigen2",
+    )
+    assert all(r["failure"] is None for r in aggregate.read_rows(out / "scores.jsonl"))

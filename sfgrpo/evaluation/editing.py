@@ -6,8 +6,8 @@ Two kinds of policy:
                ``sampler.eval_steps`` ODE steps, its schedule and CFG), in fixed-size batches compiled
                once, and judged by the run's own shapes reward (``Programs.scores``) for the 'shapes'
                protocol;
-  KleinEditor  a FLUX.2-klein folder, a klein run's trained model, and/or a LoRA file: ``sfgrpo.edit``'s
-               pipeline at each source's own (prepared) size.
+  FolderEditor a FLUX.2-klein or OmniGen2 folder, a run's trained model on one, and/or a LoRA file:
+               ``sfgrpo.edit``'s pipeline at each source's own (prepared) size.
 The initial noise of an edit depends only on (seed, example key) (``example_noise``), never on the order
 or batching of the examples, so two policies evaluated with the same seeds see the same noise.
 """
@@ -266,9 +266,11 @@ class RunEditor:
         return Edits(images, sources, rows if score else None)
 
 
-class KleinEditor:
-    """A FLUX.2-klein policy (``sfgrpo.edit.load_parts``: a folder, a klein run at a step, a LoRA file),
-    editing each example at its source's prepared size with ``steps`` ODE steps."""
+class FolderEditor:
+    """A policy from a model folder (``sfgrpo.edit.load_parts``: a FLUX.2-klein or OmniGen2 folder, a run
+    on one at a step, a LoRA file), editing each example at its source's prepared size with ``steps`` ODE
+    steps and the model's pipeline's guidance: klein's ``guidance``, OmniGen2's ``text_guidance`` and
+    ``image_guidance`` (defaults: each pipeline's)."""
 
     def __init__(
         self,
@@ -280,25 +282,40 @@ class KleinEditor:
         steps: int | None,
         guidance: float | None,
         dtype: str = "float32",
+        text_guidance: float | None = None,
+        image_guidance: float | None = None,
     ) -> None:
         from sfgrpo import edit  # noqa: PLC0415
+        from sfgrpo.models.omnigen2_folder import OmniGen2Parts  # noqa: PLC0415
 
         self._edit = edit
         self.parts = edit.load_parts(model, workdir=workdir, step=step, lora_file=lora_file, dtype=dtype)
-        self.steps = (
-            steps
-            if steps is not None
-            else (edit.DISTILLED_STEPS if self.parts.is_distilled else edit.BASE_STEPS)
-        )
-        self.guidance = guidance
+        self.omnigen2 = isinstance(self.parts, OmniGen2Parts)
+        if self.omnigen2:
+            if guidance is not None:
+                raise ValueError(
+                    "--guidance is FLUX.2-klein's; OmniGen2 takes --text-guidance/--image-guidance"
+                )
+            self.steps = steps if steps is not None else edit.OMNIGEN2_STEPS
+            text = edit.OMNIGEN2_TEXT_GUIDANCE if text_guidance is None else float(text_guidance)
+            image = edit.OMNIGEN2_IMAGE_GUIDANCE if image_guidance is None else float(image_guidance)
+            self.options: dict[str, Any] = dict(text_guidance_scale=text, image_guidance_scale=image)
+            sampler = {"text_guidance": text, "image_guidance": image, "schedule": "omnigen2"}
+        else:
+            if text_guidance is not None or image_guidance is not None:
+                raise ValueError("--text-guidance/--image-guidance are OmniGen2's; klein takes --guidance")
+            default = edit.DISTILLED_STEPS if self.parts.is_distilled else edit.BASE_STEPS
+            self.steps = steps if steps is not None else default
+            self.options = dict(guidance_scale=guidance)
+            sampler = {"guidance": guidance, "schedule": "flux2"}
         self.identity = {
-            "kind": "klein",
+            "kind": "omnigen2" if self.omnigen2 else "klein",
             "model": model,
             "workdir": workdir,
             "step": step,
             "lora": lora_file,
             "dtype": dtype,
-            "sampler": {"kind": "ode", "steps": self.steps, "guidance": guidance, "schedule": "flux2"},
+            "sampler": {"kind": "ode", "steps": self.steps, **sampler},
         }
 
     def describe(self) -> dict[str, Any]:
@@ -311,21 +328,26 @@ class KleinEditor:
         if score:
             raise ValueError(
                 "the shapes protocol scores a tiny-model training run (--workdir) with the run's own reward; "
-                "score a klein policy with --protocol regions, viescore or imgedit"
+                "score a klein or OmniGen2 policy with --protocol regions, viescore or imgedit"
             )
         images, sources = [], []
         for example in examples:
-            source = self._edit.prepare_image(example.source, int(self.parts.vae.config.scale))
+            if self.omnigen2:
+                source = self._edit.prepare_image_omnigen2(example.source)
+                channels = self.parts.transformer.config.token_channels
+            else:
+                source = self._edit.prepare_image(example.source, int(self.parts.vae.config.scale))
+                channels = self.parts.transformer.config.in_channels
             grid = self.parts.vae.grid(*source.shape[:2])
-            shape = (1, grid[0] * grid[1], self.parts.transformer.config.in_channels)
+            shape = (1, grid[0] * grid[1], channels)
             images.append(
                 self._edit.edit_image(
                     self.parts,
                     source,
                     example.instruction,
                     steps=self.steps,
-                    guidance_scale=self.guidance,
                     noise=example_noise(seed, example.key, shape),
+                    **self.options,
                 )
             )
             sources.append(source)
