@@ -22,8 +22,8 @@ from flax import nnx
 
 from sfgrpo import builders, flops, runtime
 from sfgrpo.iteration import Conditioner, Programs
-from sfgrpo.models import flux2, qwen3, vae
-from sfgrpo.models.policy import EditPolicy
+from sfgrpo.models import flux2, omnigen2, qwen2_5_vl, qwen3, vae, vae_flux1
+from sfgrpo.models.policy import EditPolicy, OmniGen2EditPolicy
 from sfgrpo.models.tiny import PixelAutoencoder
 from sfgrpo.rl.step import compute_copy
 
@@ -40,6 +40,48 @@ QWEN3_4B = qwen3.Qwen3Config(
     rope_theta=1_000_000.0,
     layer_types=("full_attention",) * 36,
 )
+
+
+# Qwen2.5-VL-3B's language model, OmniGen2's text encoder (its mllm/config.json), for a plan without the
+# model folder.
+QWEN2_5_VL_3B = qwen2_5_vl.Qwen2_5_VLTextConfig(
+    vocab_size=151936,
+    hidden_size=2048,
+    intermediate_size=11008,
+    num_hidden_layers=36,
+    num_attention_heads=16,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-6,
+    rope_theta=1_000_000.0,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class OmniGen2Configs:
+    """The architecture of an OmniGen2 folder's components; ``source`` says where it was read."""
+
+    transformer: omnigen2.OmniGen2Config
+    vae: vae_flux1.Flux1VAEConfig
+    text: qwen2_5_vl.Qwen2_5_VLTextConfig
+    source: str
+
+
+def omnigen2_configs(folder: Path | None) -> OmniGen2Configs:
+    """The components' configs from an OmniGen2 folder's JSON files (no weights read), or the released
+    OmniGen2's when ``folder`` is None."""
+    if folder is None:
+        return OmniGen2Configs(
+            omnigen2.CONFIGS["omnigen2"], vae_flux1.Flux1VAEConfig(), QWEN2_5_VL_3B, "built-in OmniGen2"
+        )
+    from sfgrpo.models import omnigen2_weights, vae_weights  # noqa: PLC0415
+
+    vae_dir = vae_weights.resolve_vae_folder(folder)
+    return OmniGen2Configs(
+        omnigen2_weights.read_config(folder / "transformer"),
+        vae_flux1.config_from_dict(vae_weights.read_config_dict(vae_dir), source=str(vae_dir)),
+        qwen2_5_vl.read_config(folder / "mllm"),
+        str(folder),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,13 +132,14 @@ def abstract_run(
     config: ml_collections.ConfigDict,
     mesh: jax.sharding.Mesh,
     global_batch: int,
-    klein: KleinConfigs | None = None,
+    klein: KleinConfigs | OmniGen2Configs | None = None,
 ) -> AbstractRun:
     """The run of ``config`` on ``mesh`` with ``global_batch`` rows per iteration, from shapes alone.
 
-    'klein' models take their architecture from ``klein`` (default: klein-4B). cuDNN and splash attention
-    are traced as 'blockwise': the CPU compiler has neither cuDNN nor Mosaic TPU kernels, and blockwise
-    attention has their memory profile (linear in the sequence, no L x L weights).
+    'klein' and 'omnigen2' models take their architecture from ``klein`` (``KleinConfigs`` or
+    ``OmniGen2Configs``; default: klein-4B, the released OmniGen2). cuDNN and splash attention are traced
+    as 'blockwise': the CPU compiler has neither cuDNN nor Mosaic TPU kernels, and blockwise attention has
+    their memory profile (linear in the sequence, no L x L weights).
     """
     m, d = config.model, config.data
     dtype = builders.DTYPES[m.dtype]
@@ -105,6 +148,7 @@ def abstract_run(
     attention = m.get("attention", "xla")
     attention = "blockwise" if attention in ("cudnn", "splash") else attention
     cfg = config.sampler.cfg_scale != 1.0
+    masked_text = m.name == "omnigen2"
 
     if m.name == "tiny":
 
@@ -115,8 +159,29 @@ def abstract_run(
 
         autoencoder: Any = PixelAutoencoder(pool=m.pixel_pool)
         text_fields = {"text_ids": ((text_len,), jnp.int32)}
+    elif m.name == "omnigen2":
+        og2 = klein if isinstance(klein, OmniGen2Configs) else omnigen2_configs(None)
+
+        def build() -> OmniGen2EditPolicy:
+            tcfg = og2.transformer.replace(remat=m.remat, attention=attention)
+            transformer = omnigen2.OmniGen2Transformer(tcfg, rngs=nnx.Rngs(0), dtype=dtype)
+            autoencoder = vae_flux1.Flux1VAE(og2.vae, rngs=nnx.Rngs(1), dtype=dtype)
+            text = None  # a prompt cache supplies the text features
+            if not m.prompt_cache:
+                text = qwen2_5_vl.Qwen2_5_VLTextEncoder(og2.text, rngs=nnx.Rngs(3), dtype=dtype)
+            grid = autoencoder.grid(hw, hw)
+            policy = OmniGen2EditPolicy(transformer, text, autoencoder, grid_hw=grid)
+            builders.add_lora(policy, config, config.seed + 2)
+            return policy
+
+        autoencoder = None
+        text_fields = {"text_mask": ((text_len,), jnp.int32)}
+        if m.prompt_cache:
+            text_fields["text_embeds"] = ((text_len, og2.transformer.text_feat_dim), dtype)
+        else:
+            text_fields["text_ids"] = ((text_len,), jnp.int32)
     else:
-        klein = klein or klein_configs(None)
+        klein = klein if isinstance(klein, KleinConfigs) else klein_configs(None)
         layers = tuple(int(i) for i in m.text_layers)
 
         def build() -> EditPolicy:
@@ -148,7 +213,7 @@ def abstract_run(
         # The empty instruction's fields (CFG) are tiny host arrays: zeros of the right shape will do.
         uncond = {k: np.zeros((1, *s), dt) for k, (s, dt) in text_fields.items()} if cfg else None
         ae = autoencoder if autoencoder is not None else abstract.autoencoder
-        condition = Conditioner(ae, (hw, hw), text_len, uncond=uncond)
+        condition = Conditioner(ae, (hw, hw), text_len, uncond=uncond, masked_text=masked_text)
         programs = builders.make_programs(config, graphdef, optimizer, condition, compute_dtypes)
 
         def spec(shape: tuple[int, ...], dt: Any) -> jax.ShapeDtypeStruct:

@@ -158,32 +158,36 @@ class Check:
 
 
 def check_model(config: ml_collections.ConfigDict) -> tuple[Check, Any]:
-    """The klein folder's layout and configs where it is reachable; (check, KleinConfigs or None)."""
+    """The model folder's layout and configs where it is reachable; (check, KleinConfigs, OmniGen2Configs
+    or None)."""
     from sfgrpo import aot  # noqa: PLC0415
-    from sfgrpo.models import klein  # noqa: PLC0415
+    from sfgrpo.models import klein, omnigen2_folder  # noqa: PLC0415
 
     m = config.model
-    if m.name != "klein":
+    if m.name not in ("klein", "omnigen2"):
         return Check("model", "ok", "the tiny policy, built from the config (no weights)"), None
     folder = Path(m.folder).expanduser()
+    builtin = "klein-4B" if m.name == "klein" else "the released OmniGen2"
     if not folder.exists():
-        return Check("model folder", "unreachable", f"{folder} is not here; planned as klein-4B"), None
+        return Check("model folder", "unreachable", f"{folder} is not here; planned as {builtin}"), None
     try:
-        folder = klein.check_folder(folder)
-        klein.check_consistency(folder, tuple(int(i) for i in m.text_layers))
-        configs = aot.klein_configs(folder)
+        if m.name == "klein":
+            folder = klein.check_folder(folder)
+            klein.check_consistency(folder, tuple(int(i) for i in m.text_layers))
+            configs = aot.klein_configs(folder)
+        else:
+            folder = omnigen2_folder.check_folder(folder)
+            omnigen2_folder.check_consistency(folder)
+            configs = aot.omnigen2_configs(folder)
     except (OSError, ValueError) as err:
         return Check("model folder", "problem", str(err)), None
     t = configs.transformer
-    return (
-        Check(
-            "model folder",
-            "ok",
-            f"{folder}: layout and configs fit ({t.num_layers} double + {t.num_single_layers} single blocks, "
-            f"width {t.inner_dim}); weight files' headers read, no weights",
-        ),
-        configs,
-    )
+    if m.name == "klein":
+        blocks = f"{t.num_layers} double + {t.num_single_layers} single blocks, width {t.inner_dim}"
+    else:
+        blocks = f"{t.num_layers} layers + 3 x {t.num_refiner_layers} refiner layers, width {t.hidden_size}"
+    detail = f"{folder}: layout and configs fit ({blocks}); weight files' headers read, no weights"
+    return Check("model folder", "ok", detail), configs
 
 
 def check_data(config: ml_collections.ConfigDict, processes: int) -> Check:
@@ -212,7 +216,7 @@ def check_data(config: ml_collections.ConfigDict, processes: int) -> Check:
 
 def check_prompt_cache(config: ml_collections.ConfigDict) -> Check | None:
     m = config.model
-    if m.name != "klein" or not m.prompt_cache:
+    if m.name not in ("klein", "omnigen2") or not m.prompt_cache:
         return None
     if Path(m.prompt_cache).expanduser().is_dir():
         return Check("prompt cache", "ok", f"{m.prompt_cache} exists (its fingerprint is checked at start)")

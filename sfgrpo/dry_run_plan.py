@@ -39,6 +39,24 @@ def _dtypes(tree: Any) -> str:
     return "/".join(sorted({str(x.dtype) for x in jax.tree.leaves(tree)})) or "-"
 
 
+def _window(s: ml_collections.ConfigDict, size: int) -> str:
+    """How the trained steps are chosen; a random window with one possible start is a fixed one."""
+    if s.window == "random" and s.window_hi - s.window_lo == 1:
+        return f"steps {s.window_lo}-{s.window_lo + size - 1}, fixed"
+    if s.window == "random":
+        return f"random, starting in [{s.window_lo}, {s.window_hi})"
+    return s.window
+
+
+def _guidance(model: str, cfg_scale: float) -> str:
+    """The sampler's classifier-free guidance, as the model's pipeline does it (``rl.step.velocity_fn``)."""
+    if cfg_scale == 1.0:
+        return "no cfg"
+    if model == "omnigen2":
+        return f"text guidance {cfg_scale:g} (2 forwards per step; the unconditional one without the source)"
+    return f"cfg {cfg_scale:g} (2 forwards per step)"
+
+
 def render(
     config: ml_collections.ConfigDict,
     config_path: str,
@@ -89,18 +107,20 @@ def render(
         f"tokens        {tokens} target + {tokens} reference + {text_len} text = {2 * tokens + text_len} per "
         f"sequence ({config.data.resolution}x{config.data.resolution} px, {gh}x{gw} grid)",
         f"sampler       {s.num_steps} steps ({s.kind}, eta {s.eta}), {settings.window} trained "
-        f"({s.window}), cfg {s.cfg_scale}",
+        f"({_window(s, settings.window)}), {_guidance(m.name, s.cfg_scale)}",
     ]
-    if m.name == "klein":
-        arch = klein.source if klein is not None else "built-in klein-4B (the folder is not here)"
+    if m.name in ("klein", "omnigen2"):
+        name, default = {
+            "klein": ("FLUX.2-klein", "built-in klein-4B"),
+            "omnigen2": ("OmniGen2", "built-in OmniGen2"),
+        }[m.name]
+        arch = klein.source if klein is not None else f"{default} (the folder is not here)"
         attention = m.attention + (
             f" (traced as {run.attention}: XLA:CPU has no {m.attention} kernel)"
             if m.attention != run.attention
             else ""
         )
-        lines.append(
-            f"model         FLUX.2-klein from {arch}; {m.dtype}, remat {m.remat}, attention {attention}"
-        )
+        lines.append(f"model         {name} from {arch}; {m.dtype}, remat {m.remat}, attention {attention}")
     else:
         lines.append(f"model         tiny FLUX.2-shaped policy; {m.dtype}")
     what = f"LoRA rank {m.lora_rank}" if m.lora_rank > 0 else "full fine-tuning"
