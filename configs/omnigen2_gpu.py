@@ -4,8 +4,9 @@
         --config.model.folder=/models/OmniGen2 --config.data.tfds_dir=... \\
         --config.reward.url=http://judge:8000/v1
 
-One process per host (all 8 GPUs each), started by launch/gpu_multinode.sh, or under SLURM. The shared
-settings, each with its reason, are in ``sfgrpo/omnigen2_recipe.py``; this file sets the hosts'.
+One process per host (all 8 GPUs each), started by ``SFGRPO_CONFIG=configs/omnigen2_gpu.py
+launch/gpu_multinode.sh``, or under SLURM. The shared settings, each with its reason, are in
+``sfgrpo/omnigen2_recipe.py``; this file sets the hosts'.
 """
 
 import ml_collections
@@ -19,7 +20,7 @@ TARGET = dict(
     processes=2,
     devices_per_process=8,
     memory_bytes=81559 * 2**20,
-    launch="launch/gpu_multinode.sh",
+    launch="SFGRPO_CONFIG=configs/omnigen2_gpu.py launch/gpu_multinode.sh",
 )
 
 

@@ -4,7 +4,8 @@
         --config.model.folder=/mnt/disks/models/OmniGen2 --config.data.tfds_dir=... \\
         --config.reward.url=http://judge:8000/v1
 
-Run the same command on every host of the slice (see launch/). The shared settings, each with its
+Run the same command on every host of the slice: ``SFGRPO_CONFIG=configs/omnigen2_tpu_v5.py
+launch/tpu_v5.sh train TPU_NAME ZONE WORKDIR ...`` does it. The shared settings, each with its
 reason, are in ``sfgrpo/omnigen2_recipe.py``; this file sets the slice's.
 """
 
@@ -14,7 +15,11 @@ from sfgrpo.omnigen2_recipe import omnigen2_recipe
 
 # The machines this file is written for: --dry_run plans for them, and a run elsewhere is told so.
 TARGET = dict(
-    device="TPU v5p", processes=8, devices_per_process=4, memory_bytes=95e9, launch="launch/tpu_v5.sh"
+    device="TPU v5p",
+    processes=8,
+    devices_per_process=4,
+    memory_bytes=95e9,
+    launch="SFGRPO_CONFIG=configs/omnigen2_tpu_v5.py launch/tpu_v5.sh",
 )
 
 

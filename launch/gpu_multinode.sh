@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs SpatialFlow-GRPO on GPU hosts (configs/gpu.py): start this script once on every host, each with its
-# own rank. One process per host drives all of its GPUs.
+# Runs SpatialFlow-GRPO on GPU hosts (configs/gpu.py, or the config file SFGRPO_CONFIG names, e.g.
+# configs/omnigen2_gpu.py): start this script once on every host, each with its own rank. One process per
+# host drives all of its GPUs.
 #
 #   COORDINATOR=host0:1234 NUM_HOSTS=2 HOST_RANK=0 launch/gpu_multinode.sh WORKDIR [--config.KEY=VALUE ...]
 #   COORDINATOR=host0:1234 NUM_HOSTS=2 HOST_RANK=1 launch/gpu_multinode.sh WORKDIR [--config.KEY=VALUE ...]
@@ -41,7 +42,12 @@ shift
 [[ $workdir == /* ]] || workdir=$PWD/$workdir
 
 is_count() { [[ $1 =~ ^(0|[1-9][0-9]{0,8})$ ]]; }
-args=(--config=configs/gpu.py "--workdir=$workdir")
+config=${SFGRPO_CONFIG:-configs/gpu.py}
+[[ $config =~ ^configs/[A-Za-z0-9_]+\.py$ ]] ||
+  die "SFGRPO_CONFIG '$config' must be a file of the repository's configs/ (configs/NAME.py)"
+root=$(CDPATH="" cd -- "$(dirname -- "$0")/.." && pwd)
+[[ -f $root/$config ]] || die "SFGRPO_CONFIG '$config': no such file in $root"
+args=("--config=$config" "--workdir=$workdir")
 if [[ -n ${COORDINATOR:-} ]]; then
   port=
   [[ $COORDINATOR =~ ^[^[:space:]]+:([0-9]{1,5})$ ]] && port=$((10#${BASH_REMATCH[1]}))

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs SpatialFlow-GRPO on every host of a Cloud TPU v5p slice (configs/tpu_v5.py).
+# Runs SpatialFlow-GRPO on every host of a Cloud TPU v5p slice (configs/tpu_v5.py, or the config file
+# SFGRPO_CONFIG names, e.g. configs/omnigen2_tpu_v5.py).
 #
 #   launch/tpu_v5.sh setup TPU_NAME ZONE            # once: copy the committed tree to every host, install it
 #   launch/tpu_v5.sh train TPU_NAME ZONE WORKDIR [--config.KEY=VALUE ...]
@@ -102,7 +103,12 @@ case $action in
     [[ $workdir != -* ]] || die "WORKDIR '$workdir' looks like an option: give the workdir before the overrides"
     [[ $workdir == /* ]] ||
       die "WORKDIR '$workdir' must be an absolute path, the same shared directory on every host"
-    args=(python -m sfgrpo.main --config=configs/tpu_v5.py "--workdir=$workdir" "$@")
+    config=${SFGRPO_CONFIG:-configs/tpu_v5.py}
+    [[ $config =~ ^configs/[A-Za-z0-9_]+\.py$ ]] ||
+      die "SFGRPO_CONFIG '$config' must be a file of the repository's configs/ (configs/NAME.py)"
+    root=$(CDPATH="" cd -- "$(dirname -- "$0")/.." && pwd)
+    [[ -f $root/$config ]] || die "SFGRPO_CONFIG '$config': no such file in $root"
+    args=(python -m sfgrpo.main "--config=$config" "--workdir=$workdir" "$@")
     remote="cd $rdir && . .venv/bin/activate &&"
     for arg in "${args[@]}"; do remote+=" $(q "$arg")"; done
     say_remote "$remote"

@@ -317,6 +317,12 @@ def test_tpu_missing_arguments(sandbox, args):
         (["train", "t", "-z", "/w"], {}, ["ZONE", "-z"]),
         (["train", "t", "z", "/w"], {"SFGRPO_DIR": "~/sfgrpo"}, ["SFGRPO_DIR", "~/sfgrpo"]),
         (["train", "t", "z", "/w"], {"DRY_RUN": "yes"}, ["DRY_RUN", "yes"]),
+        (
+            ["train", "t", "z", "/w"],
+            {"SFGRPO_CONFIG": "configs/nope.py"},
+            ["SFGRPO_CONFIG", "configs/nope.py"],
+        ),
+        (["train", "t", "z", "/w"], {"SFGRPO_CONFIG": "../x.py"}, ["SFGRPO_CONFIG", "configs/NAME.py"]),
     ],
 )
 def test_tpu_bad_arguments(sandbox, args, env, names):
@@ -413,6 +419,8 @@ COORD = {"COORDINATOR": "host0:1234"}
         ({"NUM_HOSTS": "2", "HOST_RANK": "0"}, ["NUM_HOSTS", "COORDINATOR"]),
         ({"HOST_RANK": "1"}, ["HOST_RANK", "COORDINATOR"]),
         ({"DRY_RUN": "true"}, ["DRY_RUN", "'true'"]),
+        ({"SFGRPO_CONFIG": "/etc/passwd"}, ["SFGRPO_CONFIG", "configs/NAME.py"]),
+        ({"SFGRPO_CONFIG": "configs/nope.py"}, ["SFGRPO_CONFIG", "no such file"]),
     ],
 )
 @pytest.mark.parametrize("dry_run", ["0", "1"])
@@ -426,6 +434,20 @@ def test_gpu_bad_environment(sandbox, env, names, dry_run):
 @pytest.mark.parametrize("workdir", ["--config.seed=1", "-v", ""])
 def test_gpu_bad_workdir(sandbox, workdir):
     one_line_error(run(GPU, [workdir, "--config.x=1"], sandbox, **GPU_ENVS["explicit"]), "WORKDIR", workdir)
+    nothing_ran(sandbox)
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "config"),
+    [
+        (TPU, ["train", "t", "z", "/w"], "configs/omnigen2_tpu_v5.py"),
+        (GPU, ["/w"], "configs/omnigen2_gpu.py"),
+    ],
+)
+def test_sfgrpo_config_picks_another_shipped_config(sandbox, script, args, config):
+    result = run(script, args, sandbox, DRY_RUN="1", SFGRPO_CONFIG=config)
+    assert result.returncode == 0, result.stderr
+    assert f"--config={config}" in result.stdout
     nothing_ran(sandbox)
 
 
