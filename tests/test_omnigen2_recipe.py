@@ -6,6 +6,7 @@ row-major order is the one the region weights assume."""
 import importlib.util
 import json
 import logging
+import sys
 from pathlib import Path
 
 import jax
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from helpers import klein_test_config
 
-from sfgrpo import builders, train
+from sfgrpo import builders, metrics, train
 from sfgrpo.data.prompt_cache import META
 from sfgrpo.models import lora, omnigen2, vae_flux1
 from sfgrpo.rl import regions
@@ -136,3 +137,62 @@ def test_image_tokens_are_row_major_as_the_region_weights(assets):
     weights = regions.token_weights(box, jnp.asarray([[True]]), vae.grid(64, 96))
     assert int(jnp.argmax(weights[0, 0])) == 1 * 6 + 3
     assert float(weights[0, 0, 1 * 6 + 3]) == pytest.approx(1.0)
+
+
+def test_two_processes_train_from_the_tiny_omnigen2_folder(assets, tmp_path):
+    """configs/omnigen2_gpu.py on 2 real processes x 2 CPU devices (loopback): the prompt cache built as a
+    collective and written once, 2 GRPO iterations, one export of the adapters."""
+    from multiprocess import ROOT, Group
+
+    folder, data = assets
+    workdir, cache = tmp_path / "work", tmp_path / "cache"
+    overrides = [
+        f"--config.model.folder={folder}",
+        "--config.model.dtype=float32",
+        "--config.model.max_text_tokens=64",
+        "--config.model.lora_rank=4",
+        "--config.model.lora_alpha=8.0",
+        "--config.model.attention=xla",
+        f"--config.model.prompt_cache={cache}",
+        f"--config.data.tfds_dir={data}",
+        "--config.data.resolution=64",
+        "--config.data.r_max=2",
+        "--config.data.num_workers=0",
+        "--config.mesh.fsdp=2",  # 4 devices over both processes: data 2 x fsdp 2
+        "--config.sampler.num_steps=4",
+        "--config.sampler.eval_steps=2",
+        "--config.sampler.window_size=2",
+        "--config.sampler.window_hi=1",
+        "--config.rl.group_size=4",
+        "--config.rl.batch_size=4",  # per process: one group each, 8 rollouts per iteration
+        "--config.rl.micro_batch=4",
+        "--config.rl.grad_accum=2",
+        "--config.reward.kind=shapes",
+        "--config.train.steps=2",
+        "--config.train.eval_every=2",
+        "--config.train.checkpoint_every=2",
+    ]
+
+    def command(i: int, port: int) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "sfgrpo.main",
+            f"--config={ROOT / 'configs' / 'omnigen2_gpu.py'}",
+            f"--workdir={workdir}",
+            *overrides,
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+        ]
+
+    group = Group(command, 2, 2, tmp_path / "logs")
+    codes = group.wait(900)
+    for i, code in enumerate(codes):
+        out = group.output(i)
+        assert code == 0 and "Traceback" not in out, out[-4000:]
+    records = [r for r in metrics.read_metrics(workdir / "metrics.jsonl") if r["stage"] == "grpo"]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in records)
+    assert json.loads((cache / META).read_text())["shape"][1:] == [64, 24]
+    assert (workdir / "export" / "step_2" / "pytorch_lora_weights.safetensors").is_file()
