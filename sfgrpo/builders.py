@@ -539,11 +539,47 @@ def build_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, seed
     return _build_klein(config, mesh, hw, cfg)
 
 
+def _prompt_cache(
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    tokens: Callable[[Sequence[str]], dict[str, np.ndarray]],
+    text_encoder: Callable[[], nnx.Module],
+    fingerprint: str,
+) -> Any:
+    """The prompt cache of every train and test instruction (``model.prompt_cache``), reused or built.
+
+    Every instruction is encoded once; the text encoder is loaded only when a host lacks the cache and is
+    dropped afterwards (nothing returned refers to it), so it does not stay in device memory while
+    training. Each host encodes the same instructions as its rows of a global batch split over every
+    device. ``tokens(instructions)`` gives 'text_ids' and 'text_mask'.
+    """
+    from sfgrpo import runtime  # noqa: PLC0415
+    from sfgrpo.data import prompt_cache  # noqa: PLC0415
+
+    m = config.model
+    splits = ("train", "test")
+    instructions = [t for s in splits for t in prompt_cache.split_instructions(data_source(config, s))]
+    encoder: list[Any] = []
+    per_host = -(-int(m.prompt_cache_batch) // jax.local_device_count()) * jax.local_device_count()
+
+    def encode(texts: Sequence[str]) -> np.ndarray:
+        if not encoder:
+            graphdef, state = nnx.split(text_encoder())
+            encoder.extend([jax.jit(lambda s, ids, mask: nnx.merge(graphdef, s)(ids, mask)), state])
+        encode_jit, state = encoder
+        arrays = runtime.host_local_to_global(tokens(texts), mesh)
+        return runtime.global_to_host_local(encode_jit(state, arrays["text_ids"], arrays["text_mask"]))
+
+    cache = prompt_cache.open_or_build(
+        m.prompt_cache, instructions, encode, fingerprint=fingerprint, dtype=m.dtype, batch_size=per_host
+    )
+    encoder.clear()
+    return cache
+
+
 def _build_klein(
     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, hw: tuple[int, int], cfg: bool
 ) -> Model:
-    from sfgrpo import runtime  # noqa: PLC0415
-    from sfgrpo.data import prompt_cache  # noqa: PLC0415
     from sfgrpo.models import flux2, klein, prompts, qwen3, vae  # noqa: PLC0415
 
     m = config.model
@@ -572,27 +608,8 @@ def _build_klein(
         uncond = tokens([""]) if cfg else None
         return Model(policy, Conditioner(autoencoder, hw, length, uncond=uncond), tokens)
 
-    splits = ("train", "test")
-    instructions = [t for s in splits for t in prompt_cache.split_instructions(data_source(config, s))]
     fingerprint = f"{folder}|layers={list(layers)}|tokens={length}|{m.dtype}"
-    # Encode every instruction once; the text encoder is dropped afterwards (nothing returned refers to
-    # it), so it does not stay in device memory while training. It is loaded only when a host lacks the cache.
-    encoder: list[Any] = []
-    # Each host encodes the same instructions as its rows of a global batch split over every device.
-    per_host = -(-int(m.prompt_cache_batch) // jax.local_device_count()) * jax.local_device_count()
-
-    def encode(texts: Sequence[str]) -> np.ndarray:
-        if not encoder:
-            graphdef, state = nnx.split(text_encoder())
-            encoder.extend([jax.jit(lambda s, ids, mask: nnx.merge(graphdef, s)(ids, mask)), state])
-        encode_jit, state = encoder
-        arrays = runtime.host_local_to_global(tokens(texts), mesh)
-        return runtime.global_to_host_local(encode_jit(state, arrays["text_ids"], arrays["text_mask"]))
-
-    cache = prompt_cache.open_or_build(
-        m.prompt_cache, instructions, encode, fingerprint=fingerprint, dtype=m.dtype, batch_size=per_host
-    )
-    encoder.clear()
+    cache = _prompt_cache(config, mesh, tokens, text_encoder, fingerprint)
 
     def cached(instructions: Sequence[str]) -> dict[str, np.ndarray]:
         return {"text_embeds": cache.lookup(list(instructions))}
@@ -608,8 +625,6 @@ def _build_omnigen2(
     """OmniGen2 from ``model.folder``: its transformer, FLUX.1 VAE and Qwen2.5-VL text encoder (or the
     prompt cache of its features). Its text is masked, so every batch carries 'text_mask' (from the
     tokenizer, also with a cache: tokenizing is cheap on the host)."""
-    from sfgrpo import runtime  # noqa: PLC0415
-    from sfgrpo.data import prompt_cache  # noqa: PLC0415
     from sfgrpo.models import omnigen2, omnigen2_folder, omnigen2_prompts, qwen2_5_vl, vae_flux1  # noqa: PLC0415
 
     m = config.model
@@ -639,24 +654,8 @@ def _build_omnigen2(
         policy = OmniGen2EditPolicy(transformer, text_encoder(), autoencoder, grid_hw=grid)
         return Model(policy, condition(uncond=tokens([""]) if cfg else None), tokens)
 
-    splits = ("train", "test")
-    instructions = [t for s in splits for t in prompt_cache.split_instructions(data_source(config, s))]
     fingerprint = f"{folder}|omnigen2|tokens={length}|{m.dtype}"
-    encoder: list[Any] = []
-    per_host = -(-int(m.prompt_cache_batch) // jax.local_device_count()) * jax.local_device_count()
-
-    def encode(texts: Sequence[str]) -> np.ndarray:
-        if not encoder:
-            graphdef, state = nnx.split(text_encoder())
-            encoder.extend([jax.jit(lambda s, ids, mask: nnx.merge(graphdef, s)(ids, mask)), state])
-        encode_jit, state = encoder
-        arrays = runtime.host_local_to_global(tokens(texts), mesh)
-        return runtime.global_to_host_local(encode_jit(state, arrays["text_ids"], arrays["text_mask"]))
-
-    cache = prompt_cache.open_or_build(
-        m.prompt_cache, instructions, encode, fingerprint=fingerprint, dtype=m.dtype, batch_size=per_host
-    )
-    encoder.clear()
+    cache = _prompt_cache(config, mesh, tokens, text_encoder, fingerprint)
 
     def cached(instructions: Sequence[str]) -> dict[str, np.ndarray]:
         return {

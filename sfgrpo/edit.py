@@ -104,6 +104,17 @@ def _multiple(vae: Any) -> int:
     return int(vae.config.scale)
 
 
+def _as_pil(image: np.ndarray | PIL.Image.Image) -> PIL.Image.Image:
+    """A source image as PIL, from a PIL image or an (H, W, 3) uint8 array; anything else is refused."""
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+            raise EditInputError(f"image array must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+        return PIL.Image.fromarray(image)
+    if not isinstance(image, PIL.Image.Image):
+        raise EditInputError(f"image must be a PIL image or an (H, W, 3) uint8 array, got {type(image)}")
+    return image
+
+
 def prepare_image(image: np.ndarray | PIL.Image.Image, multiple: int = 16) -> np.ndarray:
     """The pipeline's preprocessing of a source image, up to the [-1, 1] scaling (the VAE does that).
 
@@ -114,12 +125,7 @@ def prepare_image(image: np.ndarray | PIL.Image.Image, multiple: int = 16) -> np
     Returns:
       (h, w, 3) uint8 RGB.
     """
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-            raise EditInputError(f"image array must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
-        image = PIL.Image.fromarray(image)
-    if not isinstance(image, PIL.Image.Image):
-        raise EditInputError(f"image must be a PIL image or an (H, W, 3) uint8 array, got {type(image)}")
+    image = _as_pil(image)
     width, height = image.size
     if width < MIN_SIDE or height < MIN_SIDE:
         raise EditInputError(f"image of {width}x{height} pixels is too small: sides must be >= {MIN_SIDE}")
@@ -383,12 +389,7 @@ def prepare_image_omnigen2(
     Returns:
       (h, w, 3) uint8 RGB.
     """
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-            raise EditInputError(f"image array must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
-        image = PIL.Image.fromarray(image)
-    if not isinstance(image, PIL.Image.Image):
-        raise EditInputError(f"image must be a PIL image or an (H, W, 3) uint8 array, got {type(image)}")
+    image = _as_pil(image)
     image = image.convert("RGB")
     width, height = image.size
     # get_new_height_width, operation for operation (Python floats, int() truncation).

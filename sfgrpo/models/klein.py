@@ -40,7 +40,7 @@ class KleinFolderError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Component:
+class Component:
     """What a component folder must hold: a config file, and weights or other files (any one of a set)."""
 
     config: str
@@ -49,21 +49,21 @@ class _Component:
 
 
 _COMPONENTS = {
-    "transformer": _Component(
+    "transformer": Component(
         "config.json",
         ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
         "the Flux2Transformer2DModel",
     ),
-    "vae": _Component(
+    "vae": Component(
         "config.json",
         ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
         "the AutoencoderKLFlux2",
     ),
-    "text_encoder": _Component(
+    "text_encoder": Component(
         "config.json", ("model.safetensors", "model.safetensors.index.json"), "the Qwen3ForCausalLM"
     ),
-    "tokenizer": _Component("tokenizer_config.json", ("tokenizer.json", "vocab.json"), "the Qwen2 tokenizer"),
-    "scheduler": _Component("scheduler_config.json", (), "the FlowMatchEulerDiscreteScheduler"),
+    "tokenizer": Component("tokenizer_config.json", ("tokenizer.json", "vocab.json"), "the Qwen2 tokenizer"),
+    "scheduler": Component("scheduler_config.json", (), "the FlowMatchEulerDiscreteScheduler"),
 }
 
 # The scheduler settings flux2_sigmas implements; any other value changes the schedule.
@@ -111,7 +111,7 @@ def check_folder(path: str | os.PathLike) -> Path:
     if not index_file.is_file():
         problems.append(f"{INDEX_NAME} (the pipeline index: Flux2KleinPipeline.save_pretrained writes it)")
     else:
-        cls = _read_json(index_file).get("_class_name")
+        cls = read_json(index_file).get("_class_name")
         if cls != PIPELINE_CLASS:
             raise KleinFolderError(f"{index_file}: pipeline class {cls!r}, expected {PIPELINE_CLASS!r}")
     for name, comp in _COMPONENTS.items():
@@ -144,19 +144,20 @@ def _check_weight_files(folder: Path, weights_name: str) -> None:
         raise KleinFolderError(str(err)) from None
 
 
-def _read_json(file: Path) -> dict[str, Any]:
+def read_json(file: Path, error: type[ValueError] = KleinFolderError) -> dict[str, Any]:
+    """A JSON object from ``file``; raises ``error`` naming the file (a model folder's error class)."""
     try:
         data = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise KleinFolderError(f"{file}: cannot read JSON ({err})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise error(f"{file}: cannot read JSON ({err})") from None
     if not isinstance(data, dict):
-        raise KleinFolderError(f"{file}: expected a JSON object, got {type(data).__name__}")
+        raise error(f"{file}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
 def _check_scheduler(folder: Path) -> None:
     file = folder / "scheduler" / _COMPONENTS["scheduler"].config
-    cfg = _read_json(file)
+    cfg = read_json(file)
     if cfg.get("_class_name") != "FlowMatchEulerDiscreteScheduler":
         raise KleinFolderError(
             f"{file}: scheduler {cfg.get('_class_name')!r}, expected 'FlowMatchEulerDiscreteScheduler'"
@@ -180,8 +181,8 @@ def check_consistency(folder: Path, text_layers: tuple[int, ...] = TEXT_LAYERS) 
         tcfg = weights.read_config(folder / "transformer")
     except ValueError as err:
         raise KleinFolderError(str(err)) from None
-    vcfg = _read_json(folder / "vae" / "config.json")
-    qcfg = _read_json(folder / "text_encoder" / "config.json")
+    vcfg = read_json(folder / "vae" / "config.json")
+    qcfg = read_json(folder / "text_encoder" / "config.json")
     problems = []
     patch = vcfg.get("patch_size", (2, 2))
     if "latent_channels" not in vcfg or not isinstance(patch, list | tuple) or len(patch) != 2:
@@ -242,7 +243,7 @@ def load_klein(
     """
     folder = check_folder(path)
     check_consistency(folder)
-    index = _read_json(folder / INDEX_NAME)
+    index = read_json(folder / INDEX_NAME)
     if "is_distilled" not in index:
         log.warning("%s has no is_distilled; as Flux2KleinPipeline, treating it as the base model", folder)
     is_distilled = bool(index.get("is_distilled", False))

@@ -15,7 +15,6 @@ config is checked to be that one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from pathlib import Path
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from sfgrpo.models import omnigen2, omnigen2_weights, qwen2_5_vl, vae_flux1, weights
+from sfgrpo.models.klein import Component, read_json
 from sfgrpo.models.omnigen2 import OmniGen2Transformer
 from sfgrpo.models.omnigen2_prompts import DEFAULT_MAX_LENGTH, OmniGen2PromptTokenizer
 from sfgrpo.models.qwen2_5_vl import Qwen2_5_VLTextEncoder, load_qwen2_5_vl
@@ -41,35 +41,26 @@ class OmniGen2FolderError(ValueError):
     """An OmniGen2 folder that is missing parts, has broken files, or whose parts do not fit together."""
 
 
-@dataclasses.dataclass(frozen=True)
-class _Component:
-    """What a component folder must hold: a config file, and weights or other files (any one of a set)."""
-
-    config: str
-    files: tuple[str, ...]
-    what: str
-
-
 _COMPONENTS = {
-    "transformer": _Component(
+    "transformer": Component(
         "config.json",
         ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
         "the OmniGen2Transformer2DModel",
     ),
-    "vae": _Component(
+    "vae": Component(
         "config.json",
         ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
         "the AutoencoderKL (FLUX.1 VAE)",
     ),
-    "mllm": _Component(
+    "mllm": Component(
         "config.json",
         ("model.safetensors", "model.safetensors.index.json"),
         "the Qwen2_5_VLForConditionalGeneration",
     ),
-    "processor": _Component(
+    "processor": Component(
         "tokenizer_config.json", ("tokenizer.json", "vocab.json"), "the Qwen2.5-VL processor's tokenizer"
     ),
-    "scheduler": _Component("scheduler_config.json", (), "OmniGen2's FlowMatchEulerDiscreteScheduler"),
+    "scheduler": Component("scheduler_config.json", (), "OmniGen2's FlowMatchEulerDiscreteScheduler"),
 }
 
 # OmniGen2's scheduler's only settings, and the values omnigen2_sigmas implements (a key the file omits
@@ -93,13 +84,7 @@ class OmniGen2Parts:
 
 def _read_json(file: Path) -> dict[str, Any]:
     """A JSON object from ``file``; raises OmniGen2FolderError naming it."""
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise OmniGen2FolderError(f"{file}: cannot read JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise OmniGen2FolderError(f"{file}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json(file, OmniGen2FolderError)
 
 
 def is_omnigen2_folder(path: str | os.PathLike) -> bool:

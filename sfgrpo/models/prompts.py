@@ -22,16 +22,16 @@ _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 _SHOWN_CHARS = 80  # how much of a truncated prompt the warning quotes
 
 
-def resolve_folder(path: str | os.PathLike) -> Path:
-    """The tokenizer folder: ``path/tokenizer`` (a pipeline folder) or ``path`` itself."""
+def resolve_folder(path: str | os.PathLike, subfolder: str = SUBFOLDER) -> Path:
+    """The tokenizer folder: ``path/<subfolder>`` (a pipeline folder) or ``path`` itself."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer folder {str(path)!r} does not exist or is not a folder")
-    for cand in (path / SUBFOLDER, path):
+    for cand in (path / subfolder, path):
         if any((cand / f).is_file() for f in _TOKENIZER_FILES):
             return cand
     raise FileNotFoundError(
-        f"{str(path)!r} holds no tokenizer: none of {list(_TOKENIZER_FILES)} in it or in {path / SUBFOLDER}"
+        f"{str(path)!r} holds no tokenizer: none of {list(_TOKENIZER_FILES)} in it or in {path / subfolder}"
     )
 
 
@@ -42,22 +42,29 @@ def _shorten(text: str) -> str:
 class PromptTokenizer:
     """Prompts -> (ids, mask), each (B, max_length) int32, exactly as the klein pipeline tokenizes.
 
-    ``path`` is a tokenizer folder or a pipeline folder with ``tokenizer/``; it is loaded with
-    ``transformers.AutoTokenizer`` from local files only.
+    ``path`` is a tokenizer folder or a pipeline folder with ``tokenizer/`` (``SUBFOLDER``); it is loaded
+    with ``transformers.AutoTokenizer`` from local files only. A subclass renders another pipeline's chat
+    turn (``render``) and may name another subfolder, padding side and truncation note.
     """
+
+    SUBFOLDER = SUBFOLDER
+    PADDING_SIDE: str | None = None  # None: the tokenizer's own
+    TRUNCATION_NOTE = ""  # appended to the truncation warning
 
     def __init__(self, path: str | os.PathLike, max_length: int = 512) -> None:
         from transformers import AutoTokenizer  # noqa: PLC0415 - heavy import, only when a tokenizer is built
 
-        if int(max_length) < 1:
-            raise ValueError(f"max_length must be >= 1, got {max_length}")
-        self.max_length = int(max_length)
-        self.folder = resolve_folder(path)
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
+        self.max_length = max_length
+        self.folder = resolve_folder(path, self.SUBFOLDER)
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
         if self.tokenizer.pad_token is None:
             raise ValueError(f"tokenizer in {self.folder} has no pad token; max_length padding needs one")
         if not self.tokenizer.chat_template:
             raise ValueError(f"tokenizer in {self.folder} has no chat template")
+        if self.PADDING_SIDE is not None:
+            self.tokenizer.padding_side = self.PADDING_SIDE
 
     @property
     def vocab_size(self) -> int:
@@ -85,12 +92,13 @@ class PromptTokenizer:
             if n > self.max_length:
                 _log.warning(
                     "prompt %r is %d tokens with the chat template, over max_length=%d: %d tokens are cut "
-                    "from its %s",
+                    "from its %s%s",
                     _shorten(prompt),
                     n,
                     self.max_length,
                     n - self.max_length,
                     self.tokenizer.truncation_side,
+                    self.TRUNCATION_NOTE,
                 )
         enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length)
         ids = np.asarray(enc["input_ids"], dtype=np.int32)

@@ -36,7 +36,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -50,6 +49,7 @@ from sfgrpo.models.qwen3 import (
     _heads_reshape,
     _rotate,
     attention_mask_4d,
+    check_token_ids,
     rope_tables,
 )
 from sfgrpo.models.weights import Entry, SafetensorsReader
@@ -314,19 +314,7 @@ class Qwen2_5_VLTextEncoder(nnx.Module):
         checked against the vocabulary; traced ones cannot be (an out-of-range id then gathers a clamped
         row).
         """
-        if token_ids.ndim != 2 or attention_mask.shape != token_ids.shape:
-            raise ValueError(
-                f"token_ids {token_ids.shape} and attention_mask {attention_mask.shape} must both be (B, T)"
-            )
-        if not jnp.issubdtype(token_ids.dtype, jnp.integer):
-            raise ValueError(f"token_ids must be integers, got {token_ids.dtype}")
-        if not isinstance(token_ids, jax.core.Tracer) and getattr(token_ids, "is_fully_addressable", True):
-            ids = np.asarray(token_ids)
-            if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
-                raise ValueError(
-                    f"token_ids must lie in [0, {self.config.vocab_size}) (the vocabulary), "
-                    f"got values in [{ids.min()}, {ids.max()}]"
-                )
+        check_token_ids(token_ids, attention_mask, self.config.vocab_size)
         with mesh_of(self.embed_tokens.embedding[...]):
             return self._forward(token_ids, attention_mask)
 

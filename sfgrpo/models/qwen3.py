@@ -167,6 +167,25 @@ def _heads_reshape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jnp.reshape(x, shape, out_sharding=PartitionSpec(*batch, *([None] * (len(shape) - 1))))
 
 
+def check_token_ids(token_ids: jax.Array, attention_mask: jax.Array, vocab_size: int) -> None:
+    """Raises ``ValueError`` unless token_ids and attention_mask are both (B, T) and the ids integers.
+    Concrete ids on this host are checked against the vocabulary; traced ones cannot be (an out-of-range
+    id then gathers a clamped row)."""
+    if token_ids.ndim != 2 or attention_mask.shape != token_ids.shape:
+        raise ValueError(
+            f"token_ids {token_ids.shape} and attention_mask {attention_mask.shape} must both be (B, T)"
+        )
+    if not jnp.issubdtype(token_ids.dtype, jnp.integer):
+        raise ValueError(f"token_ids must be integers, got {token_ids.dtype}")
+    if not isinstance(token_ids, jax.core.Tracer) and getattr(token_ids, "is_fully_addressable", True):
+        ids = np.asarray(token_ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise ValueError(
+                f"token_ids must lie in [0, {vocab_size}) (the vocabulary), "
+                f"got values in [{ids.min()}, {ids.max()}]"
+            )
+
+
 def rope_tables(length: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
     """(cos, sin), each (T, head_dim) float32, for positions 0..T-1; frequencies repeated as two halves.
 
@@ -332,19 +351,7 @@ class Qwen3TextEncoder(nnx.Module):
         Concrete ids on this host are checked against the vocabulary; traced ones cannot be (an
         out-of-range id then gathers a clamped row).
         """
-        if token_ids.ndim != 2 or attention_mask.shape != token_ids.shape:
-            raise ValueError(
-                f"token_ids {token_ids.shape} and attention_mask {attention_mask.shape} must both be (B, T)"
-            )
-        if not jnp.issubdtype(token_ids.dtype, jnp.integer):
-            raise ValueError(f"token_ids must be integers, got {token_ids.dtype}")
-        if not isinstance(token_ids, jax.core.Tracer) and getattr(token_ids, "is_fully_addressable", True):
-            ids = np.asarray(token_ids)
-            if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
-                raise ValueError(
-                    f"token_ids must lie in [0, {self.config.vocab_size}) (the vocabulary), "
-                    f"got values in [{ids.min()}, {ids.max()}]"
-                )
+        check_token_ids(token_ids, attention_mask, self.config.vocab_size)
         with mesh_of(self.embed_tokens.embedding[...]):
             return self._forward(token_ids, attention_mask)
 
