@@ -31,6 +31,14 @@ What is measured (wall-clock seconds; JAX timings wait for the result with ``blo
   FLOPs are counted from its jaxpr and expressed as forwards of work, next to its time in forwards.
 * scaling: a single forward at a few target sizes (equal reference tokens), and a least-squares fit
   time = a * linear_flops + b * attention_flops, measured vs predicted per size.
+* kv: reference K/V caching (``Flux2KleinKVPipeline``, ``Flux2Config.reference_kv``) on the same weights.
+  Parity of the port's reference pass + cached forward with diffusers' extract step; then the rollout
+  (6 SDE steps) and an update over a window of 2 steps structured as sfgrpo's (a gradient per step,
+  summed; LoRA, AdamW) with the references computed once ('once', what sfgrpo's rollout and update do),
+  recomputed at every step by the same model ('per_step', the saving's baseline; XLA hoists a
+  loop-invariant reference pass out of the rollout's scan by itself, not the update's backward), and as
+  joint tokens of the plain klein model ('joint', Flux2KleinPipeline's cost); the rollout also against
+  diffusers' KV pipeline loop (extract at step 0, cached after), eager.
 
 Timing protocol: compile and warm-up runs are apart (compile times are reported: JAX's trace+lower, XLA's
 compile, and torch.compile's first call minus a steady call); then ``--reps`` repetitions, alternating JAX
@@ -66,13 +74,15 @@ from typing import Any
 
 import numpy as np
 
-SECTIONS = ("rollout", "update", "mfu", "scaling")
+SECTIONS = ("rollout", "update", "mfu", "scaling", "kv")
 REMATS = ("none", "dots", "full")
 SDE_STEPS = 6
 SDE_ETA = 0.7
 LORA_RANK, LORA_ALPHA = 8, 16.0
 LR, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-4, 0.01, 1.0
 UPDATE_SIGMA = 0.5
+KV_UPDATE_SIGMAS = (0.5, 0.35)  # the kv section's update: a window of 2 steps, as the shipped klein configs
+REFERENCE_MODES = ("joint", "per_step", "once")
 
 # The projections LoRA adapts: sfgrpo's lora.DEFAULT_PATTERNS (attn, ff, ff_context of every block) in
 # diffusers' module names, for PEFT.
@@ -330,8 +340,23 @@ def jax_forward(model: Any) -> tuple[Callable, Any]:
     return jax.jit(forward), state
 
 
-def jax_rollout(model: Any, tokens: int) -> tuple[Callable, Any]:
-    """(jitted f(state, x, ref, enc, noise, img_ids, txt_ids) -> final target latents, state)."""
+def _velocity(model: Any, mode: str, tokens: int, kv: Any) -> Callable[..., Any]:
+    """f(x (B, T, C), ref, enc, t, img_ids, txt_ids) -> target velocity, with the references handled as
+    ``mode`` says (see REFERENCE_MODES; 'once' uses ``kv``, computed by the caller)."""
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    def velocity(x: Any, ref: Any, enc: Any, t: Any, img_ids: Any, txt_ids: Any) -> Any:
+        if mode == "joint":
+            return model(jnp.concatenate([x, ref], axis=1), enc, t, img_ids, txt_ids)[:, :tokens]
+        cache = kv if mode == "once" else model.reference_kv(ref, img_ids[tokens:])
+        return model(x, enc, t, img_ids[:tokens], txt_ids, None, cache)
+
+    return velocity
+
+
+def jax_rollout(model: Any, tokens: int, mode: str = "joint") -> tuple[Callable, Any]:
+    """(jitted f(state, x, ref, enc, noise, img_ids, txt_ids) -> final target latents, state); ``mode``:
+    how the references are handled (REFERENCE_MODES; the cached ones need ``config.reference_kv``)."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
@@ -341,11 +366,13 @@ def jax_rollout(model: Any, tokens: int) -> tuple[Callable, Any]:
 
     def rollout(state: Any, x: Any, ref: Any, enc: Any, noise: Any, img_ids: Any, txt_ids: Any) -> Any:
         model = nnx.merge(graphdef, state)
+        kv = model.reference_kv(ref, img_ids[tokens:]) if mode == "once" else None
+        velocity = _velocity(model, mode, tokens, kv)
 
         def step(x: Any, inp: tuple[Any, Any, Any]) -> tuple[Any, None]:
             s, s_next, xi = inp
             t = jnp.broadcast_to(s, (x.shape[0],))
-            v = model(jnp.concatenate([x, ref], axis=1), enc, t, img_ids, txt_ids)[:, :tokens]
+            v = velocity(x, ref, enc, t, img_ids, txt_ids)
             dt = s_next - s
             return x + dt * v + SDE_ETA * jnp.sqrt(-dt) * xi, None
 
@@ -389,6 +416,58 @@ def jax_update(model: Any, tokens: int) -> tuple[dict[str, Callable], tuple[Any,
 
     stages = {"forward": jax.jit(loss_fn), "forward+backward": jax.jit(grad_fn), "step": jax.jit(step)}
     return stages, (params, opt_state, rest)
+
+
+def jax_window_update(model: Any, tokens: int, mode: str) -> tuple[Callable, tuple[Any, Any, Any]]:
+    """The update as ``sfgrpo.rl.step.update`` structures it, LoRA attached to a copy of ``model``: a
+    ``lax.scan`` over the window's steps (KV_UPDATE_SIGMAS), each step's gradient taken apart and summed,
+    then AdamW. ``mode`` (REFERENCE_MODES): 'once' runs the reference pass once and pulls the steps'
+    summed cache gradient back through it (sfgrpo's update), 'per_step' differentiates a reference pass
+    inside every step, 'joint' is the plain klein model. Returns (jitted f(params, opt_state, rest, hidden,
+    enc, img_ids, txt_ids, target) -> (params, opt_state, loss), (params, opt_state, rest))."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    import optax  # noqa: PLC0415
+    from flax import nnx  # noqa: PLC0415
+
+    from sfgrpo import builders  # noqa: PLC0415
+    from sfgrpo.models import lora  # noqa: PLC0415
+
+    model = nnx.clone(model)
+    lora.apply_lora(model, lora.LoRAConfig(rank=LORA_RANK, alpha=LORA_ALPHA), rngs=nnx.Rngs(1))
+    graphdef, params, rest = nnx.split(model, lora.LoRAParam, ...)
+    opt = builders.make_optimizer(LR, WEIGHT_DECAY, MAX_GRAD_NORM)
+    window = len(KV_UPDATE_SIGMAS)
+
+    def step_loss(p: Any, kv: Any, rest: Any, sigma: Any, x: Any, ref: Any, *data: Any) -> Any:
+        enc, img_ids, txt_ids, target = data
+        velocity = _velocity(nnx.merge(graphdef, p, rest), mode, tokens, kv)
+        t = jnp.full((x.shape[0],), sigma, x.dtype)
+        return jnp.mean((velocity(x, ref, enc, t, img_ids, txt_ids) - target) ** 2) / window
+
+    def update(params: Any, opt_state: Any, rest: Any, hidden: Any, *data: Any) -> tuple[Any, Any, Any]:
+        x, ref = hidden[:, :tokens], hidden[:, tokens:]
+        img_ids = data[1]
+        kv, pull = jax.vjp(
+            lambda p: (
+                nnx.merge(graphdef, p, rest).reference_kv(ref, img_ids[tokens:]) if mode == "once" else None
+            ),
+            params,
+        )
+        grad = jax.value_and_grad(step_loss, argnums=(0, 1))
+
+        def body(acc: Any, sigma: Any) -> tuple[Any, Any]:
+            loss, g = grad(params, kv, rest, sigma, x, ref, *data)
+            return jax.tree.map(jnp.add, acc, g), loss
+
+        zeros = jax.tree.map(jnp.zeros_like, (params, kv))
+        (g_params, g_kv), losses = jax.lax.scan(body, zeros, jnp.asarray(KV_UPDATE_SIGMAS, jnp.float32))
+        if kv is not None:
+            g_params = jax.tree.map(jnp.add, g_params, pull(g_kv)[0])
+        updates, opt_state = opt.update(g_params, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, losses.sum()
+
+    return jax.jit(update), (params, opt.init(params), rest)
 
 
 def jax_compile(fn: Callable, *args: Any) -> tuple[Callable, dict[str, float], Any]:
@@ -455,6 +534,43 @@ def torch_rollout(model: Any, inp: Inputs) -> Callable[[], Any]:
                     txt_ids=txt_ids,
                     return_dict=False,
                 )[0][:, :tokens]
+                dt = float(sig[k + 1] - sig[k])
+                x = x + dt * v + SDE_ETA * math.sqrt(-dt) * noise[k]
+        return x
+
+    return run
+
+
+def torch_kv_rollout(model: Any, inp: Inputs) -> Callable[[], Any]:
+    """``Flux2KleinKVPipeline``'s loop on a model with its KV processors: step 0 extracts the reference
+    K/V ([reference, target] tokens), the later steps run the target tokens on the cache."""
+    import torch  # noqa: PLC0415
+
+    x0, ref, enc, noise = (torch.from_numpy(a) for a in (inp.x, inp.ref, inp.enc, inp.noise))
+    tokens, batch = inp.x.shape[1], inp.x.shape[0]
+    target_ids = torch.from_numpy(inp.img_ids[:tokens])
+    first_ids = torch.from_numpy(np.concatenate([inp.img_ids[tokens:], inp.img_ids[:tokens]]))
+    txt_ids = torch.from_numpy(inp.txt_ids)
+    sig = sigmas()
+    ts = [torch.full((batch,), float(s)) for s in sig]
+
+    def run() -> Any:
+        x, cache = x0, None
+        with torch.no_grad():
+            for k in range(SDE_STEPS):
+                common = dict(encoder_hidden_states=enc, timestep=ts[k], txt_ids=txt_ids, return_dict=False)
+                if cache is None:
+                    v, cache = model(
+                        hidden_states=torch.cat([ref, x], dim=1),
+                        img_ids=first_ids,
+                        kv_cache_mode="extract",
+                        num_ref_tokens=ref.shape[1],
+                        **common,
+                    )
+                else:
+                    v = model(
+                        hidden_states=x, img_ids=target_ids, kv_cache=cache, kv_cache_mode="cached", **common
+                    )[0]
                 dt = float(sig[k + 1] - sig[k])
                 x = x + dt * v + SDE_ETA * math.sqrt(-dt) * noise[k]
         return x
@@ -761,6 +877,118 @@ def run_update(
     )
 
 
+def kv_models(theirs: Any, ours: Any) -> tuple[Any, Any]:
+    """Copies of both models in ``Flux2KleinKVPipeline``'s mode: diffusers' with its KV attention
+    processors, ours with ``config.reference_kv``."""
+    from diffusers.models.transformers.transformer_flux2 import (  # noqa: PLC0415
+        Flux2KVAttnProcessor,
+        Flux2KVParallelSelfAttnProcessor,
+    )
+    from flax import nnx  # noqa: PLC0415
+
+    theirs_kv = copy.deepcopy(theirs)
+    for block in theirs_kv.transformer_blocks:
+        block.attn.set_processor(Flux2KVAttnProcessor())
+    for block in theirs_kv.single_transformer_blocks:
+        block.attn.set_processor(Flux2KVParallelSelfAttnProcessor())
+    ours_kv = nnx.clone(ours)
+    ours_kv.config = ours.config.replace(reference_kv=True)
+    return theirs_kv, ours_kv
+
+
+def run_kv(args: argparse.Namespace, theirs: Any, ours: Any, inp: Inputs) -> dict[str, Any]:
+    import jax  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    tokens = inp.x.shape[1]
+    if inp.ref.shape[1] == 0:
+        print("kv: skipped (--ref-tokens 0: no references to cache)")
+        return dict(skipped="no reference tokens")
+    print(f"kv: reference K/V caching (Flux2KleinKVPipeline), {inp.ref.shape[1]} reference tokens")
+    from flax import nnx  # noqa: PLC0415
+
+    theirs_kv, ours_kv = kv_models(theirs, ours)
+    graphdef, kstate = nnx.split(ours_kv)
+
+    @jax.jit
+    def cached_forward(state: Any, x: Any, ref: Any, enc: Any, img_ids: Any, txt_ids: Any) -> Any:
+        m = nnx.merge(graphdef, state)
+        return m(
+            x, enc, np.float32(0.7), img_ids[:tokens], txt_ids, None, m.reference_kv(ref, img_ids[tokens:])
+        )
+
+    a = np.asarray(cached_forward(kstate, inp.x, inp.ref, inp.enc, inp.img_ids, inp.txt_ids))
+    with torch.no_grad():
+        b = theirs_kv(
+            hidden_states=torch.from_numpy(np.concatenate([inp.ref, inp.x], axis=1)),
+            encoder_hidden_states=torch.from_numpy(inp.enc),
+            timestep=torch.full((inp.x.shape[0],), 0.7),
+            img_ids=torch.from_numpy(np.concatenate([inp.img_ids[tokens:], inp.img_ids[:tokens]])),
+            txt_ids=torch.from_numpy(inp.txt_ids),
+            return_dict=False,
+            kv_cache_mode="extract",
+            num_ref_tokens=inp.ref.shape[1],
+        )[0].numpy()
+    diff, scale = float(np.abs(a - b).max()), float(np.abs(b).max())
+    ok = diff / max(scale, 1e-30) <= args.parity_tol
+    print(
+        f"  parity with diffusers' extract step: max abs {diff:.3e} (output max {scale:.3e}): "
+        f"{'OK' if ok else 'FAILED'}"
+    )
+    out: dict[str, Any] = dict(parity=dict(max_abs_diff=diff, output_scale=scale, ok=bool(ok)))
+    if not ok:
+        return out
+
+    jargs = (inp.x, inp.ref, inp.enc, inp.noise, inp.img_ids, inp.txt_ids)
+    fns: dict[str, Callable[[], Any]] = {}
+    compile_times: dict[str, float] = {}
+    for mode in ("once", "per_step", "joint"):
+        fn, st = jax_rollout(ours if mode == "joint" else ours_kv, tokens, mode)
+        compiled, cs, _ = jax_compile(fn, st, *jargs)
+        compile_times[f"jax {mode}"] = cs["jax compile"]
+        fns["jax" if mode == "once" else f"jax_{mode}"] = _blocking(compiled, st, *jargs)
+        time_once(fns["jax" if mode == "once" else f"jax_{mode}"])
+    fns["torch_kv_eager"] = torch_kv_rollout(theirs_kv, inp)
+    time_once(fns["torch_kv_eager"])
+    rollout = alternate(fns, args.reps)
+    print_timings(
+        f"rollout, {SDE_STEPS} SDE steps ('jax' computes the references once)", rollout, compile_times
+    )
+
+    hidden = np.concatenate([inp.x, inp.ref], axis=1)
+    data = (hidden, inp.enc, inp.img_ids, inp.txt_ids, inp.target)
+    ufns: dict[str, Callable[[], Any]] = {}
+    ucompile: dict[str, float] = {}
+    losses = {}
+    for mode in ("once", "per_step", "joint"):
+        fn, (params, opt_state, rest) = jax_window_update(ours if mode == "joint" else ours_kv, tokens, mode)
+        compiled, cs, _ = jax_compile(fn, params, opt_state, rest, *data)
+        ucompile[f"jax {mode}"] = cs["jax compile"]
+        name = "jax" if mode == "once" else f"jax_{mode}"
+        ufns[name] = _blocking(compiled, params, opt_state, rest, *data)
+        losses[mode] = float(time_once(ufns[name])[1][2])
+    print(f"  update losses (same LoRA init): {', '.join(f'{k} {v:.6f}' for k, v in losses.items())}")
+    update = alternate(ufns, args.reps)
+    print_timings(
+        f"update over a window of {len(KV_UPDATE_SIGMAS)} steps (a gradient per step), LoRA + AdamW",
+        update,
+        ucompile,
+    )
+    saving = {
+        "rollout per_step/once": rollout["jax_per_step"]["median"] / rollout["jax"]["median"],
+        "rollout joint/once": rollout["jax_joint"]["median"] / rollout["jax"]["median"],
+        "update per_step/once": update["jax_per_step"]["median"] / update["jax"]["median"],
+        "update joint/once": update["jax_joint"]["median"] / update["jax"]["median"],
+    }
+    for k, v in saving.items():
+        print(f"  saving {k:24s} {v:5.2f}x")
+    return out | dict(
+        rollout=dict(times=rollout, ratios=ratios(rollout), compile_s=compile_times),
+        update=dict(times=update, ratios=ratios(update), compile_s=ucompile, losses=losses),
+        saving=saving,
+    )
+
+
 def run_mfu(
     args: argparse.Namespace,
     theirs: Any,
@@ -1001,6 +1229,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["mfu"] = run_mfu(args, theirs, ours, inp, w, report, errors)
     if "scaling" in args.sections:
         report["scaling"] = run_scaling(args, theirs, ours, w)
+    if "kv" in args.sections:
+        report["kv"] = run_kv(args, theirs, ours, inp)
+        if not report["kv"].get("parity", {}).get("ok", True):
+            return finish(1)
     return finish(0)
 
 

@@ -99,11 +99,11 @@ def klein_configs(folder: Path | None) -> KleinConfigs:
     when ``folder`` is None."""
     if folder is None:
         return KleinConfigs(flux2.CONFIGS["klein-4b"], vae.Flux2VAEConfig(), QWEN3_4B, "built-in klein-4B")
-    from sfgrpo.models import qwen3_weights, vae_weights, weights  # noqa: PLC0415
+    from sfgrpo.models import klein, qwen3_weights, vae_weights, weights  # noqa: PLC0415
 
     vae_dir = vae_weights.resolve_vae_folder(folder)
     return KleinConfigs(
-        weights.read_config(folder / "transformer"),
+        weights.read_config(folder / "transformer").replace(reference_kv=klein.uses_reference_kv(folder)),
         vae.config_from_dict(vae_weights.read_config_dict(vae_dir), source=str(vae_dir)),
         qwen3_weights.read_config(folder / "text_encoder"),
         str(folder),

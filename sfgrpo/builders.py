@@ -591,7 +591,14 @@ def _build_klein(
         klein.check_consistency(folder, layers)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"config.model.folder: {err}") from None
-    transformer = flux2.from_pretrained(folder, dtype=dtype, mesh=mesh, remat=m.remat, attention=m.attention)
+    transformer = flux2.from_pretrained(
+        folder,
+        dtype=dtype,
+        mesh=mesh,
+        remat=m.remat,
+        attention=m.attention,
+        reference_kv=klein.uses_reference_kv(folder),
+    )
     autoencoder = vae.load_vae(folder, dtype=dtype, mesh=mesh)
     tokenizer = prompts.PromptTokenizer(folder, max_length=int(m.max_text_tokens))
     length = int(m.max_text_tokens)

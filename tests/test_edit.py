@@ -63,6 +63,35 @@ def test_parity_distilled(distilled):
     assert _moved(other_prompt, ours) > SENSITIVE and _moved(other_image, ours) > SENSITIVE
 
 
+def test_parity_with_the_kv_pipeline(distilled, tmp_path):
+    """A ``Flux2KleinKVPipeline`` folder (FLUX.2-klein-*-kv: the same components, references attending only
+    to themselves, their K/V cached after the first step) edits as that pipeline does; the cached
+    references give another image than the joint ones of ``Flux2KleinPipeline`` on the same weights."""
+    import torch  # noqa: PLC0415
+    from diffusers import Flux2KleinKVPipeline  # noqa: PLC0415
+
+    parts, pipe = distilled
+    kv_pipe = Flux2KleinKVPipeline(
+        scheduler=pipe.scheduler,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        transformer=pipe.transformer,
+    )
+    kv_pipe.save_pretrained(tmp_path / "kv")
+    kv_pipe = Flux2KleinKVPipeline.from_pretrained(tmp_path / "kv", dtype=torch.float32)
+    kv_pipe.set_progress_bar_config(disable=True)
+    kv_parts = edit.load_parts(str(tmp_path / "kv"))
+    assert kv_parts.transformer.config.reference_kv and kv_parts.is_distilled
+    image, noise = _source(), _noise((4, 5))
+    ours = edit.edit_pixels(kv_parts, image, PROMPT, steps=STEPS, noise=noise)
+    _assert_parity(ours, _theirs(kv_pipe, image, PROMPT, noise, (4, 5), 512))
+    joint = edit.edit_pixels(parts, image, PROMPT, steps=STEPS, noise=noise)
+    assert _moved(joint, ours) > SENSITIVE
+    other_image = edit.edit_pixels(kv_parts, 255 - image, PROMPT, steps=STEPS, noise=noise)
+    assert _moved(other_image, ours) > SENSITIVE
+
+
 def test_parity_other_output_size(distilled):
     # --height/--width: the target grid (5 x 4) differs from the reference grid (4 x 5).
     parts, pipe = distilled

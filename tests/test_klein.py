@@ -81,6 +81,24 @@ def test_missing_index_flag_warns(copy, caplog):
     assert "no is_distilled" in caplog.text
 
 
+def test_a_kv_pipeline_folder_caches_its_references(copy, caplog):
+    """A Flux2KleinKVPipeline folder (FLUX.2-klein-*-kv): its transformer runs with reference_kv; the
+    pipeline samples without guidance and records no is_distilled, so it loads as distilled, silently. A
+    trained transformer given for it takes the folder's mode."""
+    index = copy / "model_index.json"
+    data = json.loads(index.read_text())
+    del data["is_distilled"]
+    index.write_text(json.dumps(data | {"_class_name": "Flux2KleinKVPipeline"}))
+    assert klein.uses_reference_kv(copy)
+    with caplog.at_level(logging.WARNING, logger="sfgrpo.models.klein"):
+        parts = klein.load_klein(copy, text_encoder=False)
+    assert parts.transformer.config.reference_kv is True and parts.is_distilled is True
+    assert "is_distilled" not in caplog.text
+    given = nnx.clone(parts.transformer)
+    given.config = given.config.replace(reference_kv=False, remat="dots")
+    assert klein.load_klein(copy, text_encoder=False, transformer=given).transformer.config.reference_kv
+
+
 def test_missing_components_are_all_listed(copy):
     shutil.rmtree(copy / "vae")
     (copy / "scheduler" / "scheduler_config.json").unlink()
@@ -109,7 +127,8 @@ def test_not_a_folder(tmp_path):
 def test_other_pipeline_class(copy):
     _edit_json(copy / "model_index.json", _class_name="Flux2Pipeline")
     with pytest.raises(
-        klein.KleinFolderError, match="pipeline class 'Flux2Pipeline', expected 'Flux2KleinPipeline'"
+        klein.KleinFolderError,
+        match="pipeline class 'Flux2Pipeline', expected one of .'Flux2KleinPipeline', 'Flux2KleinKVPipe",
     ):
         klein.check_folder(copy)
 

@@ -12,6 +12,7 @@ from helpers import Setup, entries_moved, tiny_config
 
 from sfgrpo import builders, runtime
 from sfgrpo.rewards.base import RegionScores, Rewards
+from sfgrpo.rl import step as step_module
 from sfgrpo.rl.step import (
     Credit,
     GRPOSettings,
@@ -368,3 +369,41 @@ def test_bf16_full_fine_tuning_trains_float32_master_weights():
     for path, m32 in moved_f32.items():
         missed = m32 & ~moved_bf16[path]
         assert not missed.any(), f"{path}: {missed.mean():.1%} of entries moved in float32 only"
+
+
+def test_reference_kv_cache_in_the_rollout_and_the_update(monkeypatch):
+    """A Flux2KleinKVPipeline-style policy (``reference_kv``): the rollout samples with the cached source
+    keys/values and the first update is on-policy; the update runs the reference pass once per
+    micro-batch and pulls the window steps' summed cache gradient back through it, which equals
+    differentiating a reference pass inside every step, and that gradient is not negligible."""
+    c = tiny_config()
+    c.model.transformer.reference_kv = True
+    s = Setup(c)
+    out = s("rollout", s.params, s.frozen, s.batch, s.key(51))
+    assert out.cond.reference_kv is None  # the cache lives inside the programs, not in their outputs
+    credit_ = _random_credit(out, "spatial", 52)
+    _, _, m = s("update", s.params, s.frozen, s.opt_state, {}, out, credit_, s.key(53))
+    assert float(m["clipfrac"]) == 0.0 and float(m["approx_kl"]) < 1e-8
+
+    out = _on_host(out)
+    leaves, treedef = jax.tree.flatten(_on_host(s.params))
+    keys = jax.random.split(jax.random.key(54), len(leaves))
+    ref = treedef.unflatten(
+        [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    )
+    kw = dict(samples=range(16), micro_batch=8, ref_params=ref, kl_beta=0.04)
+    g_cached, m_cached = _sgd_gradient(s, out, credit_, **kw)
+    cached_pass = step_module._reference_kv
+    # Without the hoisted pass every window step's velocity computes (and differentiates) its own.
+    monkeypatch.setattr(step_module, "_reference_kv", lambda *a: None)
+    g_each, m_each = _sgd_gradient(s, out, credit_, **kw)
+    np.testing.assert_allclose(m_cached["total_loss"], m_each["total_loss"], rtol=1e-5)
+    scale = max(float(np.abs(g).max()) for g in g_each)
+    assert scale > 0
+    worst = max(float(np.abs(a - b).max()) for a, b in zip(g_cached, g_each, strict=True)) / scale
+    assert worst < 1e-5, f"max |g_cached - g_each| / max |g_each| = {worst:.2e}"
+    # A cache that carried no gradient would leave out a real part of it.
+    monkeypatch.setattr(step_module, "_reference_kv", lambda *a: jax.lax.stop_gradient(cached_pass(*a)))
+    g_frozen, _ = _sgd_gradient(s, out, credit_, **kw)
+    gap = max(float(np.abs(a - b).max()) for a, b in zip(g_frozen, g_each, strict=True)) / scale
+    assert gap > 1e-2

@@ -8,13 +8,20 @@ with depth. Parameter paths mirror diffusers' module names without the block ind
 
 Editing (SPEC §10): reference-image tokens follow the target tokens in ``hidden_states`` with their own
 ids (see :func:`make_position_ids`); the caller slices the output back to the target tokens.
+
+Reference K/V caching (``Flux2KleinKVPipeline``, ``config.reference_kv``): reference tokens attend only to
+themselves, modulated at timestep 0, so their post-RoPE keys and values at every block depend on the
+reference alone. :meth:`Flux2Transformer.reference_kv` computes them once (a forward of the reference
+tokens by themselves); every step's forward then takes only the target tokens, whose attention sees the
+text, the target and the cached reference keys. That is the pipeline's "extract" step and "cached" steps
+at once: the extract step's target output equals the cached forward's.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,16 +38,44 @@ from sfgrpo.models.layers import (
     layer_norm,
     mesh_of,
     rope,
-    scan_blocks,
+    scan_layers,
     shard,
     split,
     swiglu,
     timestep_features,
 )
 
-__all__ = ["CONFIGS", "Flux2Config", "Flux2Transformer", "from_pretrained", "make_position_ids"]
+__all__ = [
+    "CONFIGS",
+    "Flux2Config",
+    "Flux2Transformer",
+    "ReferenceKV",
+    "from_pretrained",
+    "make_position_ids",
+]
 
 _ACT = ("batch", None, None)  # (B, L, C) activations: batch over (data, fsdp), the rest replicated
+
+
+class ReferenceKV(NamedTuple):
+    """The reference tokens' post-RoPE keys and values at every block (``Flux2KleinKVPipeline``'s cache).
+
+    double, single: (k, v), each (layers, B, Lr, N, D) in the param dtype, for the double- and the
+    single-stream blocks; None for a kind of block the model does not have.
+    """
+
+    double: tuple[jax.Array, jax.Array] | None
+    single: tuple[jax.Array, jax.Array] | None
+
+
+KV = tuple[jax.Array, jax.Array]  # one layer's (k, v), each (B, L, N, D)
+
+
+def _with_reference(k: jax.Array, v: jax.Array, ref: KV | None) -> KV:
+    """Appends one layer's cached reference keys/values (B, Lr, N, D) to the sequence's own."""
+    if ref is None:
+        return k, v
+    return jnp.concatenate([k, ref[0].astype(k.dtype)], 1), jnp.concatenate([v, ref[1].astype(v.dtype)], 1)
 
 
 def _chunks(mod: jax.Array, n: int) -> list[jax.Array]:
@@ -83,9 +118,10 @@ class JointAttention(nnx.Module):
         return x.reshape(*x.shape[:2], self.heads, -1)
 
     def __call__(
-        self, x: jax.Array, c: jax.Array, cos: jax.Array, sin: jax.Array
+        self, x: jax.Array, c: jax.Array, cos: jax.Array, sin: jax.Array, ref: KV | None = None
     ) -> tuple[jax.Array, jax.Array]:
-        """x (B, Li, C) image, c (B, Lt, C) text -> (image out, text out)."""
+        """x (B, Li, C) image, c (B, Lt, C) text -> (image out, text out); ``ref``: cached reference
+        (k, v) that the text and image tokens attend to as well."""
         q = jnp.concatenate(
             [self.norm_added_q(self._heads(self.add_q_proj(c))), self.norm_q(self._heads(self.to_q(x)))], 1
         )
@@ -93,9 +129,18 @@ class JointAttention(nnx.Module):
             [self.norm_added_k(self._heads(self.add_k_proj(c))), self.norm_k(self._heads(self.to_k(x)))], 1
         )
         v = jnp.concatenate([self._heads(self.add_v_proj(c)), self._heads(self.to_v(x))], 1)
-        out = _attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, self.impl)
+        k, v = _with_reference(apply_rope(k, cos, sin), v, ref)
+        out = _attention(apply_rope(q, cos, sin), k, v, self.impl)
         out_c, out_x = split(out, (c.shape[1], x.shape[1]), axis=1)
         return self.to_out(out_x), self.to_add_out(out_c)
+
+    def reference(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, KV]:
+        """Reference tokens x (B, Lr, C) attending only to themselves, through the image-stream weights
+        -> (image out (B, Lr, C), their post-RoPE (k, v))."""
+        q = apply_rope(self.norm_q(self._heads(self.to_q(x))), cos, sin)
+        k = apply_rope(self.norm_k(self._heads(self.to_k(x))), cos, sin)
+        v = self._heads(self.to_v(x))
+        return self.to_out(_attention(q, k, v, self.impl)), (k, v)
 
 
 class DoubleStreamBlock(nnx.Module):
@@ -116,18 +161,32 @@ class DoubleStreamBlock(nnx.Module):
         mod_txt: jax.Array,
         cos: jax.Array,
         sin: jax.Array,
+        ref: KV | None = None,
     ) -> tuple[jax.Array, jax.Array]:
-        """x (B, Li, C), c (B, Lt, C), mods (B, 6C) -> updated (x, c)."""
+        """x (B, Li, C), c (B, Lt, C), mods (B, 6C) -> updated (x, c); ``ref``: this block's cached
+        reference (k, v)."""
         sh, sc, g, sh2, sc2, g2 = _chunks(mod_img, 6)
         csh, csc, cg, csh2, csc2, cg2 = _chunks(mod_txt, 6)
         attn_x, attn_c = self.attn(
-            (1 + sc) * layer_norm(x, self.eps) + sh, (1 + csc) * layer_norm(c, self.eps) + csh, cos, sin
+            (1 + sc) * layer_norm(x, self.eps) + sh, (1 + csc) * layer_norm(c, self.eps) + csh, cos, sin, ref
         )
-        x = x + g * attn_x
-        x = x + g2 * self.ff(layer_norm(x, self.eps) * (1 + sc2) + sh2)
-        c = c + cg * attn_c
-        c = c + cg2 * self.ff_context(layer_norm(c, self.eps) * (1 + csc2) + csh2)
+        x = self._mlp(x + g * attn_x, sh2, sc2, g2, self.ff)
+        c = self._mlp(c + cg * attn_c, csh2, csc2, cg2, self.ff_context)
         return shard(x, _ACT), shard(c, _ACT)
+
+    def reference(
+        self, x: jax.Array, mod_img: jax.Array, cos: jax.Array, sin: jax.Array
+    ) -> tuple[jax.Array, KV]:
+        """The image stream alone on reference tokens x (B, Lr, C) attending to themselves -> (updated x,
+        this block's (k, v))."""
+        sh, sc, g, sh2, sc2, g2 = _chunks(mod_img, 6)
+        attn_x, kv = self.attn.reference((1 + sc) * layer_norm(x, self.eps) + sh, cos, sin)
+        return shard(self._mlp(x + g * attn_x, sh2, sc2, g2, self.ff), _ACT), kv
+
+    def _mlp(
+        self, x: jax.Array, shift: jax.Array, scale: jax.Array, gate: jax.Array, ff: FeedForward
+    ) -> jax.Array:
+        return x + gate * ff(layer_norm(x, self.eps) * (1 + scale) + shift)
 
 
 class ParallelSelfAttention(nnx.Module):
@@ -144,15 +203,18 @@ class ParallelSelfAttention(nnx.Module):
         self.norm_q = RMSNorm(cfg.attention_head_dim, eps=cfg.eps, dtype=dtype, stack=stack)
         self.norm_k = RMSNorm(cfg.attention_head_dim, eps=cfg.eps, dtype=dtype, stack=stack)
 
-    def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        """h (B, L, C) -> (B, L, C)."""
+    def __call__(
+        self, h: jax.Array, cos: jax.Array, sin: jax.Array, ref: KV | None = None
+    ) -> tuple[jax.Array, KV]:
+        """h (B, L, C) -> (out (B, L, C), the post-RoPE (k, v) of h's tokens); ``ref``: cached reference
+        (k, v) that h's tokens attend to as well."""
         proj = self.to_qkv_mlp_proj(h)
         c = self.inner
         q, k, v, mlp = split(proj, (c, c, c, proj.shape[-1] - 3 * c))
         q, k, v = (x.reshape(*h.shape[:2], self.heads, -1) for x in (q, k, v))
         q, k = apply_rope(self.norm_q(q), cos, sin), apply_rope(self.norm_k(k), cos, sin)
-        out = _attention(q, k, v, self.impl)
-        return self.to_out(jnp.concatenate([out, swiglu(mlp)], axis=-1))
+        out = _attention(q, *_with_reference(k, v, ref), self.impl)
+        return self.to_out(jnp.concatenate([out, swiglu(mlp)], axis=-1)), (k, v)
 
 
 class SingleStreamBlock(nnx.Module):
@@ -162,11 +224,15 @@ class SingleStreamBlock(nnx.Module):
         self.eps = cfg.eps
         self.attn = ParallelSelfAttention(cfg, rngs=rngs, dtype=dtype, stack=stack)
 
-    def __call__(self, h: jax.Array, mod: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        """h (B, Lt+Li, C), mod (B, 3C) -> (B, Lt+Li, C)."""
+    def __call__(
+        self, h: jax.Array, mod: jax.Array, cos: jax.Array, sin: jax.Array, ref: KV | None = None
+    ) -> tuple[jax.Array, KV]:
+        """h (B, L, C), mod (B, 3C) -> (updated h (B, L, C), the (k, v) of h's tokens); ``ref``: this
+        block's cached reference (k, v). On reference tokens alone (with their own ``mod``) this is the
+        reference pass."""
         shift, scale, gate = _chunks(mod, 3)
-        h = h + gate * self.attn((1 + scale) * layer_norm(h, self.eps) + shift, cos, sin)
-        return shard(h, _ACT)
+        out, kv = self.attn((1 + scale) * layer_norm(h, self.eps) + shift, cos, sin, ref)
+        return shard(h + gate * out, _ACT), kv
 
 
 class TimestepEmbedding(nnx.Module):
@@ -278,10 +344,12 @@ class Flux2Transformer(nnx.Module):
         img_ids: jax.Array,
         txt_ids: jax.Array,
         guidance: jax.Array | None = None,
+        reference_kv: ReferenceKV | None = None,
     ) -> jax.Array:
         """Velocity for all image tokens.
 
-        hidden_states (B, Li, in_channels): target tokens then reference tokens.
+        hidden_states (B, Li, in_channels): target tokens then reference tokens; with ``reference_kv``
+        (from :meth:`reference_kv`), the target tokens only.
         encoder_hidden_states (B, Lt, joint_attention_dim): text features.
         timestep (B,) or scalar: σ in [0, 1] (×1000 inside). guidance (B,) or None (×1000 inside; used only
         by configs with a guidance embedding).
@@ -290,8 +358,63 @@ class Flux2Transformer(nnx.Module):
         Returns (B, Li, out_channels) in the param dtype.
         """
         self._check(hidden_states, encoder_hidden_states, img_ids, txt_ids)
+        if reference_kv is not None and not self.config.reference_kv:
+            raise ValueError(
+                "reference_kv given to a transformer whose config has reference_kv=False: its references "
+                "are joint-sequence tokens (Flux2KleinPipeline), not a cache (Flux2KleinKVPipeline)"
+            )
         with mesh_of(self.x_embedder.kernel[...]):
-            return self._forward(hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids, guidance)
+            return self._forward(
+                hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids, guidance, reference_kv
+            )
+
+    def reference_kv(
+        self, reference: jax.Array, ref_ids: jax.Array, guidance: jax.Array | None = None
+    ) -> ReferenceKV:
+        """The reference tokens' keys and values at every block (``Flux2KleinKVPipeline``'s extract step).
+
+        reference (B, Lr, in_channels): the source image's tokens; ref_ids ([B,] Lr, 4) their position ids
+        (a batched array uses row 0); guidance (B,) or None, as for ``__call__``. The references attend
+        only to themselves, modulated at timestep 0 (the pipeline's ``ref_fixed_timestep``).
+        """
+        cfg = self.config
+        if not cfg.reference_kv:
+            raise ValueError(
+                "reference_kv needs a config with reference_kv=True (a Flux2KleinKVPipeline model)"
+            )
+        # No text in this pass: empty host arrays stand in for it in the shape check.
+        self._check(
+            reference, np.zeros((reference.shape[0], 0, cfg.joint_attention_dim)), ref_ids, np.zeros((0, 4))
+        )
+        with mesh_of(self.x_embedder.kernel[...]):
+            batch = reference.shape[0]
+            ref_ids = shard(ref_ids, (None,) * ref_ids.ndim)[0] if ref_ids.ndim == 3 else ref_ids
+            temb = self.time_guidance_embed(jnp.zeros((batch,), self.dtype), self._guidance(guidance, batch))
+            x = shard(self.x_embedder(shard(reference, _ACT)), _ACT)
+            cos, sin = rope(ref_ids, cfg.axes_dims_rope, cfg.rope_theta)
+            double = single = None
+            if self.transformer_blocks is not None:
+                mod_img = self.double_stream_modulation_img(temb)
+                x, double = scan_layers(
+                    self.transformer_blocks,
+                    x,
+                    lambda blk, x, _: blk.reference(x, mod_img, cos, sin),
+                    cfg.remat,
+                )
+            if self.single_transformer_blocks is not None:
+                mod_single = self.single_stream_modulation(temb)
+                _, single = scan_layers(
+                    self.single_transformer_blocks,
+                    x,
+                    lambda blk, h, _: blk(h, mod_single, cos, sin),
+                    cfg.remat,
+                )
+            return ReferenceKV(double, single)
+
+    def _guidance(self, guidance: jax.Array | None, batch: int) -> jax.Array | None:
+        if guidance is None:
+            return None
+        return jnp.broadcast_to(jnp.asarray(guidance).astype(self.dtype), (batch,)) * 1000
 
     def _forward(
         self,
@@ -301,6 +424,7 @@ class Flux2Transformer(nnx.Module):
         img_ids: jax.Array,
         txt_ids: jax.Array,
         guidance: jax.Array | None,
+        reference_kv: ReferenceKV | None,
     ) -> jax.Array:
         cfg, dtype = self.config, self.dtype
         batch = hidden_states.shape[0]
@@ -309,12 +433,7 @@ class Flux2Transformer(nnx.Module):
         txt_ids = shard(txt_ids, (None,) * txt_ids.ndim)[0] if txt_ids.ndim == 3 else txt_ids
 
         t = jnp.broadcast_to(jnp.asarray(timestep).astype(dtype), (batch,)) * 1000
-        g = (
-            None
-            if guidance is None
-            else jnp.broadcast_to(jnp.asarray(guidance).astype(dtype), (batch,)) * 1000
-        )
-        temb = self.time_guidance_embed(t, g)
+        temb = self.time_guidance_embed(t, self._guidance(guidance, batch))
         mod_img = self.double_stream_modulation_img(temb)
         mod_txt = self.double_stream_modulation_txt(temb)
         mod_single = self.single_stream_modulation(temb)
@@ -323,17 +442,23 @@ class Flux2Transformer(nnx.Module):
         c = shard(self.context_embedder(shard(encoder_hidden_states, _ACT)), _ACT)
         cos, sin = rope(jnp.concatenate([txt_ids, img_ids], axis=0), cfg.axes_dims_rope, cfg.rope_theta)
 
+        cache = reference_kv or ReferenceKV(None, None)
         if self.transformer_blocks is not None:
-            x, c = scan_blocks(
+            (x, c), _ = scan_layers(
                 self.transformer_blocks,
                 (x, c),
-                lambda blk, xc: blk(xc[0], xc[1], mod_img, mod_txt, cos, sin),
+                lambda blk, xc, ref: (blk(xc[0], xc[1], mod_img, mod_txt, cos, sin, ref), None),
                 cfg.remat,
+                xs=cache.double,
             )
         h = jnp.concatenate([c, x], axis=1)
         if self.single_transformer_blocks is not None:
-            h = scan_blocks(
-                self.single_transformer_blocks, h, lambda blk, h: blk(h, mod_single, cos, sin), cfg.remat
+            h, _ = scan_layers(
+                self.single_transformer_blocks,
+                h,
+                lambda blk, h, ref: (blk(h, mod_single, cos, sin, ref)[0], None),
+                cfg.remat,
+                xs=cache.single,
             )
         return self.proj_out(self.norm_out(h[:, c.shape[1] :], temb))
 
@@ -372,16 +497,19 @@ def from_pretrained(
     mesh: Mesh | None = None,
     remat: str | None = None,
     attention: str | None = None,
+    reference_kv: bool | None = None,
 ) -> Flux2Transformer:
     """Loads a diffusers ``Flux2Transformer2DModel`` folder (or a pipeline folder with ``transformer/``).
 
     Each tensor goes straight to its sharding on ``mesh`` (default: a 1x1x1 mesh on the first device).
-    ``remat``/``attention`` override the execution options of the config.
+    ``remat``/``attention``/``reference_kv`` set our options of the config (``Flux2Config``); a diffusers
+    config holds none of them (``reference_kv`` is the pipeline's: ``klein.uses_reference_kv``).
     """
     from sfgrpo.models import weights  # noqa: PLC0415 - weights imports the name table lazily
 
     def build(cfg: Flux2Config) -> Flux2Transformer:
-        changes = {k: v for k, v in (("remat", remat), ("attention", attention)) if v is not None}
+        options = (("remat", remat), ("attention", attention), ("reference_kv", reference_kv))
+        changes = {k: v for k, v in options if v is not None}
         return Flux2Transformer(cfg.replace(**changes), rngs=nnx.Rngs(0), dtype=dtype)
 
     return weights.load_flux2(path, build, mesh=mesh)

@@ -13,11 +13,15 @@ from sfgrpo.models.layers import REMAT_POLICIES
 
 @dataclasses.dataclass(frozen=True)
 class Flux2Config:
-    """Architecture (diffusers' field names) plus two execution options, ``remat`` and ``attention``.
+    """Architecture (diffusers' field names) plus options of ours that no diffusers config holds.
 
     remat: 'none', 'full' (recompute each block in the backward pass) or 'dots' (save the weight
     matmuls, recompute the rest). attention: None/'xla', 'cudnn', 'blockwise' or 'splash'
-    (``models.attention``).
+    (``models.attention``). reference_kv: how reference (source image) tokens are attended, a property of
+    the pipeline the weights were trained for: False is ``Flux2KleinPipeline`` (references are tokens of
+    the joint sequence), True is ``Flux2KleinKVPipeline`` (FLUX.2-klein-*-kv: references attend only to
+    themselves, modulated at timestep 0, so their per-layer keys and values do not depend on the step and
+    are computed once per image, ``Flux2Transformer.reference_kv``).
     """
 
     in_channels: int = 128
@@ -36,6 +40,7 @@ class Flux2Config:
     patch_size: int = 1
     remat: str = "none"
     attention: str | None = None
+    reference_kv: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))
@@ -72,6 +77,10 @@ class Flux2Config:
 
     def replace(self, **changes: Any) -> Flux2Config:
         return dataclasses.replace(self, **changes)
+
+    def architecture(self) -> Flux2Config:
+        """The config with our options at their defaults: what a diffusers ``config.json`` describes."""
+        return self.replace(remat="none", attention=None, reference_kv=False)
 
 
 CONFIGS: dict[str, Flux2Config] = {

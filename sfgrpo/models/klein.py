@@ -31,6 +31,9 @@ from sfgrpo.models.vae import Flux2VAE, load_vae
 log = logging.getLogger(__name__)
 
 PIPELINE_CLASS = "Flux2KleinPipeline"
+# FLUX.2-klein-*-kv: the same components, references attending only to themselves (Flux2Config.reference_kv).
+KV_PIPELINE_CLASS = "Flux2KleinKVPipeline"
+PIPELINE_CLASSES = (PIPELINE_CLASS, KV_PIPELINE_CLASS)
 INDEX_NAME = "model_index.json"
 TEXT_LAYERS = (9, 18, 27)  # the pipeline's text_encoder_out_layers: hidden states stacked as text features
 
@@ -86,7 +89,8 @@ class KleinParts:
     """The loaded components of a FLUX.2-klein folder.
 
     text_encoder is None when loaded with ``text_encoder=False`` (text features come precomputed).
-    is_distilled: the step-distilled klein (no classifier-free guidance), from model_index.json.
+    is_distilled: the step-distilled klein (no classifier-free guidance), from model_index.json; always True
+      for a Flux2KleinKVPipeline folder, which samples without guidance.
     """
 
     transformer: Flux2Transformer
@@ -112,8 +116,10 @@ def check_folder(path: str | os.PathLike) -> Path:
         problems.append(f"{INDEX_NAME} (the pipeline index: Flux2KleinPipeline.save_pretrained writes it)")
     else:
         cls = read_json(index_file).get("_class_name")
-        if cls != PIPELINE_CLASS:
-            raise KleinFolderError(f"{index_file}: pipeline class {cls!r}, expected {PIPELINE_CLASS!r}")
+        if cls not in PIPELINE_CLASSES:
+            raise KleinFolderError(
+                f"{index_file}: pipeline class {cls!r}, expected one of {PIPELINE_CLASSES}"
+            )
     for name, comp in _COMPONENTS.items():
         sub = folder / name
         if not sub.is_dir():
@@ -214,6 +220,12 @@ def check_consistency(folder: Path, text_layers: tuple[int, ...] = TEXT_LAYERS) 
     _check_scheduler(folder)
 
 
+def uses_reference_kv(folder: str | os.PathLike) -> bool:
+    """Whether a checked klein folder is a ``Flux2KleinKVPipeline`` (its transformer's references attend
+    only to themselves and are cached: ``Flux2Config.reference_kv``), by its model_index.json."""
+    return read_json(Path(folder) / INDEX_NAME).get("_class_name") == KV_PIPELINE_CLASS
+
+
 def load_klein(
     path: str | os.PathLike,
     *,
@@ -244,16 +256,24 @@ def load_klein(
     folder = check_folder(path)
     check_consistency(folder)
     index = read_json(folder / INDEX_NAME)
-    if "is_distilled" not in index:
-        log.warning("%s has no is_distilled; as Flux2KleinPipeline, treating it as the base model", folder)
-    is_distilled = bool(index.get("is_distilled", False))
+    kv = uses_reference_kv(folder)
+    if kv:
+        # Flux2KleinKVPipeline samples without guidance (4 steps by default) and records no is_distilled.
+        is_distilled = True
+    else:
+        if "is_distilled" not in index:
+            log.warning(
+                "%s has no is_distilled; as Flux2KleinPipeline, treating it as the base model", folder
+            )
+        is_distilled = bool(index.get("is_distilled", False))
 
     if transformer is None:
-        transformer = flux2.from_pretrained(folder / "transformer", dtype=dtype, mesh=mesh)
+        transformer = flux2.from_pretrained(folder / "transformer", dtype=dtype, mesh=mesh, reference_kv=kv)
     else:
         expected = weights.read_config(folder / "transformer")
-        if transformer.config.replace(remat="none", attention=None) != expected:
+        if transformer.config.architecture() != expected.architecture():
             raise KleinFolderError(f"the transformer given is not {folder}'s: {transformer.config}")
+        transformer.config = transformer.config.replace(reference_kv=kv)
     vae = load_vae(folder / "vae", dtype=dtype, mesh=mesh)
     encoder = None
     if text_encoder:

@@ -273,13 +273,21 @@ def remat(fn: Any, policy: str) -> Any:
     raise ValueError(f"remat policy {policy!r}: expected one of {REMAT_POLICIES}")
 
 
-def scan_blocks(blocks: nnx.Module, carry: Any, step: Any, policy: str) -> Any:
-    """Runs ``carry = step(block_i, carry)`` over blocks stacked on a leading ``layers`` axis with
-    ``lax.scan`` (one compiled body whatever the depth), each step rematerialised by ``policy``."""
+def scan_layers(blocks: nnx.Module, carry: Any, step: Any, policy: str, xs: Any = None) -> tuple[Any, Any]:
+    """Runs ``carry, y_i = step(block_i, carry, xs_i)`` over blocks stacked on a leading ``layers`` axis
+    with ``lax.scan`` (one compiled body whatever the depth), each step rematerialised by ``policy``;
+    returns (carry, ys stacked on a leading layers axis). ``xs``: per-layer inputs (leading layers axis)
+    or None."""
     graphdef, state = nnx.split(blocks)
 
-    def body(carry: Any, layer_state: Any) -> tuple[Any, None]:
-        return step(nnx.merge(graphdef, layer_state), carry), None
+    def body(carry: Any, layer: tuple[Any, Any]) -> tuple[Any, Any]:
+        layer_state, x = layer
+        return step(nnx.merge(graphdef, layer_state), carry, x)
 
-    carry, _ = jax.lax.scan(remat(body, policy), carry, state)
+    return jax.lax.scan(remat(body, policy), carry, (state, xs))
+
+
+def scan_blocks(blocks: nnx.Module, carry: Any, step: Any, policy: str) -> Any:
+    """``carry = step(block_i, carry)`` over stacked blocks (see :func:`scan_layers`); returns the carry."""
+    carry, _ = scan_layers(blocks, carry, lambda block, c, _: (step(block, c), None), policy)
     return carry

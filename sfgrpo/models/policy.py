@@ -2,7 +2,8 @@
 
 - ``EditPolicy`` (FLUX.2): the source image's tokens follow the target tokens in the transformer's sequence,
   with reference position ids (T = 10), so the model sees the source; its output is sliced back to the
-  target tokens.
+  target tokens. A ``Flux2KleinKVPipeline`` model (``config.reference_kv``) instead attends to the source's
+  keys and values, computed once per conditioning by ``prepare`` and reused at every step.
 - ``OmniGen2EditPolicy``: the source's tokens are OmniGen2's reference image; its text is masked (right
   padding) and its transformer runs in OmniGen2's time (t = 1 - sigma) and predicts data - noise, so the
   velocity here is the negated prediction.
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sfgrpo.models.flux2 import Flux2Transformer
+from sfgrpo.models.flux2 import Flux2Transformer, ReferenceKV
 from sfgrpo.models.omnigen2 import OmniGen2Transformer
 
 
@@ -35,6 +36,8 @@ class Conditioning(NamedTuple):
     text_mask: (B, T) int32, 1 for the valid (leading) text tokens; the models that mask their text
       (OmniGen2) need it, FLUX.2 attends to its padding as its pipeline does and takes None.
     text_mask_uncond: (B, T) the empty instruction's mask, with ``text_uncond``.
+    reference_kv: the source's per-block keys and values for a model that caches them
+      (``EditPolicy.prepare``); None until prepared, and for the other models.
     reference may be None for a policy that can run without the source (OmniGen2's image guidance).
     """
 
@@ -45,6 +48,7 @@ class Conditioning(NamedTuple):
     text_uncond: jax.Array | None = None
     text_mask: jax.Array | None = None
     text_mask_uncond: jax.Array | None = None
+    reference_kv: ReferenceKV | None = None
 
     def unconditional(self) -> Conditioning:
         """The same conditioning with the empty instruction's text (for classifier-free guidance)."""
@@ -78,14 +82,34 @@ class EditPolicy(nnx.Module):
             raise ValueError("this policy has no text encoder: pass precomputed text features")
         return self.text_encoder(token_ids, attention_mask)
 
+    def prepare(self, cond: Conditioning) -> Conditioning:
+        """``cond`` with the source's per-block keys and values (``Conditioning.reference_kv``) for a
+        ``Flux2KleinKVPipeline`` model, whose references do not depend on the step: computed here once,
+        they serve every step of a rollout or an update (and their gradient flows back from each step).
+        Unchanged for the other models, or when already prepared."""
+        if not self.transformer.config.reference_kv or cond.reference_kv is not None:
+            return cond
+        ref_ids = cond.img_ids[..., -cond.reference.shape[1] :, :]
+        kv = self.transformer.reference_kv(cond.reference.astype(self.transformer.dtype), ref_ids)
+        return cond._replace(reference_kv=kv)
+
     def velocity(
         self, x: jax.Array, sigma: jax.Array, cond: Conditioning, guidance: jax.Array | None = None
     ) -> jax.Array:
-        """(B, L, C) float32 velocity for target tokens x at flow time sigma (B,)."""
+        """(B, L, C) float32 velocity for target tokens x at flow time sigma (B,). An unprepared ``cond``
+        of a K/V-caching model is prepared here, for this call only (``prepare`` it once to reuse it)."""
         length = x.shape[1]
         dtype = self.transformer.dtype
+        text = cond.text.astype(dtype)
+        if self.transformer.config.reference_kv:
+            cond = self.prepare(cond)
+            target_ids = cond.img_ids[..., :length, :]
+            out = self.transformer(
+                x.astype(dtype), text, sigma, target_ids, cond.txt_ids, guidance, cond.reference_kv
+            )
+            return out.astype(jnp.float32)
         hidden = jnp.concatenate([x, cond.reference.astype(x.dtype)], axis=1).astype(dtype)
-        out = self.transformer(hidden, cond.text.astype(dtype), sigma, cond.img_ids, cond.txt_ids, guidance)
+        out = self.transformer(hidden, text, sigma, cond.img_ids, cond.txt_ids, guidance)
         return out[:, :length].astype(jnp.float32)
 
 
@@ -113,6 +137,10 @@ class OmniGen2EditPolicy(nnx.Module):
     def with_grid(self, grid_hw: tuple[int, int]) -> OmniGen2EditPolicy:
         """The same modules for images on another token grid."""
         return OmniGen2EditPolicy(self.transformer, self.text_encoder, self.autoencoder, grid_hw=grid_hw)
+
+    def prepare(self, cond: Conditioning) -> Conditioning:
+        """``cond`` unchanged: OmniGen2's references are tokens of its joint sequence (nothing to cache)."""
+        return cond
 
     def encode_text(self, token_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         """(B, T) int32 ids and (B, T) int32 mask -> (B, T, D) text features (the last hidden state)."""

@@ -142,8 +142,11 @@ def velocity_fn(
       v = v(∅, ∅) + cfg (v(text, src) - v(∅, ∅)); with image_scale > 1 as well it is the dual guidance
       v = v(∅, ∅) + image (v(∅, src) - v(∅, ∅)) + cfg (v(text, src) - v(∅, src)), three forwards per
       step; with cfg_scale 1 there is no guidance at all, whatever image_scale (the pipeline's rule).
-    The guided velocity is then the policy, in the rollout and in the update alike.
+    The guided velocity is then the policy, in the rollout and in the update alike. What does not change
+    across steps is computed here, once (``policy.prepare``: a K/V-caching model's reference keys and
+    values, shared by the conditional and unconditional forwards, both of which keep the source).
     """
+    cond = policy.prepare(cond)
 
     def conditional(x: jax.Array, sigma: jax.Array) -> jax.Array:
         return policy.velocity(x, sigma, cond)
@@ -330,10 +333,31 @@ def _micro_batches(
     )(tree, key)
 
 
+def _conditioning(mb: dict[str, jax.Array], ids: tuple[jax.Array, jax.Array]) -> Conditioning:
+    """A micro-batch's conditioning (``_per_sample``'s fields, cut by ``_micro_batches``)."""
+    return Conditioning(
+        mb["text"],
+        mb["reference"],
+        *ids,
+        mb.get("text_uncond"),
+        text_mask=mb.get("text_mask"),
+        text_mask_uncond=mb.get("text_mask_uncond"),
+    )
+
+
+def _reference_kv(
+    parts: PolicyParts, params: Any, mb: dict[str, jax.Array], ids: tuple[jax.Array, jax.Array]
+) -> Any:
+    """The micro-batch's reference keys and values under ``params`` for a K/V-caching model, else None."""
+    return merge(parts, params).prepare(_conditioning(mb, ids)).reference_kv
+
+
 def _step_loss(
     params: Any,
+    kv: Any,
     parts: PolicyParts,
     ref_params: Any,
+    ref_kv: Any,
     mb: dict[str, jax.Array],
     t: jax.Array,
     sigma: jax.Array,
@@ -346,15 +370,9 @@ def _step_loss(
     """One micro-batch's and window step's share of the loss: the clipped objective plus beta * KL, each
     divided by the whole optimizer step's count of valid entries, ``counts`` = (policy-loss entries, KL
     (sample, token) entries), both over all its micro-batches and window steps, so that the shares sum to
-    the full-batch mean (SPEC section 8)."""
-    cond = Conditioning(
-        mb["text"],
-        mb["reference"],
-        *ids,
-        mb.get("text_uncond"),
-        text_mask=mb.get("text_mask"),
-        text_mask_uncond=mb.get("text_mask_uncond"),
-    )
+    the full-batch mean (SPEC section 8). ``kv`` / ``ref_kv``: the policy's and the reference model's
+    cached reference keys and values (``_reference_kv``), or None; the loss is differentiable in ``kv``."""
+    cond = _conditioning(mb, ids)
     # A sample without credit (its reward failed) is selected away before the model sees it: a NaN in its
     # trajectory would otherwise reach the weight gradient as 0 * NaN through the backward pass.
     valid = sample_validity(mb["mask"])  # (b,)
@@ -363,8 +381,9 @@ def _step_loss(
         for v in (mb["x"], mb["x_next"], mb["logp_old"])
     )
 
-    def step(p: Any) -> Any:
-        v = velocity_fn(merge(parts, p), cond, settings.cfg_scale)(x, jnp.full((x.shape[0],), sigma))
+    def step(p: Any, kv: Any) -> Any:
+        c = cond._replace(reference_kv=kv)
+        v = velocity_fn(merge(parts, p), c, settings.cfg_scale)(x, jnp.full((x.shape[0],), sigma))
         return sde_step(
             v,
             x,
@@ -377,7 +396,7 @@ def _step_loss(
             next_sample=x_next,
         )
 
-    out = step(params)
+    out = step(params, kv)
     loss, metrics = policy_loss(
         out.token_logp,
         logp_old,
@@ -389,7 +408,7 @@ def _step_loss(
         count=counts[0],
     )
     if settings.kl_beta > 0:
-        ref = step(jax.lax.stop_gradient(ref_params))
+        ref = step(jax.lax.stop_gradient(ref_params), jax.lax.stop_gradient(ref_kv))
         token_kl = gaussian_kl(
             out.mean, jax.lax.stop_gradient(ref.mean), out.std, dt=sigma_next - sigma, form=settings.kl_form
         )
@@ -447,7 +466,7 @@ def update(
     window = traj.sigma.shape[0]
     length = traj.logp.shape[-1]
     per_sample = _per_sample(traj, cond, credit_)
-    grad_fn = jax.grad(_step_loss, has_aux=True)
+    grad_fn = jax.grad(_step_loss, argnums=(0, 1), has_aux=True)
 
     def reduce(metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
         # Shares of the full-batch loss add up; rates and per-entry means are averaged.
@@ -456,11 +475,18 @@ def update(
     def micro_grad(
         params: Any, mb: dict[str, jax.Array], counts: tuple[jax.Array, jax.Array]
     ) -> tuple[Any, dict[str, jax.Array]]:
+        # A K/V-caching model's reference pass runs once per micro-batch, not once per window step: each
+        # step's gradient with respect to the cache is summed, then pulled back through the pass once.
+        kv, kv_vjp = jax.vjp(lambda p: _reference_kv(parts, p, mb, ids), params)
+        ref_kv = _reference_kv(parts, ref_params, mb, ids) if settings.kl_beta > 0 else None
+
         def over_steps(acc: Any, t: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
             g, m = grad_fn(
                 params,
+                kv,
                 parts,
                 ref_params,
+                ref_kv,
                 mb,
                 t,
                 traj.sigma[t],
@@ -472,8 +498,11 @@ def update(
             )
             return jax.tree.map(jnp.add, acc, g), m
 
-        zeros = jax.tree.map(_f32_zeros, params)
-        total, metrics = jax.lax.scan(over_steps, zeros, jnp.arange(window))
+        zeros = jax.tree.map(_f32_zeros, (params, kv))
+        (total, kv_total), metrics = jax.lax.scan(over_steps, zeros, jnp.arange(window))
+        if kv is not None:
+            (through_kv,) = kv_vjp(jax.tree.map(lambda g, k: g.astype(k.dtype), kv_total, kv))
+            total = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), total, through_kv)
         return total, reduce(metrics)
 
     def optimizer_step(carry: Any, group: dict[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
@@ -534,9 +563,10 @@ def rescore(
     settings: GRPOSettings,
 ) -> jax.Array:
     """(W, B, L) token log-probs of the recorded trajectory under the policy's current params."""
+    velocity = velocity_fn(merge(parts), cond, settings.cfg_scale)  # prepared once for every step
 
     def one(x: jax.Array, x_next: jax.Array, s: jax.Array, s_next: jax.Array) -> jax.Array:
-        v = velocity_fn(merge(parts), cond, settings.cfg_scale)(x, jnp.full((x.shape[0],), s))
+        v = velocity(x, jnp.full((x.shape[0],), s))
         return sde_step(
             v,
             x,
