@@ -8,7 +8,7 @@ Default: a 512x512 target (32x32 = 1024 tokens) plus one 512x512 reference image
 tokens (the Klein pipeline's max_sequence_length), batch 1, bfloat16 parameters, LoRA rank 32 / alpha 64 on
 the attention and MLP projections, remat 'dots', on one CPU device.
 
-    python benchmarks/compile_klein4b.py [--batch 1] [--remat dots] [--devices 8 --fsdp 8]
+    python benchmarks/compile_klein4b.py [--batch 1] [--remat dots] [--scan-unroll 20] [--devices 8 --fsdp 8]
 """
 
 import argparse
@@ -23,7 +23,10 @@ parser.add_argument("--text-len", type=int, default=512)
 parser.add_argument("--rank", type=int, default=32)
 parser.add_argument("--remat", default="dots", choices=["none", "full", "dots"])
 parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-parser.add_argument("--attention", default="xla", choices=["xla", "cudnn"], help="cudnn needs a GPU")
+parser.add_argument(
+    "--attention", default="xla", choices=["xla", "cudnn", "blockwise"], help="cudnn needs a GPU"
+)
+parser.add_argument("--scan-unroll", type=int, default=1, help="blocks per iteration of the block loops")
 parser.add_argument("--devices", type=int, default=1, help="simulated CPU devices")
 parser.add_argument("--fsdp", type=int, default=1, help="fsdp mesh size (data takes the rest)")
 args = parser.parse_args()
@@ -47,7 +50,12 @@ from sfgrpo.models import flux2, lora  # noqa: E402
 
 def main():
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    cfg = flux2.CONFIGS["klein-4b"].replace(remat=args.remat, attention=args.attention)
+    try:
+        cfg = flux2.CONFIGS["klein-4b"].replace(
+            remat=args.remat, attention=args.attention, scan_unroll=args.scan_unroll
+        )
+    except ValueError as err:
+        parser.error(str(err))
     mesh = runtime.make_mesh(data=-1, fsdp=args.fsdp, tensor=1)
     grid = args.size // 16
     target_len, image_len = grid * grid, 2 * grid * grid  # target then one reference image
@@ -88,7 +96,10 @@ def main():
     print(f"model            FLUX.2-klein-4B, {count(base) / 1e9:.3f}B base params ({args.dtype})")
     print(f"LoRA             rank {args.rank}, {count(adapter) / 1e6:.1f}M params")
     print(f"tokens           {target_len} target + {image_len - target_len} reference + {args.text_len} text")
-    print(f"batch, remat     {args.batch}, {args.remat}; attention {args.attention}")
+    print(
+        f"batch, remat     {args.batch}, {args.remat}; attention {args.attention}; "
+        f"scan_unroll {args.scan_unroll}"
+    )
     print(f"mesh             {dict(mesh.shape)} on {jax.devices()[0].device_kind}")
     print(f"lower            {t1 - t0:8.1f} s")
     print(f"compile          {t2 - t1:8.1f} s")

@@ -178,6 +178,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-rank", type=int, help="LoRA rank (default: the config's)")
     p.add_argument("--remat", choices=("none", "full", "dots"), help="remat policy (default: the config's)")
     p.add_argument(
+        "--scan-unroll", type=int, help="blocks per iteration of the block loops (default: the config's)"
+    )
+    p.add_argument(
         "--attention",
         choices=tuple(a for a in ATTENTION_IMPLS if a),
         help="attention kernel (default: the config's; cudnn needs a GPU, splash a TPU)",
@@ -249,6 +252,7 @@ def make_setup(args: argparse.Namespace) -> Setup:
         ("text_tokens", "model.max_text_tokens"),
         ("lora_rank", "model.lora_rank"),
         ("remat", "model.remat"),
+        ("scan_unroll", "model.scan_unroll"),
         ("attention", "model.attention"),
         ("dtype", "model.dtype"),
     ):
@@ -314,7 +318,7 @@ def policy_builder(setup: Setup, *, attention: str, remat: str) -> Any:
         return nnx.Rngs(jax.random.key(seed, impl="unsafe_rbg"))
 
     def build() -> EditPolicy:
-        tcfg = setup.klein.transformer.replace(remat=remat, attention=attention)
+        tcfg = setup.klein.transformer.replace(remat=remat, attention=attention, scan_unroll=m.scan_unroll)
         transformer = flux2.Flux2Transformer(tcfg, rngs=rngs(config.seed), dtype=dtype)
         autoencoder = vae.Flux2VAE(setup.klein.vae, rngs=rngs(config.seed + 1), dtype=dtype)
         policy = EditPolicy(transformer, None, autoencoder)
@@ -716,6 +720,7 @@ def describe(setup: Setup) -> dict[str, Any]:
         "dtype": m.dtype,
         "lora_rank": int(m.lora_rank),
         "remat": m.remat,
+        "scan_unroll": int(m.scan_unroll),
         "attention": setup.attention,
         "mesh": dict(c.mesh),
         "batch": setup.batch,
@@ -740,7 +745,8 @@ def print_header(setup: Setup, info: dict[str, Any]) -> None:
     print(f"device           {d.device_kind} ({d.platform}) x {jax.device_count()}; jax {jax.__version__}")
     print(
         f"settings         {info['config']}{toy}: {info['model']}, {info['dtype']}, "
-        f"LoRA {info['lora_rank']}, remat {info['remat']}, attention {info['attention']}"
+        f"LoRA {info['lora_rank']}, remat {info['remat']}, scan_unroll {info['scan_unroll']}, "
+        f"attention {info['attention']}"
     )
     print(
         f"batch            {info['batch']} rollouts (G={info['group_size']}), {info['resolution']}x"

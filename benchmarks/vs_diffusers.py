@@ -39,6 +39,9 @@ What is measured (wall-clock seconds; JAX timings wait for the result with ``blo
   loop-invariant reference pass out of the rollout's scan by itself, not the update's backward), and as
   joint tokens of the plain klein model ('joint', Flux2KleinPipeline's cost); the rollout also against
   diffusers' KV pipeline loop (extract at step 0, cached after), eager.
+* unroll: the port's block loops rolled (``Flux2Config.scan_unroll`` 1, one compiled body per loop) against
+  fully unrolled (straight-line code without the loop's stacked per-layer buffers), the rollout and the
+  update alternating, with their compile times; ``--scan-unroll`` sets the other sections' value.
 
 Timing protocol: compile and warm-up runs are apart (compile times are reported: JAX's trace+lower, XLA's
 compile, and torch.compile's first call minus a steady call); then ``--reps`` repetitions, alternating JAX
@@ -74,7 +77,7 @@ from typing import Any
 
 import numpy as np
 
-SECTIONS = ("rollout", "update", "mfu", "scaling", "kv")
+SECTIONS = ("rollout", "update", "mfu", "scaling", "kv", "unroll")
 REMATS = ("none", "dots", "full")
 SDE_STEPS = 6
 SDE_ETA = 0.7
@@ -146,6 +149,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention", default=None, help="the port's config.attention (passed through)")
     p.add_argument("--remat", default="none", help=f"the port's remat policy for the update, one of {REMATS}")
     p.add_argument(
+        "--scan-unroll",
+        type=int,
+        default=1,
+        help="the port's config.scan_unroll: blocks per iteration of the block loops (>= the depth: none)",
+    )
+    p.add_argument(
         "--torch-compile",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -192,6 +201,8 @@ def _resolve(args: argparse.Namespace) -> None:
     args.sections = sections
     if args.remat not in REMATS:
         raise BenchmarkError(f"--remat must be one of {'|'.join(REMATS)}, got {args.remat!r}")
+    if args.scan_unroll < 1:
+        raise BenchmarkError(f"--scan-unroll must be >= 1, got {args.scan_unroll}")
     if args.attention is not None and args.attention.lower() in ("", "none", "default"):
         args.attention = None
     positive = ("reps", "torch_threads", "batch", "tokens", "text_tokens", "heads", "head_dim")
@@ -278,9 +289,13 @@ def build_models(args: argparse.Namespace, folder: str) -> tuple[Any, Any]:
     theirs.requires_grad_(False)
     theirs.save_pretrained(folder)
     try:
-        ours = flux2.from_pretrained(folder, attention=args.attention, remat=args.remat)
+        ours = flux2.from_pretrained(
+            folder, attention=args.attention, remat=args.remat, scan_unroll=args.scan_unroll
+        )
     except ValueError as err:
-        raise BenchmarkError(f"the port rejects the options (--attention/--remat): {err}") from None
+        raise BenchmarkError(
+            f"the port rejects the options (--attention/--remat/--scan-unroll): {err}"
+        ) from None
     return theirs, ours
 
 
@@ -989,6 +1004,63 @@ def run_kv(args: argparse.Namespace, theirs: Any, ours: Any, inp: Inputs) -> dic
     )
 
 
+def run_unroll(args: argparse.Namespace, ours: Any, inp: Inputs) -> dict[str, Any]:
+    """The port with its block loops rolled (``scan_unroll`` 1) against fully unrolled, alternating in one
+    run: the rollout and the LoRA update, compile times apart."""
+    from flax import nnx  # noqa: PLC0415
+
+    depth = max(args.double, args.single)
+    variants = {"rolled": 1, "unrolled": depth}
+    print(f"unroll: block loops rolled (scan_unroll 1) against unrolled (scan_unroll {depth})")
+    tokens = inp.x.shape[1]
+    models = {}
+    for name, unroll in variants.items():
+        models[name] = nnx.clone(ours)
+        models[name].config = ours.config.replace(scan_unroll=unroll)
+    hidden = np.concatenate([inp.x, inp.ref], axis=1)
+    data = (hidden, inp.enc, inp.img_ids, inp.txt_ids, inp.target)
+    rargs = (inp.x, inp.ref, inp.enc, inp.noise, inp.img_ids, inp.txt_ids)
+    rollout_fns: dict[str, Callable[[], Any]] = {}
+    update_fns: dict[str, Callable[[], Any]] = {}
+    compile_times: dict[str, float] = {}
+    outputs, losses = {}, {}
+    for name, model in models.items():
+        fn, st = jax_rollout(model, tokens)
+        compiled, cs, _ = jax_compile(fn, st, *rargs)
+        compile_times[f"rollout {name}"] = cs["jax compile"]
+        rollout_fns[name] = _blocking(compiled, st, *rargs)
+        outputs[name] = np.asarray(time_once(rollout_fns[name])[1])
+        stages, (params, opt_state, rest) = jax_update(model, tokens)
+        compiled, cs, _ = jax_compile(stages["step"], params, opt_state, rest, *data)
+        compile_times[f"update {name}"] = cs["jax compile"]
+        # The same params every call: each repetition is the same first step.
+        update_fns[name] = _blocking(compiled, params, opt_state, rest, *data)
+        losses[name] = float(time_once(update_fns[name])[1][2])
+    diff = float(np.abs(outputs["rolled"] - outputs["unrolled"]).max())
+    print(f"  rollout max |rolled - unrolled| {diff:.3e}; update losses {losses}")
+    rollout = alternate(rollout_fns, args.reps)
+    update = alternate(update_fns, args.reps)
+    for title, timings in (("rollout", rollout), ("update", update)):
+        print(f"  {title} (seconds over the timed repetitions):")
+        for name, t in timings.items():
+            print(f"    {name:10s} median {t['median']:9.4f}  min {t['min']:9.4f}  max {t['max']:9.4f}")
+    speedup = {
+        "rollout rolled/unrolled": rollout["rolled"]["median"] / rollout["unrolled"]["median"],
+        "update rolled/unrolled": update["rolled"]["median"] / update["unrolled"]["median"],
+    }
+    for k, v in speedup.items():
+        print(f"  {k:26s} {v:5.3f}x")
+    for k, v in compile_times.items():
+        print(f"  compile {k:18s} {v:7.2f} s")
+    return dict(
+        scan_unroll=variants,
+        rollout=dict(times=rollout, max_abs_diff=diff),
+        update=dict(times=update, losses=losses),
+        speedup=speedup,
+        compile_s=compile_times,
+    )
+
+
 def run_mfu(
     args: argparse.Namespace,
     theirs: Any,
@@ -1179,8 +1251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(
         f"workload: batch {w.batch}, {w.tokens} target + {w.ref_tokens} reference image tokens + "
-        f"{w.text_tokens} text tokens (L = {w.seq}); {args.double} double + {args.single} single blocks, "
-        f"{args.heads} heads x {args.head_dim}; attention={args.attention}, remat={args.remat}, "
+        f"{w.text_tokens} text tokens (L = {w.seq}); "
+        f"{args.double} double + {args.single} single blocks, {args.heads} heads x {args.head_dim}; "
+        f"attention={args.attention}, remat={args.remat}, scan_unroll {args.scan_unroll}, "
         f"reps {args.reps}, torch.compile {'on' if args.torch_compile else 'off'}"
     )
     report: dict[str, Any] = dict(
@@ -1229,6 +1302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["mfu"] = run_mfu(args, theirs, ours, inp, w, report, errors)
     if "scaling" in args.sections:
         report["scaling"] = run_scaling(args, theirs, ours, w)
+    if "unroll" in args.sections:
+        report["unroll"] = run_unroll(args, ours, inp)
     if "kv" in args.sections:
         report["kv"] = run_kv(args, theirs, ours, inp)
         if not report["kv"].get("parity", {}).get("ok", True):

@@ -163,7 +163,7 @@ def abstract_run(
         og2 = klein if isinstance(klein, OmniGen2Configs) else omnigen2_configs(None)
 
         def build() -> OmniGen2EditPolicy:
-            tcfg = og2.transformer.replace(remat=m.remat, attention=attention)
+            tcfg = og2.transformer.replace(remat=m.remat, attention=attention, scan_unroll=m.scan_unroll)
             transformer = omnigen2.OmniGen2Transformer(tcfg, rngs=nnx.Rngs(0), dtype=dtype)
             autoencoder = vae_flux1.Flux1VAE(og2.vae, rngs=nnx.Rngs(1), dtype=dtype)
             text = None  # a prompt cache supplies the text features
@@ -185,7 +185,7 @@ def abstract_run(
         layers = tuple(int(i) for i in m.text_layers)
 
         def build() -> EditPolicy:
-            tcfg = klein.transformer.replace(remat=m.remat, attention=attention)
+            tcfg = klein.transformer.replace(remat=m.remat, attention=attention, scan_unroll=m.scan_unroll)
             transformer = flux2.Flux2Transformer(tcfg, rngs=nnx.Rngs(0), dtype=dtype)
             autoencoder = vae.Flux2VAE(klein.vae, rngs=nnx.Rngs(1), dtype=dtype)
             text = None  # a prompt cache supplies the text features

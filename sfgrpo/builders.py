@@ -25,6 +25,7 @@ from sfgrpo.iteration import Conditioner, Programs
 from sfgrpo.models import lora
 from sfgrpo.models.flux2 import Flux2Transformer
 from sfgrpo.models.flux2_config import ATTENTION_IMPLS, REMAT_POLICIES
+from sfgrpo.models.layers import scan_unroll_problem
 from sfgrpo.models.policy import EditPolicy, OmniGen2EditPolicy
 from sfgrpo.models.tiny import PixelAutoencoder, WordTextEncoder
 from sfgrpo.rewards import reward_config
@@ -432,6 +433,8 @@ def _validate_folder_model(config: ml_collections.ConfigDict) -> None:
     what = {"klein": "diffusers FLUX.2-klein", "omnigen2": "OmniGen2"}[m.name]
     _require(bool(m.folder), "model.folder", f"model.name={m.name!r} needs the {what} folder")
     _require(m.remat in REMAT_POLICIES, "model.remat", f"one of {REMAT_POLICIES}, got {m.remat!r}")
+    problem = scan_unroll_problem(m.scan_unroll)
+    _require(problem is None, "model.scan_unroll", str(problem))
     impls = tuple(a for a in ATTENTION_IMPLS if a is not None)
     _require(m.attention in impls, "model.attention", f"one of {impls}, got {m.attention!r}")
     if m.name == "klein":
@@ -598,6 +601,7 @@ def _build_klein(
         remat=m.remat,
         attention=m.attention,
         reference_kv=klein.uses_reference_kv(folder),
+        scan_unroll=m.scan_unroll,
     )
     autoencoder = vae.load_vae(folder, dtype=dtype, mesh=mesh)
     tokenizer = prompts.PromptTokenizer(folder, max_length=int(m.max_text_tokens))
@@ -642,7 +646,7 @@ def _build_omnigen2(
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"config.model.folder: {err}") from None
     transformer = omnigen2.from_pretrained(
-        folder, dtype=dtype, mesh=mesh, remat=m.remat, attention=m.attention
+        folder, dtype=dtype, mesh=mesh, remat=m.remat, attention=m.attention, scan_unroll=m.scan_unroll
     )
     autoencoder = vae_flux1.load_flux1_vae(folder, dtype=dtype, mesh=mesh)
     length = int(m.max_text_tokens)

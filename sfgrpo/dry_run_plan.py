@@ -120,7 +120,10 @@ def render(
             if m.attention != run.attention
             else ""
         )
-        lines.append(f"model         {name} from {arch}; {m.dtype}, remat {m.remat}, attention {attention}")
+        lines.append(
+            f"model         {name} from {arch}; {m.dtype}, remat {m.remat}, "
+            f"scan_unroll {m.scan_unroll}, attention {attention}"
+        )
     else:
         lines.append(f"model         tiny FLUX.2-shaped policy; {m.dtype}")
     what = f"LoRA rank {m.lora_rank}" if m.lora_rank > 0 else "full fine-tuning"

@@ -39,6 +39,11 @@ def klein_config() -> ml_collections.ConfigDict:
     # where storing every activation of 25 blocks does not fit beside the weights; 'full' would recompute
     # the matmuls too, about 30% more compute for little more memory.
     c.model.remat = "dots"
+    # Blocks per iteration of the loops over the transformer's blocks: 1 compiles one block body per loop.
+    # A value >= the depth (20 for klein-4B's single blocks) compiles straight-line code without the
+    # loop's stacked per-layer buffers; on a 2-core CPU that made no measurable difference to a
+    # klein-shaped update or rollout (benchmarks/vs_diffusers.py --sections unroll; README Performance).
+    c.model.scan_unroll = 1
     # Flash-style attention in plain JAX (models/attention.py): memory linear in the 2560-token sequence
     # on any backend; the platform configs pick their fused kernel (cuDNN, Pallas splash).
     c.model.attention = "blockwise"

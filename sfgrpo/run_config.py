@@ -37,6 +37,7 @@ HARMLESS: tuple[str, ...] = (
     "data.num_workers",
     "mesh.",  # checkpoints restore onto any mesh
     "model.remat",
+    "model.scan_unroll",
     "model.attention",
     "model.prompt_cache",  # where the cache lives; its contents are fingerprinted
     "model.prompt_cache_batch",

@@ -66,7 +66,15 @@ FINGERPRINT_FILE = "sfgrpo_fingerprint.json"  # inside the cache directory, writ
 # attached after the warm start, to the base it trained.
 _NOT_FINGERPRINTED = {
     "data": ("num_workers",),
-    "model": ("lora_rank", "lora_alpha", "lora_targets", "prompt_cache", "prompt_cache_batch", "remat"),
+    "model": (
+        "lora_rank",
+        "lora_alpha",
+        "lora_targets",
+        "prompt_cache",
+        "prompt_cache_batch",
+        "remat",
+        "scan_unroll",
+    ),
 }
 
 

@@ -89,6 +89,45 @@ def test_scaling_fit(report):
         assert all(m > 0 for m in fit["measured_s"])
 
 
+def test_kv_section(report):
+    kv = report["kv"]
+    assert kv["parity"]["ok"] and kv["parity"]["max_abs_diff"] < 1e-4
+    assert set(kv["rollout"]["times"]) == {"jax", "jax_per_step", "jax_joint", "torch_kv_eager"}
+    assert set(kv["update"]["times"]) == {"jax", "jax_per_step", "jax_joint"}
+    for section in ("rollout", "update"):
+        for name, t in kv[section]["times"].items():
+            assert t["median"] > 0 and t["min"] > 0, (section, name)
+        assert all(c > 0 for c in kv[section]["compile_s"].values())
+    assert set(kv["saving"]) == {
+        "rollout per_step/once",
+        "rollout joint/once",
+        "update per_step/once",
+        "update joint/once",
+    }
+    assert all(v > 0 for v in kv["saving"].values())
+    # Cached references and a reference pass inside every step are the same model: the same loss.
+    losses = kv["update"]["losses"]
+    assert math.isclose(losses["once"], losses["per_step"], rel_tol=1e-5)
+    assert math.isfinite(losses["joint"])
+
+
+def test_unroll_section(report):
+    unroll = report["unroll"]
+    assert unroll["scan_unroll"] == {"rolled": 1, "unrolled": 4}  # the tiny preset's 4 single blocks
+    # Unrolling changes the program, not the arithmetic.
+    assert unroll["rollout"]["max_abs_diff"] < 1e-5
+    losses = unroll["update"]["losses"]
+    assert math.isclose(losses["rolled"], losses["unrolled"], rel_tol=1e-5)
+    for section in ("rollout", "update"):
+        assert set(unroll[section]["times"]) == {"rolled", "unrolled"}
+        assert all(t["median"] > 0 for t in unroll[section]["times"].values())
+    assert set(unroll["speedup"]) == {"rollout rolled/unrolled", "update rolled/unrolled"}
+    assert all(v > 0 for v in unroll["speedup"].values())
+    assert set(unroll["compile_s"]) == {
+        f"{w} {v}" for w in ("rollout", "update") for v in ("rolled", "unrolled")
+    }
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -97,6 +136,7 @@ def test_scaling_fit(report):
         (["--head-dim", "12"], "--head-dim must be a multiple of 8"),
         (["--scaling-sizes", "16"], "at least 2 distinct"),
         (["--reps", "0"], "--reps must be >= 1"),
+        (["--scan-unroll", "0"], "--scan-unroll must be >= 1"),
     ],
 )
 def test_bad_flags(flags, message):

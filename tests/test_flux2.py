@@ -309,6 +309,44 @@ def test_unsupported_configs_are_rejected_by_name():
         config_from_dict({**TINY, "_class_name": "FluxTransformer2DModel"})
     with pytest.raises(ValueError, match="remat"):
         Flux2Config(remat="sometimes")
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match=r"scan_unroll=.*an int >= 1"):
+            Flux2Config(scan_unroll=bad)
+
+
+def test_unrolled_block_loops_compute_the_same_values_and_gradients():
+    """scan_unroll >= the depth compiles straight-line code (no while loop) for the joint forward, the
+    reference K/V pass and the cached forward, and their gradients, with the rolled loops' results."""
+    base = CONFIGS["tiny"].replace(num_layers=3, num_single_layers=4)
+    inputs = _inputs(batch=2, grid=(2, 2), refs=((2, 2),))
+    tokens = 4  # the 2 x 2 target grid; the reference's 4 tokens follow
+    x, ref = inputs["hidden_states"][:, :tokens], inputs["hidden_states"][:, tokens:]
+    text, t, ids = inputs["encoder_hidden_states"], inputs["timestep"], inputs["img_ids"]
+    results, loops = [], []
+    mesh = runtime.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    for unroll in (1, 4):
+        with runtime.use_mesh(mesh):
+            joint = flux2.Flux2Transformer(base.replace(scan_unroll=unroll), rngs=nnx.Rngs(0))
+            cached = flux2.Flux2Transformer(
+                base.replace(scan_unroll=unroll, reference_kv=True), rngs=nnx.Rngs(1)
+            )
+        graphdef, state = nnx.split((joint, cached))
+
+        def loss(st, gd=graphdef):
+            joint, cached = nnx.merge(gd, st)
+            kv = cached.reference_kv(ref, ids[tokens:])
+            outs = (joint(**inputs), cached(x, text, t, ids[:tokens], inputs["txt_ids"], None, kv))
+            return sum(jnp.mean(o**2) for o in outs), (outs, kv)
+
+        fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+        loops.append(fn.lower(state).as_text().count("stablehlo.while"))
+        (_, aux), grads = fn(state)
+        results.append((aux, grads))
+    assert loops[0] > 0 and loops[1] == 0, loops
+    for a, b in zip(jax.tree.leaves(results[1][0]), jax.tree.leaves(results[0][0]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(results[1][1]), jax.tree.leaves(results[0][1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_program_size_does_not_grow_with_depth():

@@ -52,6 +52,17 @@ def test_a_folder_missing_a_component_is_a_config_error(assets, tmp_path):
         train.train(c, tmp_path / "run")
 
 
+@pytest.mark.parametrize("value", [0, -2])
+def test_a_bad_scan_unroll_is_a_config_error(assets, tmp_path, value):
+    folder, data = assets
+    c = klein_test_config(shipped("gpu"), folder, data, tmp_path)
+    c.model.scan_unroll = value
+    with pytest.raises(
+        builders.ConfigError, match=rf"config.model.scan_unroll: scan_unroll={value} \(an int"
+    ):
+        train.train(c, tmp_path / "run")
+
+
 @pytest.mark.parametrize("name", ["tpu_v5", "gpu"])
 def test_two_grpo_iterations_from_the_tiny_klein_folder(assets, tmp_path, name, caplog):
     folder, data = assets

@@ -70,9 +70,10 @@ def test_splash_in_interpret_mode_matches_upstream():
     assert _rel_err(model(**_inputs(meta, io)), _patchify(io["out"])) < 1e-5
 
 
-def test_a_mesh_and_remat_change_nothing():
+def test_a_mesh_remat_and_unrolling_change_nothing():
     """Loaded straight onto a 2x2x2 mesh (batch over data x fsdp, heads over tensor, fsdp-sharded
-    weights), the forward equals upstream; with remat 'dots' and 'full' the gradient equals remat 'none'."""
+    weights), the forward equals upstream; with remat 'dots' and 'full', or the layer loops unrolled, the
+    gradient equals remat 'none'."""
     folder, meta, io = _case("gqa_one_reference")
     inputs = _inputs(meta, io)
     mesh = runtime.make_mesh(2, 2, 2)
@@ -83,8 +84,8 @@ def test_a_mesh_and_remat_change_nothing():
     kernel = sharded.layers.feed_forward.linear_1.kernel[...]
     assert "fsdp" in str(kernel.sharding.spec)
 
-    def grad_of(remat: str) -> jax.Array:
-        model = omnigen2.from_pretrained(folder, remat=remat)
+    def grad_of(remat: str, scan_unroll: int = 1) -> jax.Array:
+        model = omnigen2.from_pretrained(folder, remat=remat, scan_unroll=scan_unroll)
         graphdef, params = nnx.split(model, nnx.Param)
 
         def loss(p: nnx.State) -> jax.Array:
@@ -96,6 +97,10 @@ def test_a_mesh_and_remat_change_nothing():
     assert float(jnp.abs(want).max()) > 0
     for remat in ("dots", "full"):
         np.testing.assert_allclose(np.asarray(grad_of(remat)), np.asarray(want), rtol=1e-5, atol=1e-6)
+    unrolled = grad_of("none", scan_unroll=8)
+    np.testing.assert_allclose(np.asarray(unrolled), np.asarray(want), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="scan_unroll=0"):
+        omnigen2.from_pretrained(folder, scan_unroll=0)
 
 
 def test_name_table_covers_every_upstream_tensor():

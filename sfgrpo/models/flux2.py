@@ -400,6 +400,7 @@ class Flux2Transformer(nnx.Module):
                     x,
                     lambda blk, x, _: blk.reference(x, mod_img, cos, sin),
                     cfg.remat,
+                    unroll=cfg.scan_unroll,
                 )
             if self.single_transformer_blocks is not None:
                 mod_single = self.single_stream_modulation(temb)
@@ -408,6 +409,7 @@ class Flux2Transformer(nnx.Module):
                     x,
                     lambda blk, h, _: blk(h, mod_single, cos, sin),
                     cfg.remat,
+                    unroll=cfg.scan_unroll,
                 )
             return ReferenceKV(double, single)
 
@@ -449,6 +451,7 @@ class Flux2Transformer(nnx.Module):
                 (x, c),
                 lambda blk, xc, ref: (blk(xc[0], xc[1], mod_img, mod_txt, cos, sin, ref), None),
                 cfg.remat,
+                unroll=cfg.scan_unroll,
                 xs=cache.double,
             )
         h = jnp.concatenate([c, x], axis=1)
@@ -458,6 +461,7 @@ class Flux2Transformer(nnx.Module):
                 h,
                 lambda blk, h, ref: (blk(h, mod_single, cos, sin, ref)[0], None),
                 cfg.remat,
+                unroll=cfg.scan_unroll,
                 xs=cache.single,
             )
         return self.proj_out(self.norm_out(h[:, c.shape[1] :], temb))
@@ -498,17 +502,24 @@ def from_pretrained(
     remat: str | None = None,
     attention: str | None = None,
     reference_kv: bool | None = None,
+    scan_unroll: int | None = None,
 ) -> Flux2Transformer:
     """Loads a diffusers ``Flux2Transformer2DModel`` folder (or a pipeline folder with ``transformer/``).
 
     Each tensor goes straight to its sharding on ``mesh`` (default: a 1x1x1 mesh on the first device).
-    ``remat``/``attention``/``reference_kv`` set our options of the config (``Flux2Config``); a diffusers
-    config holds none of them (``reference_kv`` is the pipeline's: ``klein.uses_reference_kv``).
+    ``remat``/``attention``/``reference_kv``/``scan_unroll`` set our options of the config
+    (``Flux2Config``); a diffusers config holds none of them (``reference_kv`` is the pipeline's:
+    ``klein.uses_reference_kv``).
     """
     from sfgrpo.models import weights  # noqa: PLC0415 - weights imports the name table lazily
 
     def build(cfg: Flux2Config) -> Flux2Transformer:
-        options = (("remat", remat), ("attention", attention), ("reference_kv", reference_kv))
+        options = (
+            ("remat", remat),
+            ("attention", attention),
+            ("reference_kv", reference_kv),
+            ("scan_unroll", scan_unroll),
+        )
         changes = {k: v for k, v in options if v is not None}
         return Flux2Transformer(cfg.replace(**changes), rngs=nnx.Rngs(0), dtype=dtype)
 

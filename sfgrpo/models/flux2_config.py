@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sfgrpo.models.attention import ATTENTION_IMPLS
-from sfgrpo.models.layers import REMAT_POLICIES
+from sfgrpo.models.layers import REMAT_POLICIES, scan_unroll_problem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +21,10 @@ class Flux2Config:
     the pipeline the weights were trained for: False is ``Flux2KleinPipeline`` (references are tokens of
     the joint sequence), True is ``Flux2KleinKVPipeline`` (FLUX.2-klein-*-kv: references attend only to
     themselves, modulated at timestep 0, so their per-layer keys and values do not depend on the step and
-    are computed once per image, ``Flux2Transformer.reference_kv``).
+    are computed once per image, ``Flux2Transformer.reference_kv``). scan_unroll: blocks per iteration of
+    the loops over the double and the single blocks (``layers.scan_layers``): 1 compiles one body per
+    loop; a value >= the block count compiles straight-line code, without the loop's stacked per-layer
+    buffers, for a compile time that grows with the depth.
     """
 
     in_channels: int = 128
@@ -41,6 +44,7 @@ class Flux2Config:
     remat: str = "none"
     attention: str | None = None
     reference_kv: bool = False
+    scan_unroll: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))
@@ -58,6 +62,8 @@ class Flux2Config:
             problems.append("block counts must be >= 0")
         if self.remat not in REMAT_POLICIES:
             problems.append(f"remat={self.remat!r} (one of {REMAT_POLICIES})")
+        if (problem := scan_unroll_problem(self.scan_unroll)) is not None:
+            problems.append(problem)
         if self.attention not in ATTENTION_IMPLS:
             problems.append(f"attention={self.attention!r} (one of {ATTENTION_IMPLS})")
         if problems:
@@ -80,7 +86,7 @@ class Flux2Config:
 
     def architecture(self) -> Flux2Config:
         """The config with our options at their defaults: what a diffusers ``config.json`` describes."""
-        return self.replace(remat="none", attention=None, reference_kv=False)
+        return self.replace(remat="none", attention=None, reference_kv=False, scan_unroll=1)
 
 
 CONFIGS: dict[str, Flux2Config] = {

@@ -273,21 +273,32 @@ def remat(fn: Any, policy: str) -> Any:
     raise ValueError(f"remat policy {policy!r}: expected one of {REMAT_POLICIES}")
 
 
-def scan_layers(blocks: nnx.Module, carry: Any, step: Any, policy: str, xs: Any = None) -> tuple[Any, Any]:
+def scan_unroll_problem(value: Any) -> str | None:
+    """Why ``value`` is not a ``scan_unroll`` (an int >= 1, the blocks per loop iteration), or None."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return f"scan_unroll={value!r} (an int >= 1: blocks per iteration of the block loops)"
+    return None
+
+
+def scan_layers(
+    blocks: nnx.Module, carry: Any, step: Any, policy: str, xs: Any = None, unroll: int = 1
+) -> tuple[Any, Any]:
     """Runs ``carry, y_i = step(block_i, carry, xs_i)`` over blocks stacked on a leading ``layers`` axis
-    with ``lax.scan`` (one compiled body whatever the depth), each step rematerialised by ``policy``;
-    returns (carry, ys stacked on a leading layers axis). ``xs``: per-layer inputs (leading layers axis)
-    or None."""
+    with ``lax.scan``, each step rematerialised by ``policy``; returns (carry, ys stacked on a leading
+    layers axis). ``xs``: per-layer inputs (leading layers axis) or None. ``unroll``: blocks per loop
+    iteration (``lax.scan``'s); 1 compiles one body whatever the depth, a value >= the depth compiles
+    straight-line code, which spares the loop's stacked per-layer buffers (residuals, gradients) at a
+    compile time that grows with the depth."""
     graphdef, state = nnx.split(blocks)
 
     def body(carry: Any, layer: tuple[Any, Any]) -> tuple[Any, Any]:
         layer_state, x = layer
         return step(nnx.merge(graphdef, layer_state), carry, x)
 
-    return jax.lax.scan(remat(body, policy), carry, (state, xs))
+    return jax.lax.scan(remat(body, policy), carry, (state, xs), unroll=unroll)
 
 
-def scan_blocks(blocks: nnx.Module, carry: Any, step: Any, policy: str) -> Any:
+def scan_blocks(blocks: nnx.Module, carry: Any, step: Any, policy: str, unroll: int = 1) -> Any:
     """``carry = step(block_i, carry)`` over stacked blocks (see :func:`scan_layers`); returns the carry."""
-    carry, _ = scan_layers(blocks, carry, lambda block, c, _: (step(block, c), None), policy)
+    carry, _ = scan_layers(blocks, carry, lambda block, c, _: (step(block, c), None), policy, unroll=unroll)
     return carry

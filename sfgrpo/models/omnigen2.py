@@ -378,7 +378,11 @@ class OmniGen2Transformer(nnx.Module):
         if blocks is None:
             return x
         cos, sin = rot
-        return scan_blocks(blocks, x, lambda blk, h: blk(h, cos, sin, kv_len, temb), self.config.remat)
+
+        def step(blk: Block, h: jax.Array) -> jax.Array:
+            return blk(h, cos, sin, kv_len, temb)
+
+        return scan_blocks(blocks, x, step, self.config.remat, unroll=self.config.scan_unroll)
 
     def _forward(
         self,
@@ -430,13 +434,16 @@ def from_pretrained(
     mesh: Mesh | None = None,
     remat: str | None = None,
     attention: str | None = None,
+    scan_unroll: int | None = None,
 ) -> OmniGen2Transformer:
     """Loads an OmniGen2 ``transformer/`` folder (or a model folder holding one), each tensor straight to
-    its sharding on ``mesh`` (default: one device). ``remat``/``attention`` override the config's."""
+    its sharding on ``mesh`` (default: one device). ``remat``/``attention``/``scan_unroll`` override the
+    config's."""
     from sfgrpo.models import omnigen2_weights  # noqa: PLC0415 - the table imports this module
 
     def build(cfg: OmniGen2Config) -> OmniGen2Transformer:
-        changes = {k: v for k, v in (("remat", remat), ("attention", attention)) if v is not None}
+        options = (("remat", remat), ("attention", attention), ("scan_unroll", scan_unroll))
+        changes = {k: v for k, v in options if v is not None}
         return OmniGen2Transformer(cfg.replace(**changes), rngs=nnx.Rngs(0), dtype=dtype)
 
     return omnigen2_weights.load(path, build, mesh=mesh)

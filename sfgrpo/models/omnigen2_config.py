@@ -8,15 +8,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from sfgrpo.models.attention import ATTENTION_IMPLS
-from sfgrpo.models.layers import REMAT_POLICIES
+from sfgrpo.models.layers import REMAT_POLICIES, scan_unroll_problem
 
 MAX_REFERENCE_IMAGES = 5  # rows of the checkpoint's image_index_embedding
 
 
 @dataclasses.dataclass(frozen=True)
 class OmniGen2Config:
-    """Architecture (upstream field names and defaults) plus the execution options ``remat`` and
-    ``attention`` (as for FLUX.2, see ``Flux2Config``).
+    """Architecture (upstream field names and defaults) plus the execution options ``remat``,
+    ``attention`` and ``scan_unroll`` (as for FLUX.2, see ``Flux2Config``).
 
     The head dimension is ``hidden_size / num_attention_heads`` and must equal ``sum(axes_dim_rope)``;
     keys and values have ``num_kv_heads`` heads (grouped-query attention). The MLP width is
@@ -42,6 +42,7 @@ class OmniGen2Config:
     timestep_scale: float = 1.0
     remat: str = "none"
     attention: str | None = None
+    scan_unroll: int = 1
 
     def __post_init__(self) -> None:
         for name in ("axes_dim_rope", "axes_lens"):
@@ -71,6 +72,8 @@ class OmniGen2Config:
             problems.append(f"multiple_of={self.multiple_of} must be >= 1")
         if self.remat not in REMAT_POLICIES:
             problems.append(f"remat={self.remat!r} (one of {REMAT_POLICIES})")
+        if (problem := scan_unroll_problem(self.scan_unroll)) is not None:
+            problems.append(problem)
         if self.attention not in ATTENTION_IMPLS:
             problems.append(f"attention={self.attention!r} (one of {ATTENTION_IMPLS})")
         if problems:

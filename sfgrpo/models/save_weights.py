@@ -29,7 +29,7 @@ from sfgrpo.models.omnigen2 import OmniGen2Transformer
 CLASS_NAME = "Flux2Transformer2DModel"
 OMNIGEN2_CLASS_NAME = "OmniGen2Transformer2DModel"
 DEFAULT_SHARD_BYTES = 5 * 1024**3  # diffusers' shards of the klein checkpoints are about this size
-_EXECUTION_FIELDS = ("remat", "attention", "reference_kv")  # ours, not the architecture's
+_EXECUTION_FIELDS = ("remat", "attention", "reference_kv", "scan_unroll")  # ours, not the architecture's
 
 
 def diffusers_config(cfg: Any) -> dict[str, Any]:
