@@ -111,6 +111,11 @@ class OmniGen2Config:
     def replace(self, **changes: Any) -> OmniGen2Config:
         return dataclasses.replace(self, **changes)
 
+    def architecture(self) -> OmniGen2Config:
+        """The config with our execution options at their defaults: what upstream's ``config.json``
+        describes."""
+        return self.replace(remat="none", attention=None, scan_unroll=1)
+
 
 CONFIGS: dict[str, OmniGen2Config] = {
     # The released OmniGen2 transformer (OmniGen2/OmniGen2 transformer/config.json): 32 layers of 2520

@@ -249,7 +249,7 @@ def load_omnigen2(
         )
     if transformer is None:
         transformer = omnigen2.from_pretrained(folder / "transformer", dtype=dtype, mesh=mesh)
-    elif transformer.config.replace(remat="none", attention=None, scan_unroll=1) != expected:
+    elif transformer.config.architecture() != expected.architecture():
         raise OmniGen2FolderError(f"the transformer given is not {folder}'s: {transformer.config}")
     vae = load_flux1_vae(folder / "vae", dtype=dtype, mesh=mesh)
     encoder = load_qwen2_5_vl(folder / "mllm", dtype=dtype, mesh=mesh) if text_encoder else None
