@@ -126,6 +126,10 @@ def test_load(folder):
         other = nnx.eval_shape(lambda: OmniGen2Transformer(CONFIGS["tiny"], rngs=nnx.Rngs(0)))
     with pytest.raises(OmniGen2FolderError, match="the transformer given is not"):
         load_omnigen2(folder, text_encoder=False, transformer=other)
+    # The folder's own architecture under other execution options is the folder's transformer.
+    own = nnx.clone(parts.transformer)
+    own.config = own.config.replace(remat="dots", attention="blockwise", scan_unroll=4)
+    assert load_omnigen2(folder, text_encoder=False, transformer=own).transformer is own
 
 
 # --- the tokenizer ----------------------------------------------------------------------------------------
