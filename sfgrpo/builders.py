@@ -111,6 +111,13 @@ def found_devices(devices: int | None = None, processes: int | None = None) -> s
     return f"found {n} {kind} device{'s' * (n != 1)} in {p} process{'es' * (p != 1)}"
 
 
+def optimizer_steps_per_iteration(rl: ml_collections.ConfigDict, processes: int) -> int:
+    """Optimizer steps one GRPO iteration takes: micro-batches of the global batch per rl.grad_accum, times
+    rl.inner_epochs. With one, the update is on-policy (every ratio is exactly 1) and no clip range acts."""
+    micro_count = rl.batch_size * processes // rl.micro_batch
+    return micro_count // rl.grad_accum * rl.inner_epochs
+
+
 def validate(config: ml_collections.ConfigDict, processes: int | None = None) -> None:
     """Checks the config against itself and the devices; raises ConfigError (MeshError: the mesh does not
     fit the devices). ``processes`` (default: this run's) multiplies rl.batch_size into the global batch."""

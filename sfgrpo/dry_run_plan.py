@@ -9,7 +9,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from sfgrpo import aot
+from sfgrpo import aot, builders
 
 
 def _bytes(tree: Any) -> int:
@@ -80,7 +80,7 @@ def render(
     shards = sizes["data"] * sizes["fsdp"]
     global_batch = rl.batch_size * n_proc
     micro_count = global_batch // settings.micro_batch
-    steps = micro_count // settings.grad_accum * settings.inner_epochs
+    steps = builders.optimizer_steps_per_iteration(rl, n_proc)
     gh, gw = run.programs.grid
     text_len = next(v for k, v in run.batch.items() if k.startswith("text_")).shape[1]
     tokens = gh * gw
@@ -103,7 +103,8 @@ def render(
         f"(split over data x fsdp = {shards})",
         f"micro-batches {settings.micro_batch} samples ({settings.micro_batch / shards:g} per device), "
         f"{micro_count} per epoch, {settings.grad_accum} per optimizer step: "
-        f"{_plural(steps, 'optimizer step')} per iteration ({_plural(settings.inner_epochs, 'epoch')})",
+        f"{_plural(steps, 'optimizer step')} per iteration ({_plural(settings.inner_epochs, 'epoch')})"
+        + ("; on-policy: every ratio is 1, so the clip range never acts" if steps == 1 else ""),
         f"tokens        {tokens} target + {tokens} reference + {text_len} text = {2 * tokens + text_len} per "
         f"sequence ({config.data.resolution}x{config.data.resolution} px, {gh}x{gw} grid)",
         f"sampler       {s.num_steps} steps ({s.kind}, eta {s.eta}), {settings.window} trained "

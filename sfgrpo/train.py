@@ -181,6 +181,12 @@ def _train(
         _log.info(
             "GRPO trains %d parameters (%s)", n_train, f"LoRA on {len(adapted)} layers" if adapted else "full"
         )
+        opt_steps = builders.optimizer_steps_per_iteration(config.rl, jax.process_count())
+        _log.info(
+            "GRPO takes %d optimizer steps per iteration%s",
+            opt_steps,
+            ": on-policy, every ratio is 1 and rl.clip_range_* never acts" if opt_steps == 1 else "",
+        )
         if config.rl.kl_beta > 0:
             # The reference is the base model: LoRA off (zero adapters) or a frozen copy of the weights.
             # A full fine-tuning's reference is kept in the compute dtype: no need for float32 masters.

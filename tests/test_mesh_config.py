@@ -71,3 +71,11 @@ def test_processes_multiply_the_global_batch():
         builders.ConfigError, match=r"config\.rl\.micro_batch: 32 must divide the global batch 16"
     ):
         builders.validate(config)
+
+
+def test_optimizer_steps_per_iteration_count_micro_batches_accumulation_and_epochs():
+    config = tiny_config()  # 16 per host, micro-batches of 8 in pairs: one on-policy step
+    assert builders.optimizer_steps_per_iteration(config.rl, processes=1) == 1
+    assert builders.optimizer_steps_per_iteration(config.rl, processes=2) == 2
+    config.rl.grad_accum, config.rl.inner_epochs = 1, 3
+    assert builders.optimizer_steps_per_iteration(config.rl, processes=1) == 6
