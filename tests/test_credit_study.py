@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -68,6 +73,25 @@ def test_summary_pairs_seeds_and_counts_iterations_to_the_scalar_final(tmp_path)
     assert "| spatial | 0.525 ± " in md and "not reached [5–5] (1/2 reached)" in md
     assert "not reached" in md and "1 failed runs" in md
     assert (tmp_path / "study.png").stat().st_size > 10_000
+
+
+def test_iterations_to_the_scalar_final_are_undefined_where_scalar_did_not_improve(tmp_path):
+    rows = [
+        _row(2, "scalar", 0, [0.5, 0.45, 0.4]),  # ends below its start: every run meets 0.4 at step 0
+        _row(2, "scalar", 1, [0.1, 0.3, 0.5]),
+        _row(2, "spatial", 0, [0.5, 0.6, 0.6]),
+        _row(2, "spatial", 1, [0.1, 0.5, 0.5]),
+    ]
+    steps = credit_report.summarise(rows, [2], ["scalar", "spatial"])["2"]["spatial"]["steps_to_scalar_final"]
+    assert steps["per_seed"] == [None, 5] and steps["scalar_did_not_improve"] == 1
+    assert steps["median"] == 5.0 and steps["reached"] == 1
+    assert (
+        credit_report._fmt_steps(steps, 2)
+        == "5 [5–5] (1/1 reached; 1 seeds left out: scalar did not improve)"
+    )
+    only_declining = credit_report.summarise(rows[:1] + rows[2:3], [2], ["scalar", "spatial"])["2"]
+    text = credit_report._fmt_steps(only_declining["spatial"]["steps_to_scalar_final"], 1)
+    assert text == "undefined: scalar did not improve on its base (1/1 seeds)"
 
 
 def _args(tmp_path, *extra):
@@ -197,3 +221,45 @@ def test_the_command_exits_2_with_one_line_for_a_bad_flag(tmp_path, capsys):
     assert credit.main(["--out", str(tmp_path / "s"), "--arms", "nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--arms" in err[0]
+
+
+_SLEEPING_RUN = """
+import pathlib, signal, sys, time
+def stop(*_):
+    pathlib.Path(sys.argv[1]).write_text("checkpointed")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+pathlib.Path(sys.argv[1] + ".started").write_text("")
+time.sleep(120)
+"""
+
+
+def test_sigterm_stops_the_runs_and_the_runner(tmp_path):
+    # The runner in its own process, its one run a sleeper that records the SIGTERM it gets (a training
+    # run checkpoints there); `kill` on the runner must reach the run and wait for it.
+    runner = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from sfgrpo.experiments import credit
+        tmp = Path({str(tmp_path)!r})
+        class SleepingRun(credit.Run):
+            def command(self):
+                return [sys.executable, "-c", {_SLEEPING_RUN!r}, str(tmp / "run_stopped")]
+        def study(args, log=print):
+            credit.execute([SleepingRun("study", 2, "scalar", 0, tmp / "run", ())], 1, {{}}, log)
+            return 0
+        credit.run_study = study
+        sys.exit(credit.main(["--out", str(tmp / "study")]))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", runner], stderr=subprocess.PIPE, text=True)
+    started = tmp_path / "run_stopped.started"
+    deadline = time.monotonic() + 60
+    while not started.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the sleeping run did not start"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert (tmp_path / "run_stopped").read_text() == "checkpointed"
+    assert "rerun the command to resume" in err
+    assert not (tmp_path / "run" / "study_done.json").exists()

@@ -118,6 +118,7 @@ def summarise(rows: Sequence[Mapping[str, Any]], ks: Sequence[int], arms: Sequen
         ok = [r for r in rows if r["k"] == k and r.get("status") == "ok"]
         scalar_final = mean_ci([r["final"]["reward"] for r in ok if r["arm"] == "scalar"])["mean"]
         scalar_by_seed = {r["seed"]: r["final"]["reward"] for r in ok if r["arm"] == "scalar"}
+        scalar_start_by_seed = {r["seed"]: r["eval_curve"][0][1] for r in ok if r["arm"] == "scalar"}
         per_arm: dict[str, Any] = {}
         for arm in arms:
             mine = [r for r in ok if r["arm"] == arm]
@@ -130,12 +131,24 @@ def summarise(rows: Sequence[Mapping[str, Any]], ks: Sequence[int], arms: Sequen
                 # seed, so levels differ between seeds by more than training moves them); the scalar mean
                 # stands in for a seed without a scalar run.
                 thresholds = [scalar_by_seed.get(r["seed"], scalar_final) for r in mine]
-                reach = [steps_to_reach(r["eval_curve"], t) for r, t in zip(mine, thresholds, strict=True)]
-                reached = [s for s in reach if s is not None]
+                # A scalar run that ends at or below its own start sets a target every run meets before
+                # training (step 0): the count says nothing there, so such seeds are left out and counted.
+                scalar_start = mean_ci(list(scalar_start_by_seed.values()))["mean"]
+                undefined = [
+                    t <= scalar_start_by_seed.get(r["seed"], scalar_start)
+                    for r, t in zip(mine, thresholds, strict=True)
+                ]
+                reach = [
+                    None if skip else steps_to_reach(r["eval_curve"], t)
+                    for r, t, skip in zip(mine, thresholds, undefined, strict=True)
+                ]
+                defined = [s for s, skip in zip(reach, undefined, strict=True) if not skip]
+                reached = [s for s in defined if s is not None]
                 stats["steps_to_scalar_final"] = {
                     "thresholds": thresholds,
                     "per_seed": reach,
-                    "median": median_steps(reach),
+                    "scalar_did_not_improve": sum(undefined),
+                    "median": median_steps(defined),
                     "range": [min(reached), max(reached)] if reached else None,
                     "reached": len(reached),
                 }
@@ -176,9 +189,13 @@ def _fmt(stat: Mapping[str, Any] | None, digits: int = 3) -> str:
 def _fmt_steps(stat: Mapping[str, Any] | None, total_runs: int) -> str:
     if not stat:
         return "–"
+    undefined = stat.get("scalar_did_not_improve", 0)
+    if undefined == total_runs:
+        return f"undefined: scalar did not improve on its base ({undefined}/{total_runs} seeds)"
     median = "not reached" if stat["median"] is None else f"{stat['median']:g}"
     spread = "" if stat["range"] is None else f" [{stat['range'][0]}–{stat['range'][1]}]"
-    return f"{median}{spread} ({stat['reached']}/{total_runs} reached)"
+    left_out = f"; {undefined} seeds left out: scalar did not improve" if undefined else ""
+    return f"{median}{spread} ({stat['reached']}/{total_runs - undefined} reached{left_out})"
 
 
 def markdown(summary: Mapping[str, Any], plan: Mapping[str, Any], hparams: Mapping[str, Any]) -> str:
@@ -186,18 +203,19 @@ def markdown(summary: Mapping[str, Any], plan: Mapping[str, Any], hparams: Mappi
     lines = [
         "# Spatial credit study",
         "",
-        f"Task: `configs/default.py:multi_k<K>` (K edits per instruction, 128 px, 8x8 tokens). "
-        f"{plan['steps']} GRPO iterations per run, held-out ODE evaluation every {plan['eval_every']} "
-        f"on {plan.get('eval_examples', '?')} examples; seeds {plan['seeds']}; every run shares its K's "
-        "warm-started base model (fixed data and warm-start seeds). Intervals are two-sided 95% Student-t "
-        "over seeds; 'vs scalar' is the paired (same seed) difference of final held-out rewards; "
-        "'iterations to scalar's final' is the first evaluated iteration at which a run reaches the final "
-        "reward of the scalar run of its seed (the held-out noise is drawn from the seed), median [range] "
-        "over seeds. 'final reward' is the image reward R^g (SPEC: from the overall success and preservation "
-        "and the aesthetics), which is what the scalar arm maximises; 'region reward' and 'background "
-        "reward' are the region rewards R_r the spatial arms' tokens are credited with, over edit regions "
-        "and the background; success means a success score >= 0.8 C; preservation is the background "
-        "score / C.",
+        "Task: `configs/default.py:multi_k<K>` (K edits per instruction, 128 px, 8x8 tokens). "
+        f"{plan['steps']} GRPO iterations per run, held-out ODE evaluation every {plan['eval_every']} on "
+        f"{plan.get('eval_examples', '?')} examples; seeds {plan['seeds']}; every run shares its K's "
+        "warm-started base model (fixed data and warm-start seeds). Intervals are two-sided 95% Student-t"
+        " over seeds; 'vs scalar' is the paired (same seed) difference of final held-out rewards; "
+        "'iterations to scalar's final' is the first evaluated iteration at which a run reaches the final"
+        " reward of the scalar run of its seed (the held-out noise is drawn from the seed), median "
+        "[range] over seeds; a seed whose scalar run ends at or below its own start is left out (every "
+        "run meets that target before training). 'final reward' is the image reward R^g (SPEC: from the "
+        "overall success and preservation and the aesthetics), which is what the scalar arm maximises; "
+        "'region reward' and 'background reward' are the region rewards R_r the spatial arms' tokens are "
+        "credited with, over edit regions and the background; success means a success score >= 0.8 C; "
+        "preservation is the background score / C.",
         "",
         "Arms (identical but for credit): `scalar` = Flow-GRPO's global reward; `spatial` = token credit "
         "(lambda = 1); `mix` = lambda 0.5; `region` = region-level ratios; `placebo` = spatial credit with "
