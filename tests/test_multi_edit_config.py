@@ -17,6 +17,9 @@ def test_multi_edit_config_variant():
     # The study's sampler: unshifted sigmas, a random window of 2 trained steps; heads that carry a token.
     assert builders.sampler_schedule(c) == "linear" and builders.grpo_settings(c).window == 2
     assert c.model.transformer.attention_head_dim >= c.model.transformer.in_channels
+    # Off-policy steps, so that the ratios leave 1 and the clip ranges (SPEC's scale) act.
+    assert builders.optimizer_steps_per_iteration(c.rl, processes=1) == 4
+    assert c.rl.clip_range_spatial == (1e-3, 1e-3) and c.rl.clip_range_scalar == (1e-4, 1e-4)
     # The demo keeps its task (no multi-edit keys) and shares the sampler schedule, the heads and the
     # reward's tolerances.
     demo = load_config()
