@@ -59,6 +59,10 @@ def test_summary_pairs_seeds_and_counts_iterations_to_the_scalar_final(tmp_path)
     assert summary["spatial"]["minus_scalar"]["mean"] == pytest.approx((0.3 - 0.05) / 2)
     assert summary["placebo"]["runs"] == 1 and summary["placebo"]["failed"] == 1
     assert summary["placebo"]["steps_to_scalar_final"]["median"] is None
+    # Gains over each run's own base; the placebo check pairs spatial with the placebo run of its seed.
+    assert summary["spatial"]["gain"]["mean"] == pytest.approx((0.5 + 0.35) / 2)
+    assert summary["spatial"]["minus_placebo"] == {"mean": pytest.approx(0.4), "ci95": None, "n": 1}
+    assert "minus_placebo" not in summary["scalar"]
     plan = {
         "ks": [2],
         "arms": ["scalar", "spatial", "placebo"],
@@ -71,6 +75,8 @@ def test_summary_pairs_seeds_and_counts_iterations_to_the_scalar_final(tmp_path)
     assert len(doc["rows"]) == 6 and doc["rows"][0]["eval_curve"][1] == [5, 0.2]
     md = (tmp_path / "study.md").read_text()
     assert "| spatial | 0.525 ± " in md and "not reached [5–5] (1/2 reached)" in md
+    assert "| placebo | 0.200 | 0.100 | -0.100 |" in md
+    assert "Placebo check: spatial − placebo (paired, same seed) 0.400, 1 seeds." in md
     assert "not reached" in md and "1 failed runs" in md
     assert (tmp_path / "study.png").stat().st_size > 10_000
 

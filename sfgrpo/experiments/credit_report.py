@@ -159,6 +159,15 @@ def summarise(rows: Sequence[Mapping[str, Any]], ks: Sequence[int], arms: Sequen
             ]
             if arm != "scalar" and paired:
                 stats["minus_scalar"] = mean_ci(paired)
+            # Each run against its own base: the seeds' held-out levels differ by more than training moves
+            # them, and this is the one column that says whether an arm improved at all.
+            stats["gain"] = mean_ci(
+                [
+                    r["final"]["reward"] - r["eval_curve"][0][1]
+                    for r in mine
+                    if r["final"]["reward"] is not None
+                ]
+            )
             stats["curve"] = _mean_curve([r["eval_curve"] for r in mine])
             # Each run's reward minus its step-0 reward: the seeds' held-out levels differ (their noise),
             # and this takes that offset out of the intervals.
@@ -166,6 +175,16 @@ def summarise(rows: Sequence[Mapping[str, Any]], ks: Sequence[int], arms: Sequen
                 [[[s, v - r["eval_curve"][0][1]] for s, v in r["eval_curve"]] for r in mine]
             )
             per_arm[arm] = stats
+        if "spatial" in per_arm and "placebo" in per_arm:
+            # The placebo control: the same credit with the wrong map, paired by seed.
+            placebo_by_seed = {r["seed"]: r["final"]["reward"] for r in ok if r["arm"] == "placebo"}
+            per_arm["spatial"]["minus_placebo"] = mean_ci(
+                [
+                    r["final"]["reward"] - placebo_by_seed[r["seed"]]
+                    for r in ok
+                    if r["arm"] == "spatial" and r["seed"] in placebo_by_seed
+                ]
+            )
         out[str(k)] = per_arm
     return out
 
@@ -208,6 +227,7 @@ def markdown(summary: Mapping[str, Any], plan: Mapping[str, Any], hparams: Mappi
         f"{plan.get('eval_examples', '?')} examples; seeds {plan['seeds']}; every run shares its K's "
         "warm-started base model (fixed data and warm-start seeds). Intervals are two-sided 95% Student-t"
         " over seeds; 'vs scalar' is the paired (same seed) difference of final held-out rewards; "
+        "'gain over base' is each run's final minus its own iteration-0 reward; "
         "'iterations to scalar's final' is the first evaluated iteration at which a run reaches the final"
         " reward of the scalar run of its seed (the held-out noise is drawn from the seed), median "
         "[range] over seeds; a seed whose scalar run ends at or below its own start is left out (every "
@@ -226,23 +246,29 @@ def markdown(summary: Mapping[str, Any], plan: Mapping[str, Any], hparams: Mappi
         lines += [
             f"## K = {k}",
             "",
-            "| arm | final reward | vs scalar | iterations to scalar's final | region reward | background "
-            "reward | region success | multi-region success | background preservation | clipfrac edit / "
-            "background |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| arm | final reward | gain over base | vs scalar | iterations to scalar's final "
+            "| region reward | background reward | region success | multi-region success "
+            "| background preservation | clipfrac edit / background |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for arm, s in per_arm.items():
             train = s.get("train_clipfrac", "")
             lines.append(
-                f"| {arm} | {_fmt(s['reward'])} | {_fmt(s.get('minus_scalar'))} | "
+                f"| {arm} | {_fmt(s['reward'])} | {_fmt(s.get('gain'))} | {_fmt(s.get('minus_scalar'))} | "
                 f"{_fmt_steps(s.get('steps_to_scalar_final'), s['runs'])} | "
                 f"{_fmt(s['region_reward'])} | {_fmt(s['background_reward'])} | "
                 f"{_fmt(s['region_success_rate'], 2)} | "
                 f"{_fmt(s['multi_region_success'], 2)} | {_fmt(s['background_preservation'], 3)} | {train} |"
             )
             if s["failed"]:
-                lines.append(f"| ({arm}: {s['failed']} failed runs, not counted) |" + " |" * 9)
+                lines.append(f"| ({arm}: {s['failed']} failed runs, not counted) |" + " |" * 10)
         lines.append("")
+        if per_arm.get("spatial", {}).get("minus_placebo", {}).get("n"):
+            check = per_arm["spatial"]["minus_placebo"]
+            lines += [
+                f"Placebo check: spatial − placebo (paired, same seed) {_fmt(check)}, {check['n']} seeds.",
+                "",
+            ]
     lines += ["## Hyperparameters", "", "```json", json.dumps(hparams, indent=1, sort_keys=True), "```", ""]
     return "\n".join(lines)
 
