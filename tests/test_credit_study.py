@@ -35,20 +35,28 @@ def test_steps_to_reach_and_median_count_unreached_runs_as_beyond():
     assert credit_report.median_steps([5, None, None]) is None
 
 
-def _row(k, arm, seed, rewards, status="ok"):
+def _row(k, arm, seed, rewards, status="ok", late=0.4):
     curve = [[5 * i, r] for i, r in enumerate(rewards)]
     final = dict.fromkeys(credit_report.FINAL_KEYS, 0.5) | {"reward": rewards[-1]}
-    return {"k": k, "arm": arm, "seed": seed, "status": status, "eval_curve": curve, "final": final,
-            "train": {"token_clipfrac/edit": 0.1, "token_clipfrac/background": 0.05}}  # fmt: skip
+    train = {"token_clipfrac/edit": 0.1, "token_clipfrac/background": 0.05, "reward_late": late}
+    return {
+        "k": k,
+        "arm": arm,
+        "seed": seed,
+        "status": status,
+        "eval_curve": curve,
+        "final": final,
+        "train": train,
+    }
 
 
 def test_summary_pairs_seeds_and_counts_iterations_to_the_scalar_final(tmp_path):
     rows = [
         _row(2, "scalar", 0, [0.1, 0.2, 0.3]),
         _row(2, "scalar", 1, [0.1, 0.3, 0.5]),  # scalar final mean 0.4
-        _row(2, "spatial", 0, [0.1, 0.4, 0.6]),
-        _row(2, "spatial", 1, [0.1, 0.2, 0.45]),
-        _row(2, "placebo", 0, [0.1, 0.1, 0.2]),
+        _row(2, "spatial", 0, [0.1, 0.4, 0.6], late=0.5),
+        _row(2, "spatial", 1, [0.1, 0.2, 0.45], late=0.6),
+        _row(2, "placebo", 0, [0.1, 0.1, 0.2], late=0.35),
         _row(2, "placebo", 1, [0.1, 0.1, 0.1], status="failed"),
     ]
     summary = credit_report.summarise(rows, [2], ["scalar", "spatial", "placebo"])["2"]
@@ -63,6 +71,8 @@ def test_summary_pairs_seeds_and_counts_iterations_to_the_scalar_final(tmp_path)
     assert summary["spatial"]["gain"]["mean"] == pytest.approx((0.5 + 0.35) / 2)
     assert summary["spatial"]["minus_placebo"] == {"mean": pytest.approx(0.4), "ci95": None, "n": 1}
     assert "minus_placebo" not in summary["scalar"]
+    assert summary["spatial"]["train_late_minus_scalar"]["mean"] == pytest.approx(0.15)
+    assert summary["spatial"]["train_late_minus_placebo"]["mean"] == pytest.approx(0.15)
     plan = {
         "ks": [2],
         "arms": ["scalar", "spatial", "placebo"],
@@ -76,9 +86,23 @@ def test_summary_pairs_seeds_and_counts_iterations_to_the_scalar_final(tmp_path)
     md = (tmp_path / "study.md").read_text()
     assert "| spatial | 0.525 ± " in md and "not reached [5–5] (1/2 reached)" in md
     assert "| placebo | 0.200 | 0.100 | -0.100 |" in md
-    assert "Placebo check: spatial − placebo (paired, same seed) 0.400, 1 seeds." in md
+    assert (
+        "Placebo check: spatial − placebo (paired, same seed) 0.400 held-out, 0.150 rollout reward over the "
+        "last quarter; 1 seeds." in md
+    )
     assert "not reached" in md and "1 failed runs" in md
     assert (tmp_path / "study.png").stat().st_size > 10_000
+
+
+def test_run_record_reads_the_rollout_reward_of_the_last_quarter_of_iterations(tmp_path):
+    lines = [{"step": 0, "stage": "eval", credit_report.REWARD: 0.3}]
+    lines += [{"step": s, "stage": "grpo", "reward/mean": 0.1 * s, "clipfrac": 0.0} for s in range(1, 9)]
+    lines[-1][credit_report.REWARD] = 0.4
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    record = credit_report.run_record(tmp_path)
+    assert record["eval_curve"] == [[0, 0.3], [8, 0.4]]
+    assert record["train"]["reward_late"] == pytest.approx((0.7 + 0.8) / 2)  # iterations 7 and 8 of 8
+    assert credit_report.late_mean([0.2]) == 0.2 and credit_report.late_mean([]) is None
 
 
 def test_iterations_to_the_scalar_final_are_undefined_where_scalar_did_not_improve(tmp_path):

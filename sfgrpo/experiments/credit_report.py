@@ -19,6 +19,10 @@ import numpy as np
 from sfgrpo.metrics import read_metrics
 
 REWARD = "eval/reward/mean"
+# The rollouts' own mean reward R^g per iteration. Runs of one seed draw the same prompts in the same order,
+# so the last quarter of iterations, paired by seed, compares arms on 8 times the held-out evaluation's
+# samples (32 rollouts x 5 iterations against 32 examples, at 20 iterations), from the SDE sampler.
+TRAIN_REWARD = "reward/mean"
 # What a run's final evaluation reports, under the names summary.json uses.
 FINAL_KEYS = {
     "reward": REWARD,
@@ -79,8 +83,17 @@ def run_record(run_dir: Path) -> dict[str, Any]:
     last = by_step[max(by_step)]
     final = {name: _float(last.get(key)) for name, key in FINAL_KEYS.items()}
     grpo = [r for r in records if r.get("stage") == "grpo"]
-    train = {key: _float(np.mean([r[key] for r in grpo if key in r])) if grpo else None for key in TRAIN_KEYS}
+    train = {key: mean_ci([_float(r.get(key)) for r in grpo])["mean"] for key in TRAIN_KEYS}
+    by_iteration = {int(r["step"]): r[TRAIN_REWARD] for r in grpo if TRAIN_REWARD in r}
+    train["reward_late"] = late_mean([by_iteration[s] for s in sorted(by_iteration)])
     return {"eval_curve": curve, "final": final, "train": train}
+
+
+def late_mean(values: Sequence[float]) -> float | None:
+    """The mean of the last quarter of ``values`` (at least one); None when there are none."""
+    if not values:
+        return None
+    return _float(np.mean(values[-max(1, len(values) // 4) :]))
 
 
 def _float(value: Any) -> float | None:
@@ -119,6 +132,7 @@ def summarise(rows: Sequence[Mapping[str, Any]], ks: Sequence[int], arms: Sequen
         scalar_final = mean_ci([r["final"]["reward"] for r in ok if r["arm"] == "scalar"])["mean"]
         scalar_by_seed = {r["seed"]: r["final"]["reward"] for r in ok if r["arm"] == "scalar"}
         scalar_start_by_seed = {r["seed"]: r["eval_curve"][0][1] for r in ok if r["arm"] == "scalar"}
+        scalar_late_by_seed = {r["seed"]: r["train"].get("reward_late") for r in ok if r["arm"] == "scalar"}
         per_arm: dict[str, Any] = {}
         for arm in arms:
             mine = [r for r in ok if r["arm"] == arm]
@@ -159,6 +173,9 @@ def summarise(rows: Sequence[Mapping[str, Any]], ks: Sequence[int], arms: Sequen
             ]
             if arm != "scalar" and paired:
                 stats["minus_scalar"] = mean_ci(paired)
+            stats["train_late"] = mean_ci([r["train"].get("reward_late") for r in mine])
+            if arm != "scalar":
+                stats["train_late_minus_scalar"] = _paired(mine, scalar_late_by_seed)
             # Each run against its own base: the seeds' held-out levels differ by more than training moves
             # them, and this is the one column that says whether an arm improved at all.
             stats["gain"] = mean_ci(
@@ -177,16 +194,30 @@ def summarise(rows: Sequence[Mapping[str, Any]], ks: Sequence[int], arms: Sequen
             per_arm[arm] = stats
         if "spatial" in per_arm and "placebo" in per_arm:
             # The placebo control: the same credit with the wrong map, paired by seed.
-            placebo_by_seed = {r["seed"]: r["final"]["reward"] for r in ok if r["arm"] == "placebo"}
+            placebo = [r for r in ok if r["arm"] == "placebo"]
+            spatial = [r for r in ok if r["arm"] == "spatial"]
             per_arm["spatial"]["minus_placebo"] = mean_ci(
                 [
-                    r["final"]["reward"] - placebo_by_seed[r["seed"]]
-                    for r in ok
-                    if r["arm"] == "spatial" and r["seed"] in placebo_by_seed
+                    r["final"]["reward"] - p["final"]["reward"]
+                    for r in spatial
+                    for p in placebo
+                    if p["seed"] == r["seed"] and None not in (r["final"]["reward"], p["final"]["reward"])
                 ]
             )
+            placebo_late = {r["seed"]: r["train"].get("reward_late") for r in placebo}
+            per_arm["spatial"]["train_late_minus_placebo"] = _paired(spatial, placebo_late)
         out[str(k)] = per_arm
     return out
+
+
+def _paired(rows: Sequence[Mapping[str, Any]], other_by_seed: Mapping[int, float | None]) -> dict[str, Any]:
+    """mean_ci of each row's late training reward minus the other arm's run of the same seed."""
+    diffs = []
+    for r in rows:
+        mine, other = r["train"].get("reward_late"), other_by_seed.get(r["seed"])
+        if mine is not None and other is not None:
+            diffs.append(mine - other)
+    return mean_ci(diffs)
 
 
 def _mean_curve(curves: Sequence[Sequence[Sequence[float]]]) -> list[dict[str, float | None]]:
@@ -228,6 +259,9 @@ def markdown(summary: Mapping[str, Any], plan: Mapping[str, Any], hparams: Mappi
         "warm-started base model (fixed data and warm-start seeds). Intervals are two-sided 95% Student-t"
         " over seeds; 'vs scalar' is the paired (same seed) difference of final held-out rewards; "
         "'gain over base' is each run's final minus its own iteration-0 reward; "
+        "'rollout reward, last quarter' is the training rollouts' mean R^g over the last quarter of "
+        "iterations (SDE sampler, training prompts, which runs of one seed share), and 'vs scalar' next "
+        "to it its paired difference; "
         "'iterations to scalar's final' is the first evaluated iteration at which a run reaches the final"
         " reward of the scalar run of its seed (the held-out noise is drawn from the seed), median "
         "[range] over seeds; a seed whose scalar run ends at or below its own start is left out (every "
@@ -248,8 +282,9 @@ def markdown(summary: Mapping[str, Any], plan: Mapping[str, Any], hparams: Mappi
             "",
             "| arm | final reward | gain over base | vs scalar | iterations to scalar's final "
             "| region reward | background reward | region success | multi-region success "
-            "| background preservation | clipfrac edit / background |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| background preservation | clipfrac edit / background | rollout reward, last quarter "
+            "| rollout reward vs scalar |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for arm, s in per_arm.items():
             train = s.get("train_clipfrac", "")
@@ -258,15 +293,18 @@ def markdown(summary: Mapping[str, Any], plan: Mapping[str, Any], hparams: Mappi
                 f"{_fmt_steps(s.get('steps_to_scalar_final'), s['runs'])} | "
                 f"{_fmt(s['region_reward'])} | {_fmt(s['background_reward'])} | "
                 f"{_fmt(s['region_success_rate'], 2)} | "
-                f"{_fmt(s['multi_region_success'], 2)} | {_fmt(s['background_preservation'], 3)} | {train} |"
+                f"{_fmt(s['multi_region_success'], 2)} | {_fmt(s['background_preservation'], 3)} | {train} | "
+                f"{_fmt(s.get('train_late'))} | {_fmt(s.get('train_late_minus_scalar'))} |"
             )
             if s["failed"]:
-                lines.append(f"| ({arm}: {s['failed']} failed runs, not counted) |" + " |" * 10)
+                lines.append(f"| ({arm}: {s['failed']} failed runs, not counted) |" + " |" * 12)
         lines.append("")
         if per_arm.get("spatial", {}).get("minus_placebo", {}).get("n"):
             check = per_arm["spatial"]["minus_placebo"]
+            late = per_arm["spatial"].get("train_late_minus_placebo")
             lines += [
-                f"Placebo check: spatial − placebo (paired, same seed) {_fmt(check)}, {check['n']} seeds.",
+                f"Placebo check: spatial − placebo (paired, same seed) {_fmt(check)} held-out, "
+                f"{_fmt(late)} rollout reward over the last quarter; {check['n']} seeds.",
                 "",
             ]
     lines += ["## Hyperparameters", "", "```json", json.dumps(hparams, indent=1, sort_keys=True), "```", ""]
