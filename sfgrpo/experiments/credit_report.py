@@ -20,7 +20,7 @@ from sfgrpo.metrics import read_metrics
 
 REWARD = "eval/reward/mean"
 # The rollouts' own mean reward R^g per iteration. Runs of one seed draw the same prompts in the same order,
-# so the last quarter of iterations, paired by seed, compares arms on 8 times the held-out evaluation's
+# so the last quarter of iterations, paired by seed, compares arms on 5 times the held-out evaluation's
 # samples (32 rollouts x 5 iterations against 32 examples, at 20 iterations), from the SDE sampler.
 TRAIN_REWARD = "reward/mean"
 # What a run's final evaluation reports, under the names summary.json uses.
