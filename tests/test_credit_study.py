@@ -103,6 +103,15 @@ def test_run_record_reads_the_rollout_reward_of_the_last_quarter_of_iterations(t
     assert record["eval_curve"] == [[0, 0.3], [8, 0.4]]
     assert record["train"]["reward_late"] == pytest.approx((0.7 + 0.8) / 2)  # iterations 7 and 8 of 8
     assert credit_report.late_mean([0.2]) == 0.2 and credit_report.late_mean([]) is None
+    assert record["train_curve"][:2] == [[1, 0.1], [2, 0.2]] and len(record["train_curve"]) == 8
+    # Per iteration, paired by seed against scalar; iterations only one run holds are left out.
+    scalar = _row(2, "scalar", 0, [0.3, 0.4]) | {"train_curve": [[1, 0.5], [2, 0.5]]}
+    spatial = _row(2, "spatial", 0, [0.3, 0.4]) | {"train_curve": [[1, 0.5], [2, 0.7], [3, 0.9]]}
+    curve = credit_report.summarise([scalar, spatial], [2], ["scalar", "spatial"])["2"]["spatial"]
+    assert [(c["step"], c["mean"]) for c in curve["train_minus_scalar_curve"]] == [
+        (1, 0.0),
+        (2, pytest.approx(0.2)),
+    ]
 
 
 def test_iterations_to_the_scalar_final_are_undefined_where_scalar_did_not_improve(tmp_path):

@@ -84,9 +84,10 @@ def run_record(run_dir: Path) -> dict[str, Any]:
     final = {name: _float(last.get(key)) for name, key in FINAL_KEYS.items()}
     grpo = [r for r in records if r.get("stage") == "grpo"]
     train = {key: mean_ci([_float(r.get(key)) for r in grpo])["mean"] for key in TRAIN_KEYS}
-    by_iteration = {int(r["step"]): r[TRAIN_REWARD] for r in grpo if TRAIN_REWARD in r}
+    by_iteration = {int(r["step"]): float(r[TRAIN_REWARD]) for r in grpo if TRAIN_REWARD in r}
     train["reward_late"] = late_mean([by_iteration[s] for s in sorted(by_iteration)])
-    return {"eval_curve": curve, "final": final, "train": train}
+    train_curve = [[s, by_iteration[s]] for s in sorted(by_iteration)]
+    return {"eval_curve": curve, "final": final, "train": train, "train_curve": train_curve}
 
 
 def late_mean(values: Sequence[float]) -> float | None:
@@ -133,6 +134,7 @@ def summarise(rows: Sequence[Mapping[str, Any]], ks: Sequence[int], arms: Sequen
         scalar_by_seed = {r["seed"]: r["final"]["reward"] for r in ok if r["arm"] == "scalar"}
         scalar_start_by_seed = {r["seed"]: r["eval_curve"][0][1] for r in ok if r["arm"] == "scalar"}
         scalar_late_by_seed = {r["seed"]: r["train"].get("reward_late") for r in ok if r["arm"] == "scalar"}
+        scalar_train_by_seed = {r["seed"]: r.get("train_curve", []) for r in ok if r["arm"] == "scalar"}
         per_arm: dict[str, Any] = {}
         for arm in arms:
             mine = [r for r in ok if r["arm"] == arm]
@@ -176,6 +178,13 @@ def summarise(rows: Sequence[Mapping[str, Any]], ks: Sequence[int], arms: Sequen
             stats["train_late"] = mean_ci([r["train"].get("reward_late") for r in mine])
             if arm != "scalar":
                 stats["train_late_minus_scalar"] = _paired(mine, scalar_late_by_seed)
+                stats["train_minus_scalar_curve"] = _mean_curve(
+                    [
+                        _curve_minus(r.get("train_curve", []), scalar_train_by_seed[r["seed"]])
+                        for r in mine
+                        if r["seed"] in scalar_train_by_seed
+                    ]
+                )
             # Each run against its own base: the seeds' held-out levels differ by more than training moves
             # them, and this is the one column that says whether an arm improved at all.
             stats["gain"] = mean_ci(
@@ -218,6 +227,12 @@ def _paired(rows: Sequence[Mapping[str, Any]], other_by_seed: Mapping[int, float
         if mine is not None and other is not None:
             diffs.append(mine - other)
     return mean_ci(diffs)
+
+
+def _curve_minus(curve: Sequence[Sequence[float]], other: Sequence[Sequence[float]]) -> list[list[float]]:
+    """[[step, value - other's value], ...] at the steps both curves hold."""
+    at = {int(s): v for s, v in other}
+    return [[int(s), v - at[int(s)]] for s, v in curve if int(s) in at]
 
 
 def _mean_curve(curves: Sequence[Sequence[Sequence[float]]]) -> list[dict[str, float | None]]:
@@ -312,31 +327,40 @@ def markdown(summary: Mapping[str, Any], plan: Mapping[str, Any], hparams: Mappi
 
 
 def plot(summary: Mapping[str, Any], path: Path) -> None:
-    """study.png: the held-out reward's gain over step 0, mean ± 95% CI per arm against iterations, one
-    panel per K."""
+    """study.png, one column per K: the held-out reward's gain over step 0 (top) and each arm's rollout
+    reward minus the scalar run's of the same seed (bottom), mean ± 95% CI per arm against iterations."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
     from matplotlib.figure import Figure  # noqa: PLC0415
 
     ks = list(summary)
-    fig = Figure(figsize=(4.2 * len(ks), 3.6), dpi=120)
+    fig = Figure(figsize=(4.2 * len(ks), 6.8), dpi=120)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(ks), squeeze=False)[0]
-    for ax, k in zip(axes, ks, strict=True):
-        for arm, s in summary[k].items():
-            curve = s["gain_curve"]
-            if not curve:
-                continue  # an arm with no finished run
-            steps = np.array([c["step"] for c in curve])
-            mean = np.array([c["mean"] for c in curve])
-            half = np.array([c["ci95"] or 0.0 for c in curve])
-            (line,) = ax.plot(steps, mean, label=f"{arm} (n={s['runs']})", lw=1.6)
-            ax.fill_between(steps, mean - half, mean + half, color=line.get_color(), alpha=0.15)
-        ax.set_title(f"K = {k}")
-        ax.set_xlabel("GRPO iteration")
-        ax.set_ylabel("held-out reward (ODE) - step 0")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+    axes = fig.subplots(2, len(ks), squeeze=False)
+    panels = (
+        ("gain_curve", "held-out reward (ODE) - step 0"),
+        ("train_minus_scalar_curve", "rollout reward - scalar's (paired)"),
+    )
+    arms = list(dict.fromkeys(arm for k in ks for arm in summary[k]))
+    colour = {arm: f"C{i}" for i, arm in enumerate(arms)}  # an arm keeps its colour in every panel
+    for row, (key, ylabel) in enumerate(panels):
+        for ax, k in zip(axes[row], ks, strict=True):
+            for arm, s in summary[k].items():
+                curve = s.get(key) or []
+                if not curve:
+                    continue  # an arm with no finished run, or scalar against itself
+                steps = np.array([c["step"] for c in curve])
+                mean = np.array([c["mean"] for c in curve])
+                half = np.array([c["ci95"] or 0.0 for c in curve])
+                ax.plot(steps, mean, label=f"{arm} (n={s['runs']})", lw=1.6, color=colour[arm])
+                ax.fill_between(steps, mean - half, mean + half, color=colour[arm], alpha=0.15)
+            if row == 1:
+                ax.axhline(0.0, color="0.4", lw=0.8)
+            ax.set_title(f"K = {k}")
+            ax.set_xlabel("GRPO iteration")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
 
