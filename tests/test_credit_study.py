@@ -143,6 +143,8 @@ def test_plan_refuses_bad_flags_by_name(tmp_path):
         (["--ks", "0,2"], "--ks"),
         (["--ks", "two"], "--ks"),
         (["--seeds", "0"], "--seeds"),
+        (["--first-seed", "-1"], "--first-seed"),
+        (["--first-seed", "998", "--seeds", "3"], "--first-seed"),
         (["--steps", "0"], "--steps"),
         (["--jobs", "0"], "--jobs"),
         (["--sweep-lrs", "0.5,2"], "--sweep-lrs"),
@@ -152,6 +154,15 @@ def test_plan_refuses_bad_flags_by_name(tmp_path):
     ]:
         with pytest.raises(credit.StudyError, match=name):
             credit.make_plan(_args(tmp_path, *flags))
+
+
+def test_first_seed_starts_the_study_seeds_and_runs_go_seed_by_seed(tmp_path):
+    plan = credit.make_plan(_args(tmp_path, "--first-seed", "5", "--seeds", "3", "--arms", "scalar,spatial"))
+    assert plan["seeds"] == [5, 6, 7]
+    assert credit.base_run(tmp_path, plan, 2).seed == 5
+    hparams = {"chosen": {"scalar": {"lr": 1e-4, "clip": 1e-4}, "spatial": {"lr": 1e-4, "clip": 1e-3}}}
+    runs = credit.study_runs(tmp_path, {**plan, "ks": [2]}, hparams)
+    assert [(r.seed, r.arm) for r in runs] == [(s, a) for s in (5, 6, 7) for a in ("scalar", "spatial")]
 
 
 def test_an_out_folder_holding_another_study_is_refused(tmp_path):

@@ -48,7 +48,7 @@ ARMS: dict[str, dict[str, Any]] = {
 # The placebo must differ from spatial in the map only, so it is not swept: it takes spatial's settings.
 HPARAMS_FROM = {"placebo": "spatial"}
 TASK_SEED = 0  # data.seed and warmstart.seed of every run: one task and one base model per K
-SWEEP_SEED0 = 1000  # sweep seeds are 1000, 1001, ...; study seeds are 0 .. seeds-1
+SWEEP_SEED0 = 1000  # sweep seeds are 1000, 1001, ...; study seeds are first-seed .. first-seed+seeds-1
 PLAN_FILE = "study.json"
 CONFIG_FILE = Path(__file__).resolve().parents[2] / "configs" / "default.py"
 
@@ -98,7 +98,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     p.add_argument("--out", required=True, type=Path, help="the study's folder (created; reruns resume)")
     p.add_argument("--ks", default="1,2,4", help="edits per instruction, comma-separated, each 1..4")
-    p.add_argument("--seeds", type=int, default=5, help="seeds per (arm, K): 0 .. seeds-1")
+    p.add_argument(
+        "--seeds", type=int, default=5, help="seeds per (arm, K): first-seed .. first-seed+seeds-1"
+    )
+    p.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="the first study seed (e.g. 5: confirm on seeds not yet seen)",
+    )
     p.add_argument(
         "--arms", default="scalar,spatial,placebo,region,mix", help=f"comma-separated of {list(ARMS)}"
     )
@@ -164,6 +172,11 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
         raise StudyError(f"--arms: distinct names among {list(ARMS)}, got {args.arms!r}")
     if args.seeds < 1:
         raise StudyError(f"--seeds: at least 1 seed per (arm, K), got {args.seeds}")
+    if not 0 <= args.first_seed < SWEEP_SEED0 - args.seeds + 1:
+        raise StudyError(
+            f"--first-seed: 0 .. {SWEEP_SEED0 - args.seeds} (seeds from {SWEEP_SEED0} are the sweep's), "
+            f"got {args.first_seed}"
+        )
     if args.steps < 1 or args.eval_every < 1:
         raise StudyError(f"--steps and --eval-every must be >= 1, got {args.steps} and {args.eval_every}")
     if args.jobs < 1:
@@ -176,7 +189,7 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
         raise StudyError("--sweep-seeds 0 runs no sweep: give the arms' settings with --hparams FILE")
     plan = {
         "ks": _int_list(args.ks, "ks", 1, 4),
-        "seeds": list(range(args.seeds)),
+        "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
         "arms": arms,
         "steps": args.steps,
         "eval_every": args.eval_every,
@@ -272,6 +285,16 @@ def sweep_runs(out: Path, plan: dict[str, Any]) -> list[Run]:
         for lr in s["lrs"]
         for clip in s["clips"]
         for seed in s["seeds"]
+    ]
+
+
+def study_runs(out: Path, plan: dict[str, Any], hparams: dict[str, Any]) -> list[Run]:
+    """The study's runs, seed by seed: a study stopped early holds every arm of the seeds it finished."""
+    return [
+        arm_run(out, plan, "study", k, arm, seed, *arm_hparams(hparams, arm))
+        for k in plan["ks"]
+        for seed in plan["seeds"]
+        for arm in plan["arms"]
     ]
 
 
@@ -472,12 +495,7 @@ def run_study(args: argparse.Namespace, log: Any = print) -> int:
     else:
         hparams = load_hparams(Path(plan["hparams_file"]))
     hparams_path.write_text(json.dumps(hparams, indent=1, sort_keys=True))
-    study = [
-        arm_run(out, plan, "study", k, arm, seed, *arm_hparams(hparams, arm))
-        for k in plan["ks"]
-        for arm in plan["arms"]
-        for seed in plan["seeds"]
-    ]
+    study = study_runs(out, plan, hparams)
     execute([*bases.values(), *study], args.jobs, {r: bases[r.k] for r in study}, log)
     rows = [result_of(r) for r in study]
     plan_report = plan | {"eval_examples": _eval_examples(bases[plan["ks"][0]])}
