@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
-from tiny_omnigen2 import build_tiny_omnigen2
+from tiny_omnigen2 import build_tiny_omnigen2, folder_digest
 
 from sfgrpo import edit
 from sfgrpo.models.omnigen2_folder import load_omnigen2
@@ -42,11 +42,7 @@ def golden():
 def folder(tmp_path_factory, golden):
     """The tiny folder, rebuilt; it must be the one the goldens were computed with."""
     built = build_tiny_omnigen2(tmp_path_factory.mktemp("omnigen2") / "model", seed=0)
-    digest = {
-        str(p.relative_to(built)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(built.rglob("*"))
-        if p.is_file()
-    }
+    digest = folder_digest(built)
     differ = sorted(
         k for k in golden[0]["tiny_folder_sha256"] if digest.get(k) != golden[0]["tiny_folder_sha256"][k]
     )

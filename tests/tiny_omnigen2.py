@@ -22,6 +22,7 @@ Seeded: two builds with the same seed give identical weights and configs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -191,6 +192,29 @@ def _mllm_config(tokenizer_dir: Path) -> Qwen2_5_VLConfig:
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True,
     )
+
+
+# Keys that name the library version that wrote a config, not the model: a new transformers release
+# rewrites them and nothing else.
+VERSION_KEYS = ("transformers_version", "_diffusers_version")
+
+
+def folder_digest(folder: str | os.PathLike) -> dict[str, str]:
+    """sha256 of every file of a tiny folder, by relative path; a JSON file is hashed as its sorted dump
+    without ``VERSION_KEYS``, so that the digest names the model, not the library that saved it."""
+    folder = Path(folder)
+    digest = {}
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file():
+            continue
+        data = p.read_bytes()
+        if p.suffix == ".json":
+            parsed = json.loads(data)
+            if isinstance(parsed, dict):
+                parsed = {k: v for k, v in parsed.items() if k not in VERSION_KEYS}
+            data = json.dumps(parsed, sort_keys=True).encode()
+        digest[str(p.relative_to(folder))] = hashlib.sha256(data).hexdigest()
+    return digest
 
 
 def build_tiny_omnigen2(directory: str | os.PathLike, seed: int = 0) -> Path:

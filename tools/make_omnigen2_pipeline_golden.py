@@ -72,15 +72,6 @@ def source_image() -> np.ndarray:
     return np.clip(img, 0, 255).round().astype(np.uint8)
 
 
-def folder_digest(folder: Path) -> dict[str, str]:
-    """sha256 of every file of the tiny folder, by relative path."""
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
 def _load_tiny_builder():
     sys.path.insert(0, str(TESTS))  # tiny_omnigen2 imports tiny_tokenizer
     spec = importlib.util.spec_from_file_location("tiny_omnigen2", TESTS / "tiny_omnigen2.py")
@@ -116,7 +107,7 @@ def main() -> None:
     tiny = _load_tiny_builder()
     with tempfile.TemporaryDirectory() as tmp:
         folder = tiny.build_tiny_omnigen2(Path(tmp) / "omnigen2", seed=0)
-        digest = folder_digest(folder)
+        digest = tiny.folder_digest(folder)
 
         class Processor:  # a stand-in: the pipeline only uses processor.tokenizer
             def __init__(self, tokenizer: object) -> None:
