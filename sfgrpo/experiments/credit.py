@@ -172,7 +172,7 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
         raise StudyError(f"--arms: distinct names among {list(ARMS)}, got {args.arms!r}")
     if args.seeds < 1:
         raise StudyError(f"--seeds: at least 1 seed per (arm, K), got {args.seeds}")
-    if not 0 <= args.first_seed < SWEEP_SEED0 - args.seeds + 1:
+    if args.first_seed < 0 or args.first_seed + args.seeds > SWEEP_SEED0:
         raise StudyError(
             f"--first-seed: 0 .. {SWEEP_SEED0 - args.seeds} (seeds from {SWEEP_SEED0} are the sweep's), "
             f"got {args.first_seed}"
