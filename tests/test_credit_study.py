@@ -169,15 +169,23 @@ def test_an_out_folder_holding_another_study_is_refused(tmp_path):
     plan = credit.make_plan(_args(tmp_path, "--steps", "10"))
     credit.check_plan(tmp_path / "study", plan)
     credit.check_plan(tmp_path / "study", credit.make_plan(_args(tmp_path, "--steps", "10", "--jobs", "2")))
-    with pytest.raises(credit.StudyError, match="steps"):
-        credit.check_plan(tmp_path / "study", credit.make_plan(_args(tmp_path, "--steps", "20")))
-    # More seeds, K values or arms extend the study (its finished runs stay valid); fewer do not.
-    grown = credit.make_plan(_args(tmp_path, "--steps", "10", "--seeds", "7", "--ks", "1,2,4"))
+    with pytest.raises(credit.StudyError, match="eval_every"):
+        credit.check_plan(
+            tmp_path / "study", credit.make_plan(_args(tmp_path, "--steps", "10", "--eval-every", "2"))
+        )
+    # More seeds, K values, arms or steps extend the study (its finished runs stay valid or continue); fewer
+    # do not.
+    grown = credit.make_plan(_args(tmp_path, "--steps", "20", "--seeds", "7", "--ks", "1,2,4"))
     credit.check_plan(tmp_path / "study", grown)
     assert json.loads((tmp_path / "study" / credit.PLAN_FILE).read_text()) == grown
     with pytest.raises(credit.StudyError, match="seeds"):
         credit.check_plan(
-            tmp_path / "study", credit.make_plan(_args(tmp_path, "--steps", "10", "--seeds", "2"))
+            tmp_path / "study", credit.make_plan(_args(tmp_path, "--steps", "20", "--seeds", "2"))
+        )
+    with pytest.raises(credit.StudyError, match="steps"):
+        credit.check_plan(
+            tmp_path / "study",
+            credit.make_plan(_args(tmp_path, "--steps", "10", "--seeds", "7", "--ks", "1,2,4")),
         )
 
 
@@ -250,6 +258,19 @@ def test_a_tiny_study_runs_resumes_and_reports(tmp_path, monkeypatch):
     lines.clear()
     assert credit.run_study(credit.parse_args(flags), log=lines.append) == 0
     assert not any(line.startswith("started") for line in lines), lines
+    # A rerun with more steps continues every run from its last checkpoint (the base is not rerun).
+    lines.clear()
+    longer = [*flags, "--steps", "3"]  # the later --steps wins
+    assert credit.run_study(credit.parse_args(longer), log=lines.append) == 0, lines
+    assert sorted(line for line in lines if line.startswith("continuing")) == [
+        "continuing k1_placebo_s0 to step 3",
+        "continuing k1_scalar_s0 to step 3",
+    ]
+    assert not any(line.startswith("started base") for line in lines), lines
+    doc = json.loads((out / "summary.json").read_text())
+    for row in doc["rows"]:
+        assert row["status"] == "ok" and [s for s, _ in row["eval_curve"]] == [0, 1, 2, 3]
+        assert "resuming from step 2" in (Path(row["workdir"]) / "log.txt").read_text()
 
 
 def test_failed_runs_are_recorded_and_reported(tmp_path):

@@ -17,7 +17,8 @@ initialisation, the sampling noise and the batch order. Each arm's learning rate
 sweep on seeds the study does not use (``DIR/sweep``, reported in ``DIR/hparams.json``), or from
 ``--hparams FILE``.
 
-Rerunning the command resumes: finished runs are skipped, an interrupted one resumes from its checkpoint.
+Rerunning the command resumes: finished runs are skipped, an interrupted one resumes from its checkpoint,
+and with a larger ``--steps`` every finished run continues from its last checkpoint to the new length.
 The report (``summary.json``, ``study.md``, ``study.png``) is rewritten at the end of every invocation.
 """
 
@@ -110,7 +111,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument(
         "--arms", default="scalar,spatial,placebo,region,mix", help=f"comma-separated of {list(ARMS)}"
     )
-    p.add_argument("--steps", type=int, default=60, help="GRPO iterations per run")
+    p.add_argument(
+        "--steps", type=int, default=60, help="GRPO iterations per run (a rerun with more continues the runs)"
+    )
     p.add_argument("--eval-every", type=int, default=5, help="iterations between held-out evaluations")
     p.add_argument(
         "--jobs", type=int, default=1, help="runs at once (single-threaded XLA each when jobs >= cores)"
@@ -212,7 +215,9 @@ def check_plan(out: Path, plan: dict[str, Any]) -> None:
     """Stores ``plan`` in a new --out, or refuses one whose stored plan differs.
 
     A plan may grow a stored one: more K values, seeds or arms (each run's settings depend only on its own
-    (K, arm, seed), so the finished runs stay valid and are kept); anything else that differs is refused.
+    (K, arm, seed), so the finished runs stay valid and are kept), or more steps (finished runs continue from
+    their last checkpoint: the learning rate is constant and resume is exact, so a run continued from N to M
+    iterations is the M-iteration run); anything else that differs is refused.
     """
     path = out / PLAN_FILE
     if path.exists():
@@ -234,11 +239,13 @@ def check_plan(out: Path, plan: dict[str, Any]) -> None:
     path.write_text(json.dumps(plan, indent=1, sort_keys=True))
 
 
-# Plan keys that a rerun may extend; every stored entry must stay.
-GROWABLE = ("ks", "seeds", "arms")
+# Plan keys that a rerun may extend: every stored list entry must stay, and steps may only grow.
+GROWABLE = ("ks", "seeds", "arms", "steps")
 
 
 def _grows(stored: Any, new: Any) -> bool:
+    if isinstance(stored, int) and isinstance(new, int):
+        return new >= stored
     return isinstance(stored, list) and isinstance(new, list) and set(stored) <= set(new)
 
 
@@ -359,10 +366,12 @@ def _environment(jobs: int) -> dict[str, str]:
 
 
 def _finished(run: Run) -> dict[str, Any] | None:
+    """The run's done record, or None: not run, failed, or finished at fewer steps than it now has."""
     try:
-        return json.loads(run.done_file.read_text())
+        done = json.loads(run.done_file.read_text())
     except (OSError, ValueError):
         return None
+    return done if _has_final_eval(run) else None
 
 
 def result_of(run: Run) -> dict[str, Any]:
@@ -412,6 +421,9 @@ def execute(runs: Sequence[Run], jobs: int, needs: dict[Run, Run], log: Any = pr
                 if need is not None:
                     _copy_warm_start(need.workdir, run.workdir)
                 run.workdir.mkdir(parents=True, exist_ok=True)
+                if run.done_file.exists():  # finished at fewer steps: it resumes from its last checkpoint
+                    run.done_file.unlink()
+                    log(f"continuing {run.workdir.name} to step {dict(run.overrides)['train.steps']}")
                 (run.workdir / "study_failed.json").unlink(missing_ok=True)
                 (run.workdir / "command.txt").write_text(" ".join(run.command()) + "\n")
                 handle = open(run.workdir / "log.txt", "a")  # noqa: SIM115 - closed when the run ends
