@@ -6,7 +6,7 @@
     python -m sfgrpo.evaluate compare DIR_A DIR_B [--out DIR]
 
 The benchmark (``sfgrpo.evaluation.benchmarks``: a record folder, a built TFDS dataset, a GEdit-Bench-style
-folder, an ImgEdit-style ``basic_edit.json``, or ``shapes:test``, a run's synthetic held-out split) is
+folder, an ImgEdit-style ``basic_edit.json``, or ``shapes:test[:N]``, a run's synthetic held-out split) is
 edited by the policy with ODE sampling, the noise of each (example, seed) fixed (``editing.example_noise``),
 and every edit is written as a PNG under ``DIR/images/``. The protocol scores each edit:
   shapes    the run's own synthetic reward against the exact target (no judge);
@@ -330,7 +330,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m sfgrpo.evaluate",
         description="Score a policy on an editing benchmark (or: python -m sfgrpo.evaluate compare A B).",
     )
-    p.add_argument("--benchmark", required=True, help="a benchmark folder or file, or shapes:test")
+    p.add_argument(
+        "--benchmark", required=True, help="a benchmark folder or file, or shapes:test[:N examples]"
+    )
     p.add_argument("--out", required=True, help="the evaluation's folder (reruns resume)")
     p.add_argument("--workdir", help="a training run to evaluate")
     p.add_argument(

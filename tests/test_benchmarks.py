@@ -138,8 +138,21 @@ def test_shapes_split_of_a_run():
     assert all(set(x.task_type.split("+")) <= {"recolour", "remove"} for x in bench.examples)
     with pytest.raises(BenchmarkError, match="--workdir"):
         read_benchmark("shapes:test")
-    with pytest.raises(BenchmarkError, match="'train' and 'test'"):
+    with pytest.raises(BenchmarkError, match="shapes:train or shapes:test"):
         read_benchmark("shapes:eval", run_config=config)
+    # shapes:test:N: the run's held-out examples first, then new ones of the same task; the config is kept.
+    n = config.data.shapes_eval
+    more = read_benchmark(f"shapes:test:{n + 5}", run_config=config)
+    assert len(more.examples) == n + 5 and config.data.shapes_eval == n
+    assert [e.key for e in more.examples[:n]] == [e.key for e in bench.examples]
+    for old, new in zip(bench.examples, more.examples[:n], strict=True):
+        assert new.instruction == old.instruction and (new.source == old.source).all()
+    train_keys = {e.key for e in read_benchmark("shapes:train", run_config=config).examples}
+    assert not train_keys & {e.key for e in more.examples}
+    assert len(read_benchmark("shapes:test:3", run_config=config).examples) == 3
+    for bad in ("shapes:test:0", "shapes:test:many", "shapes:test:4:5"):
+        with pytest.raises(BenchmarkError, match=bad):
+            read_benchmark(bad, run_config=config)
 
 
 def test_hash_selection_and_errors(tmp_path):

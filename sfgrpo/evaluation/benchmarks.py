@@ -12,7 +12,8 @@ Formats (``read_benchmark`` tells them apart by what the path holds):
   imgedit   an ImgEdit-style ``basic_edit.json``: ``{key: {"id": image path, "prompt": ..., "edit_type":
             ...}}``, image paths relative to the file's folder (or ``images=``).
   shapes    ``shapes:test`` (or ``shapes:train``): the synthetic shapes split a training run used, built
-            from its config; the examples carry their exact targets and region masks.
+            from its config; the examples carry their exact targets and region masks. ``shapes:test:N``
+            takes N examples instead of the run's count: the run's own first, then new ones of the task.
 
 Bad records raise ``records.RecordError`` naming the record and the field, as the data builder does.
 Every benchmark has a ``sha256`` over its examples (keys, instructions, types, languages, source pixels),
@@ -219,7 +220,26 @@ def _read_imgedit(path: Path, images: Path | None) -> list[Example]:
     return examples
 
 
-def _read_shapes(split: str, config: ml_collections.ConfigDict | None) -> list[Example]:
+def _shapes_spec(path: str) -> tuple[str, int | None]:
+    """``shapes[:SPLIT[:N]]`` -> (split, N or None: the run's own count)."""
+    parts = path.split(":")[1:]
+    split = parts[0] if parts else "test"
+    if split not in ("train", "test") or len(parts) > 2:
+        raise BenchmarkError(
+            f"--benchmark {path!r}: expected shapes:train or shapes:test, optionally :N examples"
+        )
+    if len(parts) < 2:
+        return split, None
+    try:
+        count = int(parts[1])
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise BenchmarkError(f"--benchmark {path!r}: N must be a positive number of examples")
+    return split, count
+
+
+def _read_shapes(split: str, config: ml_collections.ConfigDict | None, count: int | None) -> list[Example]:
     if config is None:
         raise BenchmarkError(
             f"--benchmark shapes:{split} is the shapes split of a training run: give the run with --workdir"
@@ -231,6 +251,11 @@ def _read_shapes(split: str, config: ml_collections.ConfigDict | None) -> list[E
         )
     from sfgrpo import builders  # noqa: PLC0415
 
+    if count is not None:
+        # Examples are a pure function of (split, seed, index): the first ones are the run's own split and
+        # the rest new draws from the same task (the splits are salted apart, so never trained on).
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.data["shapes_train" if split == "train" else "shapes_eval"] = count
     return [_from_record(r) for r in builders.data_source(config, split)]
 
 
@@ -288,10 +313,8 @@ def read_benchmark(
     """
     fmt = detect_format(path)
     if fmt == "shapes":
-        split = path.split(":", 1)[1] if ":" in path else "test"
-        if split not in ("train", "test"):
-            raise BenchmarkError(f"--benchmark {path!r}: the shapes splits are 'train' and 'test'")
-        examples = _read_shapes(split, run_config)
+        split, count = _shapes_spec(path)
+        examples = _read_shapes(split, run_config, count)
     elif fmt == "tfds":
         folder, split = split_suffix(path, "test")
         examples = _read_tfds(Path(folder), split)
