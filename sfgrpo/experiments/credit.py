@@ -20,6 +20,8 @@ sweep on seeds the study does not use (``DIR/sweep``, reported in ``DIR/hparams.
 Rerunning the command resumes: finished runs are skipped, an interrupted one resumes from its checkpoint,
 and with a larger ``--steps`` every finished run continues from its last checkpoint to the new length.
 The report (``summary.json``, ``study.md``, ``study.png``) is rewritten at the end of every invocation.
+``python -m sfgrpo.experiments.credit_heldout --study DIR`` then scores the bases and the final checkpoints
+on more held-out examples than the runs' own evaluations use.
 """
 
 from __future__ import annotations

@@ -1,0 +1,276 @@
+"""A larger held-out evaluation of a finished credit study: each K's base and every run's final step.
+
+    python -m sfgrpo.experiments.credit_heldout --study DIR [--examples 512] [--noise-seeds 1] [--jobs J]
+
+The study's own evaluations score 32 held-out examples (``data.shapes_eval``) during training: enough to
+draw curves, too few to tell a gain of 0.01-0.02 from noise. This scores the base of each K and every
+finished run's final checkpoint on ``shapes:test:<examples>`` (the run's held-out examples first, then
+new draws of the task, never trained on) with ``python -m sfgrpo.evaluate`` (ODE sampling, the noise of
+each (example, noise seed) fixed, so every policy edits the same inputs from the same noise), in
+``DIR/heldout/test<N>x<S>/``: ``base_k<K>/`` and ``step<steps>/<run>/``, one evaluation folder each
+(reruns resume; finished ones are skipped). It then writes ``heldout.json`` and ``heldout.md`` there: per
+(K, arm) the final reward, its gain over the base, per-region success and background preservation, mean
+± 95% Student-t over seeds, and the paired (same seed) differences between arms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sfgrpo.evaluation import aggregate
+from sfgrpo.experiments import credit
+from sfgrpo.experiments.credit_report import mean_ci
+
+# The per-edit scores the shapes protocol writes, under the names the report uses.
+SCORES = ("reward", "region_success_rate", "multi_region_success", "background_preservation")
+# Paired differences reported, where both arms ran: (arm, minus arm).
+PAIRS = (
+    ("spatial", "scalar"),
+    ("spatial", "placebo"),
+    ("placebo", "scalar"),
+    ("mix", "scalar"),
+    ("region", "scalar"),
+)
+
+
+class HeldoutError(Exception):
+    """A bad flag or a study that cannot be evaluated; the message names it."""
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m sfgrpo.experiments.credit_heldout", description=__doc__)
+    p.add_argument("--study", required=True, type=Path, help="a credit study's --out folder")
+    p.add_argument("--examples", type=int, default=512, help="held-out examples (shapes:test:N)")
+    p.add_argument("--noise-seeds", type=int, default=1, help="noise seeds per example")
+    p.add_argument("--jobs", type=int, default=1, help="evaluations run at once")
+    p.add_argument("--batch-size", type=int, default=32, help="edits per compiled call")
+    args = p.parse_args(argv)
+    for name in ("examples", "noise_seeds", "jobs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise HeldoutError(f"--{name.replace('_', '-')}: at least 1, got {getattr(args, name)}")
+    return args
+
+
+def study_rows(study: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The study's plan and its summary rows (written by ``sfgrpo.experiments.credit``)."""
+    try:
+        plan = json.loads((study / credit.PLAN_FILE).read_text())
+        rows = json.loads((study / "summary.json").read_text())["rows"]
+    except (OSError, ValueError, KeyError) as err:
+        raise HeldoutError(
+            f"--study {study}: not a credit study with a report (study.json and summary.json: {err})"
+        ) from None
+    return plan, rows
+
+
+def evaluation_command(workdir: Path, step: int | str, out: Path, args: argparse.Namespace) -> list[str]:
+    return [
+        sys.executable, "-m", "sfgrpo.evaluate",
+        "--benchmark", f"shapes:test:{args.examples}",
+        "--workdir", str(workdir), "--step", str(step), "--out", str(out),
+        "--seeds", str(args.noise_seeds), "--batch-size", str(args.batch_size),
+    ]  # fmt: skip
+
+
+def _complete(out: Path, expected: int) -> bool:
+    """Whether the evaluation in ``out`` holds every (example, noise seed) row and its summary."""
+    try:
+        return (out / "summary.json").exists() and len(aggregate.read_rows(out / "scores.jsonl")) == expected
+    except (OSError, ValueError):
+        return False
+
+
+def run_evaluations(
+    jobs: Sequence[tuple[Path, list[str]]], parallel: int, expected: int, log: Any
+) -> list[Path]:
+    """Runs each (out folder, command) whose evaluation is not complete, ``parallel`` at a time; returns the
+    folders whose evaluation failed (their ``log.txt`` says why)."""
+    pending = [(out, cmd) for out, cmd in jobs if not _complete(out, expected)]
+    if len(pending) < len(jobs):
+        log(f"{len(jobs) - len(pending)} of {len(jobs)} evaluations already complete: skipped")
+    env = credit._environment(parallel)
+    active: list[tuple[Path, subprocess.Popen, Any]] = []
+    failed: list[Path] = []
+    try:
+        while pending or active:
+            while pending and len(active) < parallel:
+                out, cmd = pending.pop(0)
+                out.mkdir(parents=True, exist_ok=True)
+                handle = open(out / "log.txt", "a")  # noqa: SIM115 - closed when the evaluation ends
+                active.append(
+                    (out, subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env), handle)
+                )
+                log(f"evaluating {out}")
+            time.sleep(0.5)
+            for item in list(active):
+                out, proc, handle = item
+                if proc.poll() is None:
+                    continue
+                handle.close()
+                active.remove(item)
+                if proc.returncode != 0 or not _complete(out, expected):
+                    failed.append(out)
+                    log(f"FAILED evaluation {out} (exit {proc.returncode}); see {out / 'log.txt'}")
+    except KeyboardInterrupt:
+        for _, proc, _ in active:
+            proc.terminate()
+        for _, proc, _ in active:
+            proc.wait()
+        raise
+    return failed
+
+
+def _check_same_benchmark(base: Path, runs: Sequence[Path]) -> None:
+    """Refuses a K whose runs were scored on other examples than its base (a run with another data seed)."""
+    want = json.loads((base / "summary.json").read_text())["benchmark"]["sha256"]
+    for out in runs:
+        if json.loads((out / "summary.json").read_text())["benchmark"]["sha256"] != want:
+            raise HeldoutError(
+                f"{out}: scored on other held-out examples than the base {base} (another data seed?); "
+                "runs of one K must share the task"
+            )
+
+
+def evaluation_means(out: Path) -> dict[str, Any]:
+    """Mean of each score over an evaluation's scored edits (as ``sfgrpo.evaluate``'s summary averages);
+    'failed' counts the edits the reward marked invalid, which have no scores and are reported apart."""
+    rows = aggregate.read_rows(out / "scores.jsonl")
+    scored = [r for r in rows if r["overall"] is not None]
+    if not scored:
+        raise HeldoutError(f"{out}: every edit was marked invalid; see its summary.md")
+    means: dict[str, Any] = {name: float(np.mean([r["scores"][name] for r in scored])) for name in SCORES}
+    means["failed"] = len(rows) - len(scored)
+    means["edits"] = len(rows)
+    return means
+
+
+def summarise(base: Mapping[int, Mapping[str, Any]], runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per K and arm: mean ± CI over seeds of each score and of the reward's gain over the K's base; and
+    the paired differences of the listed arm pairs (same seed)."""
+    out: dict[str, Any] = {}
+    for k in sorted({r["k"] for r in runs}):
+        mine = [r for r in runs if r["k"] == k]
+        arms = sorted({r["arm"] for r in mine})
+        per_arm: dict[str, Any] = {}
+        for arm in arms:
+            rows = [r for r in mine if r["arm"] == arm]
+            stats = {name: mean_ci([r["means"][name] for r in rows]) for name in SCORES}
+            stats["gain"] = mean_ci([r["means"]["reward"] - base[k]["reward"] for r in rows])
+            stats["failed_edits"] = sum(r["means"]["failed"] for r in rows)
+            per_arm[arm] = stats
+        by = {(r["arm"], r["seed"]): r["means"]["reward"] for r in mine}
+        pairs = {}
+        for a, b in PAIRS:
+            seeds = sorted(s for arm, s in by if arm == a and (b, s) in by)
+            if seeds:
+                diffs = [by[(a, s)] - by[(b, s)] for s in seeds]
+                pairs[f"{a} - {b}"] = mean_ci(diffs) | {"positive": sum(d > 0 for d in diffs)}
+        out[str(k)] = {"base": dict(base[k]), "arms": per_arm, "paired": pairs}
+    return out
+
+
+def _fmt(stat: Mapping[str, Any], digits: int = 3, signed: bool = False) -> str:
+    if stat.get("mean") is None:
+        return "–"
+    ci = stat.get("ci95")
+    text = f"{stat['mean']:{'+' if signed else ''}.{digits}f}"
+    return text if ci is None else f"{text} ± {ci:.{digits}f}"
+
+
+def markdown(summary: Mapping[str, Any], plan: Mapping[str, Any], args: argparse.Namespace) -> str:
+    lines = [
+        f"# Held-out evaluation: {args.examples} examples x {args.noise_seeds} noise seeds",
+        "",
+        f"Each K's base and every run's step {plan['steps']}, scored on `shapes:test:{args.examples}` by "
+        "`python -m sfgrpo.evaluate` (ODE sampling; every policy edits the same inputs from the same noise). "
+        "Per run: the mean over its edits. Then mean ± 95% Student-t over seeds; 'paired' is the difference "
+        "between two arms' runs of one seed, with the number of seeds where it is positive.",
+        "",
+    ]
+    for k, s in summary.items():
+        b = s["base"]
+        lines += [
+            f"## K = {k}",
+            "",
+            f"Base: reward {b['reward']:.3f}, region success {b['region_success_rate']:.2f}, "
+            f"multi-region success {b['multi_region_success']:.2f}, background preserved "
+            f"{b['background_preservation']:.3f} ({b['edits']} edits, {b['failed']} invalid).",
+            "",
+            "| arm | seeds | final reward | gain over base | region success | multi-region success "
+            "| background preservation | invalid edits |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for arm, a in s["arms"].items():
+            lines.append(
+                f"| {arm} | {a['reward']['n']} | {_fmt(a['reward'])} | {_fmt(a['gain'], signed=True)} | "
+                f"{_fmt(a['region_success_rate'], 2)} | {_fmt(a['multi_region_success'], 2)} | "
+                f"{_fmt(a['background_preservation'])} | {a['failed_edits']} |"
+            )
+        lines += [
+            "",
+            "| paired difference of final rewards | mean ± 95% CI | positive seeds |",
+            "|---|---|---|",
+        ]
+        for name, p in s["paired"].items():
+            lines.append(f"| {name} | {_fmt(p, signed=True)} | {p['positive']}/{p['n']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace, log: Any = print) -> int:
+    plan, rows = study_rows(args.study)
+    finished = [r for r in rows if r.get("status") == "ok"]
+    if not finished:
+        raise HeldoutError(f"--study {args.study}: no finished runs to evaluate")
+    if len(finished) < len(rows):
+        log(f"{len(rows) - len(finished)} of {len(rows)} runs did not finish: left out")
+    root = args.study / "heldout" / f"test{args.examples}x{args.noise_seeds}"
+    jobs: list[tuple[Path, list[str]]] = []
+    bases = {}
+    for k in sorted({r["k"] for r in finished}):
+        bases[k] = root / f"base_k{k}"
+        jobs.append((bases[k], evaluation_command(args.study / "base" / f"k{k}", "base", bases[k], args)))
+    for r in finished:
+        out = root / f"step{plan['steps']}" / Path(r["workdir"]).name
+        r["heldout"] = out
+        jobs.append((out, evaluation_command(Path(r["workdir"]), plan["steps"], out, args)))
+    failed = run_evaluations(jobs, args.jobs, args.examples * args.noise_seeds, log)
+    if failed:
+        log(f"{len(failed)} evaluations failed (e.g. {failed[0]}); rerun the command to retry them")
+        return 1
+    for k, base in bases.items():
+        _check_same_benchmark(base, [r["heldout"] for r in finished if r["k"] == k])
+    base_means = {k: evaluation_means(out) for k, out in bases.items()}
+    records = [
+        {"k": r["k"], "arm": r["arm"], "seed": r["seed"], "means": evaluation_means(r["heldout"])}
+        for r in finished
+    ]
+    summary = summarise(base_means, records)
+    doc = {"examples": args.examples, "noise_seeds": args.noise_seeds, "steps": plan["steps"],
+           "runs": records, "by_k": summary}  # fmt: skip
+    out_dir = root / f"step{plan['steps']}"
+    (out_dir / "heldout.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
+    (out_dir / "heldout.md").write_text(markdown(summary, plan, args))
+    log(f"wrote {out_dir / 'heldout.md'} and {out_dir / 'heldout.json'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return run(parse_args(sys.argv[1:] if argv is None else argv))
+    except HeldoutError as err:
+        print(f"sfgrpo.experiments.credit_heldout: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

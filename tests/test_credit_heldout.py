@@ -1,0 +1,135 @@
+"""The credit study's larger held-out evaluation: a study folder of two real tiny runs (arms scalar and
+spatial, one seed) and their base, scored on more held-out examples than the runs hold, then summarised
+with gains over the base and paired differences; a rerun skips the finished evaluations."""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+from helpers import tiny_config
+
+from sfgrpo import train
+from sfgrpo.evaluation import aggregate
+from sfgrpo.experiments import credit_heldout
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("heldout_study") / "study"
+    rows = []
+    for arm, seed in (("scalar", 0), ("spatial", 1)):
+        c = tiny_config()
+        c.seed = seed
+        c.data.seed = c.warmstart.seed = 0  # one task and base for every run, as in the study
+        c.rl.lr = 2e-2  # two iterations that move the edits
+        # A judge whose rewards differ within groups (the shapes reward scores this barely trained model 0,
+        # so GRPO would not move it); the evaluation still scores with the shapes reward.
+        c.reward.kind = "host"
+        c.reward.host_reward = "brightness"
+        c.reward.host_import = "brightness_judge"
+        c.reward.overlap = False
+        workdir = root / "runs" / f"k1_{arm}_s0"
+        train.train(c, workdir)
+        rows.append({"k": 1, "arm": arm, "seed": 0, "status": "ok", "workdir": str(workdir)})
+    rows.append({"k": 1, "arm": "placebo", "seed": 0, "status": "failed", "workdir": str(root / "x")})
+    (root / "base").mkdir()
+    (root / "base" / "k1").symlink_to(root / "runs" / "k1_scalar_s0")  # the runs share one warm start
+    (root / "study.json").write_text(json.dumps({"steps": 2, "ks": [1]}))
+    (root / "summary.json").write_text(json.dumps({"rows": rows}))
+    return root
+
+
+def _png(path):
+    return np.asarray(PIL.Image.open(path).convert("RGB")).astype(int)
+
+
+def _mean_reward(folder):
+    return np.mean([r["overall"] for r in aggregate.read_rows(folder / "scores.jsonl")])
+
+
+def test_scores_base_and_finals_on_more_examples_and_pairs_the_arms(study):
+    lines: list[str] = []
+    args = credit_heldout.parse_args(["--study", str(study), "--examples", "11", "--jobs", "2"])
+    assert credit_heldout.run(args, log=lines.append) == 0, lines
+    assert "1 of 3 runs did not finish: left out" in lines
+    root = study / "heldout" / "test11x1"
+    doc = json.loads((root / "step2" / "heldout.json").read_text())
+    folders = {"base": root / "base_k1"} | {a: root / "step2" / f"k1_{a}_s0" for a in ("scalar", "spatial")}
+    for folder in folders.values():  # 11 examples: the runs' 8 held-out ones and 3 new
+        assert len(aggregate.read_rows(folder / "scores.jsonl")) == 11
+    assert json.loads((folders["scalar"] / "summary.json").read_text())["policy"]["step"] == 2
+    base = _mean_reward(folders["base"])
+    k1 = doc["by_k"]["1"]
+    assert k1["base"]["reward"] == pytest.approx(base)
+    for arm in ("scalar", "spatial"):
+        final = _mean_reward(folders[arm])
+        assert k1["arms"][arm]["reward"]["mean"] == pytest.approx(final)
+        assert k1["arms"][arm]["gain"]["mean"] == pytest.approx(final - base)
+        assert k1["arms"][arm]["reward"]["n"] == 1 and k1["arms"][arm]["reward"]["ci95"] is None
+    pair = k1["paired"]["spatial - scalar"]
+    assert pair["mean"] == pytest.approx(_mean_reward(folders["spatial"]) - _mean_reward(folders["scalar"]))
+    assert pair["n"] == 1 and set(k1["paired"]) == {"spatial - scalar"}  # the failed placebo is left out
+    # Each evaluation edited with its own policy (this barely trained model scores 0 whatever it edits).
+    for a, b in (("base", "scalar"), ("scalar", "spatial")):
+        moved = []
+        rows_a, rows_b = (
+            sorted(aggregate.read_rows(folders[x] / "scores.jsonl"), key=lambda r: r["key"]) for x in (a, b)
+        )
+        for row_a, row_b in zip(rows_a, rows_b, strict=True):
+            assert row_a["key"] == row_b["key"]
+            moved.append(np.abs(_png(folders[a] / row_a["edit"]) - _png(folders[b] / row_b["edit"])).mean())
+        assert np.mean(moved) > 0.5, (a, b, moved)
+    report = (root / "step2" / "heldout.md").read_text()
+    assert "| spatial | 1 |" in report and "| spatial - scalar |" in report
+
+    lines.clear()
+    assert credit_heldout.run(args, log=lines.append) == 0
+    assert "3 of 3 evaluations already complete: skipped" in lines
+    assert not any(line.startswith("evaluating") for line in lines), lines
+
+
+def test_bad_flags_and_folders_are_one_line_errors(tmp_path, capsys):
+    assert credit_heldout.main(["--study", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--study" in err[0] and "study.json" in err[0]
+    assert credit_heldout.main(["--study", str(tmp_path), "--examples", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--examples" in err[0]
+
+
+def test_summary_statistics_over_seeds():
+    base = {2: {"reward": 0.5, "region_success_rate": 0.4, "multi_region_success": 0.2,
+                "background_preservation": 0.9, "failed": 0, "edits": 64}}  # fmt: skip
+    finals = {"scalar": [0.52, 0.50, 0.54], "spatial": [0.55, 0.56, 0.55], "placebo": [0.51, 0.50]}
+    runs = [
+        {"k": 2, "arm": arm, "seed": seed,
+         "means": {"reward": v, "region_success_rate": 0.5, "multi_region_success": 0.3,
+                   "background_preservation": 0.8 + seed / 100, "failed": seed, "edits": 64}}
+        for arm, values in finals.items() for seed, v in enumerate(values)
+    ]  # fmt: skip
+    s = credit_heldout.summarise(base, runs)["2"]
+    spatial = s["arms"]["spatial"]
+    assert spatial["reward"]["mean"] == pytest.approx(np.mean([0.55, 0.56, 0.55]))
+    assert spatial["reward"]["ci95"] == pytest.approx(4.303 * np.std([0.55, 0.56, 0.55], ddof=1) / np.sqrt(3))
+    assert spatial["gain"]["mean"] == pytest.approx(np.mean([0.55, 0.56, 0.55]) - 0.5)
+    assert spatial["background_preservation"]["mean"] == pytest.approx(0.81)
+    assert spatial["failed_edits"] == 3
+    diffs = [0.03, 0.06, 0.01]
+    paired = s["paired"]["spatial - scalar"]
+    assert paired["mean"] == pytest.approx(np.mean(diffs)) and paired["positive"] == 3 and paired["n"] == 3
+    assert paired["ci95"] == pytest.approx(4.303 * np.std(diffs, ddof=1) / np.sqrt(3))
+    # The placebo ran seeds 0 and 1 only: its pairs use those.
+    assert s["paired"]["spatial - placebo"]["n"] == 2
+    assert s["paired"]["placebo - scalar"]["mean"] == pytest.approx(np.mean([-0.01, 0.0]))
+    assert s["paired"]["placebo - scalar"]["positive"] == 0
+    assert "mix - scalar" not in s["paired"]
+
+
+def test_runs_scored_on_other_examples_than_their_base_are_refused(tmp_path):
+    for name, sha in (("base", "abc"), ("same", "abc"), ("other", "def")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({"benchmark": {"sha256": sha}}))
+    credit_heldout._check_same_benchmark(tmp_path / "base", [tmp_path / "same"])
+    with pytest.raises(credit_heldout.HeldoutError, match="other held-out examples"):
+        credit_heldout._check_same_benchmark(tmp_path / "base", [tmp_path / "same", tmp_path / "other"])
