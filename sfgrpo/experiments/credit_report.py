@@ -290,6 +290,10 @@ def markdown(summary: Mapping[str, Any], plan: Mapping[str, Any], hparams: Mappi
         "(lambda = 1); `mix` = lambda 0.5; `region` = region-level ratios; `placebo` = spatial credit with "
         "each input's region-to-token map replaced by another input's (`rl.token_map=shuffled`).",
         "",
+        "'clipfrac edit / background' is the share of per-token ratios outside the arm's own clip range, "
+        "over edit and background tokens. The scalar arm's loss clips the image ratio, not token ratios: "
+        "its column applies its (image) clip range to token ratios as a diagnostic only.",
+        "",
     ]
     for k, per_arm in summary.items():
         lines += [
