@@ -405,6 +405,7 @@ def execute(runs: Sequence[Run], jobs: int, needs: dict[Run, Run], log: Any = pr
     env = _environment(jobs)
     active: dict[Run, tuple[subprocess.Popen, float, Any]] = {}
     failed: set[Run] = set()
+    ready: set[Run] = set()  # needs seen finished: the polling loop stops re-reading their metrics
     start, done_count = time.monotonic(), 0
     try:
         while pending or active:
@@ -417,8 +418,10 @@ def execute(runs: Sequence[Run], jobs: int, needs: dict[Run, Run], log: Any = pr
                     failed.add(run)
                     _record_failure(run, None, f"its base run {need.workdir} failed")
                     continue
-                if need is not None and _finished(need) is None:
-                    continue
+                if need is not None and need not in ready:
+                    if _finished(need) is None:
+                        continue
+                    ready.add(need)
                 pending.remove(run)
                 if need is not None:
                     _copy_warm_start(need.workdir, run.workdir)
