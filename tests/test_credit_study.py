@@ -148,6 +148,9 @@ def test_plan_refuses_bad_flags_by_name(tmp_path):
         (["--steps", "0"], "--steps"),
         (["--jobs", "0"], "--jobs"),
         (["--sweep-lrs", "0.5,2"], "--sweep-lrs"),
+        (["--sweep-kl-betas", "0,-1"], "--sweep-kl-betas"),
+        (["--sweep-kl-betas", "1,1"], "--sweep-kl-betas"),
+        (["--sweep-only", "--hparams", "h.json"], "--sweep-only"),
         (["--sweep-seeds", "0"], "--hparams"),
         (["--set", "warmstart.steps"], "--set"),
         (["--set", "rl.credit=scalar"], "--set rl.credit"),
@@ -222,6 +225,58 @@ def test_choose_hparams_takes_the_best_mean_of_the_last_two_evaluations(tmp_path
     assert chosen["lr"] == 1e-3 and chosen["score"] == pytest.approx(0.325)
 
 
+def test_the_sweep_can_try_kl_penalties_and_the_study_takes_the_chosen_one(tmp_path):
+    flags = ["--arms", "scalar", "--sweep-lrs", "1e-3", "--sweep-clips", "0.2"]
+    # A sweep without a KL penalty stores the plan it stored before β could be swept (resumable studies).
+    assert "kl_betas" not in credit.make_plan(_args(tmp_path, *flags))["sweep"]
+    plan = credit.make_plan(_args(tmp_path, *flags, "--sweep-kl-betas", "0,0.5"))
+    assert plan["sweep"]["kl_betas"] == [0.0, 0.5]
+    runs = credit.sweep_runs(tmp_path, plan)
+    assert [r.workdir.name for r in runs] == [
+        "k2_scalar_lr0.001_clip0.2_s1000",
+        "k2_scalar_lr0.001_clip0.2_kl0.5_s1000",
+    ]
+    assert [dict(r.overrides)["rl.kl_beta"] for r in runs] == [0.0, 0.5]
+    results = {
+        runs[0]: {"status": "ok", "eval_curve": [[0, 0.5], [5, 0.4], [10, 0.3]]},
+        runs[1]: {"status": "ok", "eval_curve": [[0, 0.5], [5, 0.5], [10, 0.6]]},
+    }
+    hparams = credit.choose_hparams(runs, results)
+    assert hparams["chosen"]["scalar"]["kl_beta"] == 0.5
+    assert [row["kl_beta"] for row in hparams["runs"]] == [0.0, 0.5]
+    study = credit.arm_run(tmp_path, plan, "study", 2, "scalar", 3, *credit.arm_hparams(hparams, "scalar"))
+    assert dict(study.overrides)["rl.kl_beta"] == 0.5 and study.workdir.name == "k2_scalar_s3"
+    # Settings given without kl_beta (every study before β was swept) have no penalty; a bad one is refused.
+    assert credit.arm_hparams({"chosen": {"scalar": {"lr": 1e-3, "clip": 0.2}}}, "scalar") == (1e-3, 0.2, 0.0)
+    for bad in (-1, "x"):
+        with pytest.raises(credit.StudyError, match="kl_beta"):
+            credit.arm_hparams({"chosen": {"scalar": {"lr": 1e-3, "clip": 0.2, "kl_beta": bad}}}, "scalar")
+
+
+def test_the_sweep_table_has_a_line_per_setting_and_every_seed(tmp_path):
+    def row(seed, beta, curve, status="ok"):
+        base = {"arm": "scalar", "lr": 5e-4, "clip": 1e-4, "kl_beta": beta, "seed": seed, "status": status}
+        if status != "ok":
+            return base | {"workdir": f"/runs/kl{beta}_s{seed}"}
+        final = {"reward": curve[-1][1], "region_success_rate": 0.5, "background_preservation": 0.9}
+        train = {"reward_late": 0.6, "clipfrac": 0.05, "approx_kl": 1e-9, "kl": 2e-3 if beta else 0.0}
+        return base | {"eval_curve": curve, "final": final, "train": train, "workdir": f"/runs/s{seed}"}
+
+    rows = [
+        row(1000, 0.0, [[0, 0.5], [5, 0.6], [10, 0.4]]),
+        row(1001, 0.0, [[0, 0.5], [5, 0.7], [10, 0.5]]),
+        row(1000, 1.0, [[0, 0.5], [5, 0.6], [10, 0.6]]),
+        row(1001, 1.0, None, status="failed"),
+    ]
+    text = credit_report.sweep_markdown(rows, {"k": 2, "seeds": [1000, 1001]})
+    lines = [line for line in text.splitlines() if line.startswith("| scalar")]
+    assert len(lines) == 2
+    assert "| 0 | 2/2 | 0.550 | 1000: 0.500, 1001: 0.600 | 0.500 → 0.450 |" in lines[0]
+    assert lines[0].rstrip().endswith("| – |")  # no KL to base is measured without the penalty
+    assert "| 1 | 1/2 | 0.600 | 1000: 0.600 |" in lines[1] and lines[1].rstrip().endswith("| 2.0e-03 |")
+    assert "did not finish (1): /runs/kl1.0_s1001" in text
+
+
 # A study small enough for the test suite: one K, one seed, the scalar arm and the placebo, two iterations
 # of 2 groups of 8, a 4-step warm start. It runs the real command in subprocesses.
 _TINY = [
@@ -271,6 +326,26 @@ def test_a_tiny_study_runs_resumes_and_reports(tmp_path, monkeypatch):
     for row in doc["rows"]:
         assert row["status"] == "ok" and [s for s, _ in row["eval_curve"]] == [0, 1, 2, 3]
         assert "resuming from step 2" in (Path(row["workdir"]) / "log.txt").read_text()
+
+
+def test_a_sweep_only_run_tries_a_kl_penalty_reports_it_and_starts_no_study_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "")
+    out = tmp_path / "study"
+    # Two iterations: the second starts from a policy the first moved, so the penalty has a drift to see.
+    flags = ["--out", str(out), *_TINY, "--arms", "scalar", "--sweep-k", "1"]
+    flags += ["--sweep-lrs", "1e-3", "--sweep-clips", "0.2", "--sweep-kl-betas", "0,0.5", "--sweep-only"]
+    flags += ["--jobs", "2"]
+    lines: list[str] = []
+    assert credit.run_study(credit.parse_args(flags), log=lines.append) == 0, lines
+    assert not (out / "runs").exists() and any("--sweep-only" in line for line in lines), lines
+    penalised = out / "sweep" / "k1_scalar_lr0.001_clip0.2_kl0.5_s1000"
+    assert json.loads((penalised / "config.json").read_text())["rl"]["kl_beta"] == 0.5
+    hparams = json.loads((out / "hparams.json").read_text())
+    assert {row["kl_beta"] for row in hparams["runs"]} == {0.0, 0.5}
+    table = [line for line in (out / "sweep.md").read_text().splitlines() if line.startswith("| scalar")]
+    assert len(table) == 2 and table[0].rstrip().endswith("| – |")
+    kl_to_base = float(table[1].rstrip(" |").rsplit("|", 1)[1])
+    assert kl_to_base > 0  # measured: the penalised run drifted from its base in its second iteration
 
 
 def test_failed_runs_are_recorded_and_reported(tmp_path):

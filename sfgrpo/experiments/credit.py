@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -72,6 +73,7 @@ class Run:
     overrides: tuple[tuple[str, Any], ...]
     lr: float | None = None
     clip: float | None = None
+    kl_beta: float | None = None
 
     def command(self) -> list[str]:
         flags = [f"--config.{key}={_flag_value(value)}" for key, value in self.overrides]
@@ -128,6 +130,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     # never clips anything.
     p.add_argument("--sweep-clips", default="1e-4,1e-3", help="clip ranges (symmetric) the sweep tries")
     p.add_argument(
+        "--sweep-kl-betas",
+        default="0",
+        help="KL-penalty weights (rl.kl_beta; 0: none) the sweep tries; sweep.md gives their KL to the base",
+    )
+    p.add_argument(
+        "--sweep-only",
+        action="store_true",
+        help="run the base and the sweep, write hparams.json and sweep.md, and stop before the study runs",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -147,13 +159,16 @@ def _int_list(text: str, name: str, lo: int, hi: int) -> list[int]:
     return values
 
 
-def _float_list(text: str, name: str) -> list[float]:
+def _float_list(text: str, name: str, lo: float = 0.0, hi: float = 1.0, lo_open: bool = True) -> list[float]:
+    """Comma-separated numbers in (lo, hi) ([lo, hi) when not ``lo_open``), distinct."""
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise StudyError(f"--{name}: comma-separated numbers, got {text!r}") from None
-    if not values or any(not (0 < v < 1) for v in values):
-        raise StudyError(f"--{name}: numbers in (0, 1), got {text!r}")
+    low_ok = (lambda v: v > lo) if lo_open else (lambda v: v >= lo)
+    if not values or any(not (low_ok(v) and v < hi) for v in values) or len(set(values)) != len(values):
+        span = f"{'(' if lo_open else '['}{lo:g}, {hi:g})"
+        raise StudyError(f"--{name}: distinct numbers in {span}, got {text!r}")
     return values
 
 
@@ -190,6 +205,8 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
         raise StudyError(f"--sweep-seeds: 0 (no sweep: needs --hparams) or more, got {args.sweep_seeds}")
     if not 1 <= args.sweep_k <= 4:
         raise StudyError(f"--sweep-k: 1..4, got {args.sweep_k}")
+    if args.sweep_only and args.hparams is not None:
+        raise StudyError("--sweep-only runs the sweep, and --hparams skips it: give one of them")
     if args.hparams is None and args.sweep_seeds == 0:
         raise StudyError("--sweep-seeds 0 runs no sweep: give the arms' settings with --hparams FILE")
     plan = {
@@ -208,6 +225,11 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
             "lrs": _float_list(args.sweep_lrs, "sweep-lrs"),
             "clips": _float_list(args.sweep_clips, "sweep-clips"),
         }
+        betas = _float_list(args.sweep_kl_betas, "sweep-kl-betas", 0.0, math.inf, lo_open=False)
+        # Stored only when the sweep tries a KL penalty: studies planned before the flag (no penalty) stay
+        # resumable, their stored plans having no such key.
+        if betas != [0.0]:
+            plan["sweep"]["kl_betas"] = betas
     else:
         plan["hparams_file"] = str(args.hparams)
     return plan
@@ -270,15 +292,26 @@ def base_run(out: Path, plan: dict[str, Any], k: int) -> Run:
 
 
 def arm_run(
-    out: Path, plan: dict[str, Any], phase: str, k: int, arm: str, seed: int, lr: float, clip: float
+    out: Path,
+    plan: dict[str, Any],
+    phase: str,
+    k: int,
+    arm: str,
+    seed: int,
+    lr: float,
+    clip: float,
+    kl_beta: float = 0.0,
 ) -> Run:
     overrides = dict(_common(plan, seed, plan["steps"]))
     overrides.update(ARMS[arm])
     overrides["rl.lr"] = lr
     overrides[f"rl.clip_range_{ARMS[arm]['rl.credit']}"] = (clip, clip)
-    name = f"k{k}_{arm}_s{seed}" if phase == "study" else f"k{k}_{arm}_lr{lr:g}_clip{clip:g}_s{seed}"
+    overrides["rl.kl_beta"] = kl_beta
+    # Sweep folders name β only when it is not 0: folders of sweeps made before β was swept still match.
+    kl = f"_kl{kl_beta:g}" if kl_beta else ""
+    name = f"k{k}_{arm}_s{seed}" if phase == "study" else f"k{k}_{arm}_lr{lr:g}_clip{clip:g}{kl}_s{seed}"
     return Run(phase, k, arm, seed, out / ("runs" if phase == "study" else "sweep") / name,
-               tuple(overrides.items()), lr, clip)  # fmt: skip
+               tuple(overrides.items()), lr, clip, kl_beta)  # fmt: skip
 
 
 def swept_arms(arms: Sequence[str]) -> list[str]:
@@ -289,10 +322,11 @@ def swept_arms(arms: Sequence[str]) -> list[str]:
 def sweep_runs(out: Path, plan: dict[str, Any]) -> list[Run]:
     s = plan["sweep"]
     return [
-        arm_run(out, plan, "sweep", s["k"], arm, seed, lr, clip)
+        arm_run(out, plan, "sweep", s["k"], arm, seed, lr, clip, beta)
         for arm in swept_arms(plan["arms"])
         for lr in s["lrs"]
         for clip in s["clips"]
+        for beta in s.get("kl_betas", [0.0])
         for seed in s["seeds"]
     ]
 
@@ -308,9 +342,9 @@ def study_runs(out: Path, plan: dict[str, Any], hparams: dict[str, Any]) -> list
 
 
 def choose_hparams(runs: Sequence[Run], results: dict[Run, dict[str, Any]]) -> dict[str, Any]:
-    """Per arm, the (lr, clip) whose sweep runs end with the highest mean held-out reward (the mean of each
-    run's last two evaluations, to damp one evaluation's noise)."""
-    table: dict[tuple[str, float, float], list[float]] = {}
+    """Per arm, the (lr, clip, kl_beta) whose sweep runs end with the highest mean held-out reward (the mean
+    of each run's last two evaluations, to damp one evaluation's noise)."""
+    table: dict[tuple[str, float, float, float], list[float]] = {}
     rows = []
     for run in runs:
         result = results.get(run)
@@ -318,13 +352,15 @@ def choose_hparams(runs: Sequence[Run], results: dict[Run, dict[str, Any]]) -> d
             continue
         tail = [r for _, r in result["eval_curve"][-2:]]
         score = sum(tail) / len(tail)
-        table.setdefault((run.arm, run.lr, run.clip), []).append(score)
-        rows.append({"arm": run.arm, "lr": run.lr, "clip": run.clip, "seed": run.seed, "score": score})
+        beta = run.kl_beta or 0.0
+        table.setdefault((run.arm, run.lr, run.clip, beta), []).append(score)
+        row = {"arm": run.arm, "lr": run.lr, "clip": run.clip, "kl_beta": beta, "seed": run.seed}
+        rows.append(row | {"score": score})
     chosen: dict[str, Any] = {}
-    for (arm, lr, clip), scores in sorted(table.items()):
+    for (arm, lr, clip, beta), scores in sorted(table.items()):
         mean = sum(scores) / len(scores)
         if arm not in chosen or mean > chosen[arm]["score"]:
-            chosen[arm] = {"lr": lr, "clip": clip, "score": mean}
+            chosen[arm] = {"lr": lr, "clip": clip, "kl_beta": beta, "score": mean}
     return {
         "chosen": chosen,
         "criterion": "mean over sweep seeds of the mean of each run's last two held-out rewards",
@@ -332,17 +368,27 @@ def choose_hparams(runs: Sequence[Run], results: dict[Run, dict[str, Any]]) -> d
     }
 
 
-def arm_hparams(hparams: dict[str, Any], arm: str) -> tuple[float, float]:
+def arm_hparams(hparams: dict[str, Any], arm: str) -> tuple[float, float, float]:
+    """(lr, clip, kl_beta) of ``arm`` (the placebo's are spatial's); an entry without kl_beta has no KL
+    penalty (0), as every study had before β was swept."""
     source = HPARAMS_FROM.get(arm, arm)
     try:
         entry = hparams["chosen"][source]
-        return float(entry["lr"]), float(entry["clip"])
+        lr, clip = float(entry["lr"]), float(entry["clip"])
     except (KeyError, TypeError, ValueError):
         raise StudyError(f"the hyperparameters hold no lr and clip for arm {source!r}") from None
+    try:
+        beta = float(entry.get("kl_beta", 0.0))
+    except (TypeError, ValueError):
+        raise StudyError(f"arm {source!r}: kl_beta must be a number, got {entry.get('kl_beta')!r}") from None
+    if not beta >= 0:
+        raise StudyError(f"arm {source!r}: kl_beta must be >= 0, got {beta}")
+    return lr, clip, beta
 
 
 def load_hparams(path: Path) -> dict[str, Any]:
-    """--hparams FILE: {"chosen": {arm: {"lr", "clip"}}} (a study's hparams.json) or {arm: {"lr", "clip"}}."""
+    """--hparams FILE: {"chosen": {arm: {"lr", "clip"[, "kl_beta"]}}} (a study's hparams.json) or the same
+    without "chosen"."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
@@ -384,6 +430,7 @@ def result_of(run: Run) -> dict[str, Any]:
         "seed": run.seed,
         "lr": run.lr,
         "clip": run.clip,
+        "kl_beta": run.kl_beta,
         "workdir": str(run.workdir),
     }
     done = _finished(run)
@@ -509,9 +556,13 @@ def run_study(args: argparse.Namespace, log: Any = print) -> int:
         hparams = choose_hparams(sweep, results)
         hparams["settings"] = plan["sweep"]
         all_runs += sweep
+        (out / "sweep.md").write_text(credit_report.sweep_markdown(list(results.values()), plan["sweep"]))
     else:
         hparams = load_hparams(Path(plan["hparams_file"]))
     hparams_path.write_text(json.dumps(hparams, indent=1, sort_keys=True))
+    if args.sweep_only:
+        log(f"wrote {out / 'sweep.md'} and {hparams_path}; --sweep-only: the study's runs were not started")
+        return 0
     study = study_runs(out, plan, hparams)
     execute([*bases.values(), *study], args.jobs, {r: bases[r.k] for r in study}, log)
     rows = [result_of(r) for r in study]

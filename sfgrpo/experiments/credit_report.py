@@ -41,6 +41,8 @@ TRAIN_KEYS = (
     "token_clipfrac/background",
     "reward/mean",
     "adv/zero_spread_frac",
+    "approx_kl",
+    "kl",  # the KL penalty's per-token KL to the base (logged as 0 when rl.kl_beta is 0: not measured then)
 )
 
 # Two-sided 95% Student-t quantiles t_{0.975, df}; beyond 30 degrees of freedom, the normal's 1.96 is within
@@ -383,3 +385,55 @@ def write(out: Path, rows: list[dict[str, Any]], plan: Mapping[str, Any], hparam
     (out / "study.md").write_text(markdown(summary, plan, hparams))
     plot(summary, out / "study.png")
     return summary
+
+
+def sweep_markdown(rows: Sequence[Mapping[str, Any]], settings: Mapping[str, Any]) -> str:
+    """The sweep's table: one line per (arm, lr, clip, kl_beta), its seeds' mean, and every run's score.
+
+    ``rows`` are the sweep runs' result rows (``credit.result_of``); ``settings`` the plan's sweep entry.
+    """
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        key = (row["arm"], row["lr"], row["clip"], row.get("kl_beta") or 0.0)
+        groups.setdefault(key, []).append(row)
+    lines = [
+        "# Hyperparameter sweep",
+        "",
+        f"K = {settings.get('k')}, sweep seeds {settings.get('seeds')} (never study seeds). Score: the mean "
+        "of a run's last two held-out evaluations (what chooses each arm's setting). Held-out reward, "
+        "regions edited right and background preserved are the final evaluation's; the rollout reward is "
+        "the mean over the last quarter of iterations. Clip fraction: image ratios for scalar, token ratios "
+        "otherwise. Approx. KL: between consecutive policies (the clip's concern); KL to base: the "
+        "penalty's per-token KL to the base model, averaged over iterations (measured only when β > 0). "
+        "Means over seeds.",
+        "",
+        "| arm | lr | clip | β (KL) | runs | score | per seed | held-out reward: step 0 → final "
+        "| regions right | background preserved | rollout reward (late) | clip fraction | approx. KL "
+        "| KL to base |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def mean_of(values: Sequence[Any], fmt: str) -> str:
+        stat = mean_ci([_float(v) for v in values])
+        return "–" if stat["mean"] is None else format(stat["mean"], fmt)
+
+    for (arm, lr, clip, beta), group in sorted(groups.items()):
+        ok = [r for r in group if r.get("status") == "ok"]
+        scores = {r["seed"]: _float(np.mean([v for _, v in r["eval_curve"][-2:]])) for r in ok}
+        per_seed = ", ".join(f"{seed}: {score:.3f}" for seed, score in sorted(scores.items()))
+        start = mean_of([r["eval_curve"][0][1] for r in ok], ".3f")
+        final = mean_of([r["final"]["reward"] for r in ok], ".3f")
+        lines.append(
+            f"| {arm} | {lr:g} | {clip:g} | {beta:g} | {len(ok)}/{len(group)} | "
+            f"{mean_of(list(scores.values()), '.3f')} | {per_seed or '–'} | {start} → {final} | "
+            f"{mean_of([r['final']['region_success_rate'] for r in ok], '.0%')} | "
+            f"{mean_of([r['final']['background_preservation'] for r in ok], '.1%')} | "
+            f"{mean_of([r['train'].get('reward_late') for r in ok], '.3f')} | "
+            f"{mean_of([r['train'].get('clipfrac') for r in ok], '.3f')} | "
+            f"{mean_of([r['train'].get('approx_kl') for r in ok], '.1e')} | "
+            f"{mean_of([r['train'].get('kl') for r in ok], '.1e') if beta > 0 else '–'} |"
+        )
+    missing = [r["workdir"] for r in rows if r.get("status") != "ok"]
+    if missing:
+        lines += ["", f"Runs that did not finish ({len(missing)}): " + ", ".join(missing)]
+    return "\n".join(lines) + "\n"
