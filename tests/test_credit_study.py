@@ -192,6 +192,28 @@ def test_an_out_folder_holding_another_study_is_refused(tmp_path):
         )
 
 
+def test_a_longer_study_keeps_its_sweep_and_the_sweeps_choice(tmp_path):
+    flags = ["--arms", "scalar", "--sweep-lrs", "1e-3", "--sweep-clips", "0.2"]
+    credit.check_plan(tmp_path / "a", credit.make_plan(_args(tmp_path, *flags, "--steps", "10")))
+    longer = credit.make_plan(_args(tmp_path, *flags, "--steps", "20"))
+    credit.check_plan(tmp_path / "a", longer)
+    assert longer["steps"] == 20 and longer["sweep"]["steps"] == 10
+    assert json.loads((tmp_path / "a" / credit.PLAN_FILE).read_text())["sweep"]["steps"] == 10
+    (sweep,) = credit.sweep_runs(tmp_path / "a", longer)
+    assert dict(sweep.overrides)["train.steps"] == 10
+    hparams = {"chosen": {"scalar": {"lr": 1e-3, "clip": 0.2}}}
+    (study,) = credit.study_runs(tmp_path / "a", {**longer, "seeds": [0], "ks": [2]}, hparams)
+    assert dict(study.overrides)["train.steps"] == 20
+    # A plan stored before the sweep recorded its length swept at the study's stored steps.
+    legacy = credit.make_plan(_args(tmp_path, *flags, "--steps", "10"))
+    del legacy["sweep"]["steps"]
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / credit.PLAN_FILE).write_text(json.dumps(legacy))
+    longer = credit.make_plan(_args(tmp_path, *flags, "--steps", "30"))
+    credit.check_plan(tmp_path / "b", longer)
+    assert longer["sweep"]["steps"] == 10
+
+
 def test_arms_differ_only_in_credit_and_the_placebo_copies_spatials_settings(tmp_path):
     plan = credit.make_plan(_args(tmp_path))
     hparams = {"chosen": {"scalar": {"lr": 1e-3, "clip": 0.2}, "spatial": {"lr": 5e-4, "clip": 0.1}}}

@@ -224,6 +224,7 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
             "seeds": [SWEEP_SEED0 + i for i in range(args.sweep_seeds)],
             "lrs": _float_list(args.sweep_lrs, "sweep-lrs"),
             "clips": _float_list(args.sweep_clips, "sweep-clips"),
+            "steps": args.steps,
         }
         betas = _float_list(args.sweep_kl_betas, "sweep-kl-betas", 0.0, math.inf, lo_open=False)
         # Stored only when the sweep tries a KL penalty: studies planned before the flag (no penalty) stay
@@ -246,6 +247,7 @@ def check_plan(out: Path, plan: dict[str, Any]) -> None:
     path = out / PLAN_FILE
     if path.exists():
         stored = json.loads(path.read_text())
+        _keep_sweep_length(stored, plan)
         changed = sorted(
             k
             for k in set(stored) | set(plan)
@@ -265,6 +267,20 @@ def check_plan(out: Path, plan: dict[str, Any]) -> None:
 
 # Plan keys that a rerun may extend: every stored list entry must stay, and steps may only grow.
 GROWABLE = ("ks", "seeds", "arms", "steps")
+
+
+def _keep_sweep_length(stored: dict[str, Any], plan: dict[str, Any]) -> None:
+    """Gives ``plan``'s sweep the stored sweep's length: a longer study continues its runs, not the sweep.
+
+    Continued sweep runs could choose other settings, and the study runs they had trained would then be
+    refused on resume (their learning rate changed). A plan stored before the sweep recorded its length
+    swept at the study's stored steps.
+    """
+    if "sweep" in stored and "sweep" in plan:
+        old = dict(stored["sweep"])
+        old.setdefault("steps", stored.get("steps"))
+        stored["sweep"] = old
+        plan["sweep"]["steps"] = old["steps"]
 
 
 def _grows(stored: Any, new: Any) -> bool:
@@ -302,7 +318,8 @@ def arm_run(
     clip: float,
     kl_beta: float = 0.0,
 ) -> Run:
-    overrides = dict(_common(plan, seed, plan["steps"]))
+    steps = plan["sweep"]["steps"] if phase == "sweep" else plan["steps"]
+    overrides = dict(_common(plan, seed, steps))
     overrides.update(ARMS[arm])
     overrides["rl.lr"] = lr
     overrides[f"rl.clip_range_{ARMS[arm]['rl.credit']}"] = (clip, clip)
