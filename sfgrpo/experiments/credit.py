@@ -30,17 +30,15 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sfgrpo.experiments import credit_report
+from sfgrpo.experiments import credit_report, processes
 
 ARMS: dict[str, dict[str, Any]] = {
     "scalar": {"rl.credit": "scalar"},
@@ -418,18 +416,6 @@ def load_hparams(path: Path) -> dict[str, Any]:
 # --- running ------------------------------------------------------------------------------------------
 
 
-def _environment(jobs: int) -> dict[str, str]:
-    env = dict(os.environ)
-    if jobs > 1:
-        # Several XLA processes on one machine: with a core or less each, one thread apiece (instead of every
-        # process spinning a pool over all cores); on a GPU, none reserves most of the memory up front.
-        flags = env.get("XLA_FLAGS", "")
-        if jobs >= (os.cpu_count() or 1) and "multi_thread_eigen" not in flags:
-            env["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
-        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    return env
-
-
 def _finished(run: Run) -> dict[str, Any] | None:
     """The run's done record, or None: not run, failed, or finished at fewer steps than it now has."""
     try:
@@ -466,15 +452,14 @@ def execute(runs: Sequence[Run], jobs: int, needs: dict[Run, Run], log: Any = pr
     skipped = len(runs) - len(pending)
     if skipped:
         log(f"{skipped} of {len(runs)} runs already finished: skipped")
-    env = _environment(jobs)
-    active: dict[Run, tuple[subprocess.Popen, float, Any]] = {}
+    pool = processes.ProcessPool(processes.environment(jobs))
     failed: set[Run] = set()
     ready: set[Run] = set()  # needs seen finished: the polling loop stops re-reading their metrics
     start, done_count = time.monotonic(), 0
     try:
-        while pending or active:
+        while pending or len(pool):
             for run in list(pending):
-                if len(active) >= jobs:
+                if len(pool) >= jobs:
                     break
                 need = needs.get(run)
                 if need is not None and need in failed:
@@ -495,34 +480,25 @@ def execute(runs: Sequence[Run], jobs: int, needs: dict[Run, Run], log: Any = pr
                     log(f"continuing {run.workdir.name} to step {dict(run.overrides)['train.steps']}")
                 (run.workdir / "study_failed.json").unlink(missing_ok=True)
                 (run.workdir / "command.txt").write_text(" ".join(run.command()) + "\n")
-                handle = open(run.workdir / "log.txt", "a")  # noqa: SIM115 - closed when the run ends
-                proc = subprocess.Popen(run.command(), stdout=handle, stderr=subprocess.STDOUT, env=env)
-                active[run] = (proc, time.monotonic(), handle)
+                pool.start(run, run.command(), run.workdir / "log.txt")
                 log(f"started {run.phase} {run.workdir.name}")
-            time.sleep(0.5)
-            for run, (proc, t0, handle) in list(active.items()):
-                rc = proc.poll()
-                if rc is None:
-                    continue
-                handle.close()
-                del active[run]
-                seconds = time.monotonic() - t0
-                if rc == 0 and _has_final_eval(run):
-                    run.done_file.write_text(json.dumps({"seconds": seconds, "command": run.command()}))
+            for ended in pool.ended():
+                run = ended.key
+                if ended.returncode == 0 and _has_final_eval(run):
+                    run.done_file.write_text(json.dumps({"seconds": ended.seconds, "command": run.command()}))
                     done_count += 1
-                    rate = (time.monotonic() - start) / done_count
-                    left = len(pending) + len(active)
-                    eta = left * rate / 60
-                    log(f"finished {run.workdir.name} in {seconds:.0f} s; {left} to go (~{eta:.0f} min)")
+                    left = len(pending) + len(pool)
+                    eta = left * (time.monotonic() - start) / done_count / 60
+                    log(
+                        f"finished {run.workdir.name} in {ended.seconds:.0f} s; {left} to go (~{eta:.0f} min)"
+                    )
                 else:
                     failed.add(run)
+                    rc = ended.returncode
                     _record_failure(run, rc, "exited without its final evaluation" if rc == 0 else "")
                     log(f"FAILED {run.workdir.name} (exit {rc}); see {run.workdir / 'log.txt'}")
     except KeyboardInterrupt:
-        for proc, _, _ in active.values():
-            proc.terminate()  # SIGTERM: each run checkpoints and exits; a rerun resumes it
-        for proc, _, _ in active.values():
-            proc.wait()
+        pool.stop()  # SIGTERM: each run checkpoints and exits; a rerun resumes it
         raise
 
 

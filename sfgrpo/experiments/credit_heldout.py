@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from sfgrpo.evaluation import aggregate
-from sfgrpo.experiments import credit
+from sfgrpo.experiments import credit, processes
 from sfgrpo.experiments.credit_report import mean_ci
 
 # The per-edit scores the shapes protocol writes, under the names the report uses.
@@ -97,34 +95,21 @@ def run_evaluations(
     pending = [(out, cmd) for out, cmd in jobs if not _complete(out, expected)]
     if len(pending) < len(jobs):
         log(f"{len(jobs) - len(pending)} of {len(jobs)} evaluations already complete: skipped")
-    env = credit._environment(parallel)
-    active: list[tuple[Path, subprocess.Popen, Any]] = []
+    pool = processes.ProcessPool(processes.environment(parallel))
     failed: list[Path] = []
     try:
-        while pending or active:
-            while pending and len(active) < parallel:
+        while pending or len(pool):
+            while pending and len(pool) < parallel:
                 out, cmd = pending.pop(0)
-                out.mkdir(parents=True, exist_ok=True)
-                handle = open(out / "log.txt", "a")  # noqa: SIM115 - closed when the evaluation ends
-                active.append(
-                    (out, subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env), handle)
-                )
+                pool.start(out, cmd, out / "log.txt")
                 log(f"evaluating {out}")
-            time.sleep(0.5)
-            for item in list(active):
-                out, proc, handle = item
-                if proc.poll() is None:
-                    continue
-                handle.close()
-                active.remove(item)
-                if proc.returncode != 0 or not _complete(out, expected):
+            for ended in pool.ended():
+                out = ended.key
+                if ended.returncode != 0 or not _complete(out, expected):
                     failed.append(out)
-                    log(f"FAILED evaluation {out} (exit {proc.returncode}); see {out / 'log.txt'}")
+                    log(f"FAILED evaluation {out} (exit {ended.returncode}); see {out / 'log.txt'}")
     except KeyboardInterrupt:
-        for _, proc, _ in active:
-            proc.terminate()
-        for _, proc, _ in active:
-            proc.wait()
+        pool.stop()
         raise
     return failed
 
