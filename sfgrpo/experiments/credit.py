@@ -157,16 +157,21 @@ def _int_list(text: str, name: str, lo: int, hi: int) -> list[int]:
     return values
 
 
-def _float_list(text: str, name: str, lo: float = 0.0, hi: float = 1.0, lo_open: bool = True) -> list[float]:
-    """Comma-separated numbers in (lo, hi) ([lo, hi) when not ``lo_open``), distinct."""
+def _numbers(text: str, name: str) -> list[float]:
+    """Comma-separated, distinct, finite numbers (at least one)."""
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise StudyError(f"--{name}: comma-separated numbers, got {text!r}") from None
-    low_ok = (lambda v: v > lo) if lo_open else (lambda v: v >= lo)
-    if not values or any(not (low_ok(v) and v < hi) for v in values) or len(set(values)) != len(values):
-        span = f"{'(' if lo_open else '['}{lo:g}, {hi:g})"
-        raise StudyError(f"--{name}: distinct numbers in {span}, got {text!r}")
+    if not values or not all(math.isfinite(v) for v in values) or len(set(values)) != len(values):
+        raise StudyError(f"--{name}: distinct finite numbers, got {text!r}")
+    return values
+
+
+def _float_list(text: str, name: str) -> list[float]:
+    values = _numbers(text, name)
+    if any(not (0 < v < 1) for v in values):
+        raise StudyError(f"--{name}: numbers in (0, 1), got {text!r}")
     return values
 
 
@@ -224,7 +229,9 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
             "clips": _float_list(args.sweep_clips, "sweep-clips"),
             "steps": args.steps,
         }
-        betas = _float_list(args.sweep_kl_betas, "sweep-kl-betas", 0.0, math.inf, lo_open=False)
+        betas = _numbers(args.sweep_kl_betas, "sweep-kl-betas")
+        if any(b < 0 for b in betas):
+            raise StudyError(f"--sweep-kl-betas: numbers >= 0, got {args.sweep_kl_betas!r}")
         # Stored only when the sweep tries a KL penalty: studies planned before the flag (no penalty) stay
         # resumable, their stored plans having no such key.
         if betas != [0.0]:
