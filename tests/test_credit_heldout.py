@@ -133,3 +133,21 @@ def test_runs_scored_on_other_examples_than_their_base_are_refused(tmp_path):
     credit_heldout._check_same_benchmark(tmp_path / "base", [tmp_path / "same"])
     with pytest.raises(credit_heldout.HeldoutError, match="other held-out examples"):
         credit_heldout._check_same_benchmark(tmp_path / "base", [tmp_path / "same", tmp_path / "other"])
+
+
+def test_a_sweep_without_its_rows_is_a_one_line_error_and_rows_are_labelled_by_setting(tmp_path, capsys):
+    (tmp_path / "study.json").write_text(json.dumps({"steps": 2, "ks": [1]}))
+    assert credit_heldout.main(["--study", str(tmp_path), "--sweep"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--sweep" in err[0] and "sweep.json" in err[0] and "--sweep-only" in err[0]
+    rows = [
+        {"k": 2, "arm": "scalar", "seed": 1000, "lr": 5e-4, "clip": 1e-4, "kl_beta": 0.3},
+        {"k": 2, "arm": "spatial", "seed": 1000, "lr": 5e-4, "clip": 1e-3},  # a sweep from before β
+    ]
+    (tmp_path / "sweep.json").write_text(json.dumps({"settings": {"steps": 40}, "rows": rows}))
+    steps, labelled = credit_heldout.sweep_rows(tmp_path)
+    assert steps == 40
+    assert [r["arm"] for r in labelled] == [
+        "scalar lr=0.0005 clip=0.0001 β=0.3",
+        "spatial lr=0.0005 clip=0.001 β=0",
+    ]

@@ -11,9 +11,11 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from sfgrpo.experiments import credit, credit_report
+from sfgrpo.evaluation import aggregate
+from sfgrpo.experiments import credit, credit_heldout, credit_report
 
 
 def test_t_quantiles_and_mean_ci():
@@ -368,6 +370,27 @@ def test_a_sweep_only_run_tries_a_kl_penalty_reports_it_and_starts_no_study_run(
     assert len(table) == 2 and table[0].rstrip().endswith("| – |")
     kl_to_base = float(table[1].rstrip(" |").rsplit("|", 1)[1])
     assert kl_to_base > 0  # measured: the penalised run drifted from its base in its second iteration
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["settings"] == json.loads((out / "study.json").read_text())["sweep"]
+    assert sorted((r["kl_beta"], r["status"], Path(r["workdir"]).name) for r in sweep["rows"]) == [
+        (0.0, "ok", "k1_scalar_lr0.001_clip0.2_s1000"),
+        (0.5, "ok", penalised.name),
+    ]
+    # The sweep scored on more held-out examples than its runs' evaluations (3 here), setting by setting.
+    args = credit_heldout.parse_args(["--study", str(out), "--sweep", "--examples", "3", "--jobs", "2"])
+    assert credit_heldout.run(args, log=lines.append) == 0, lines
+    scored = out / "heldout" / "test3x1" / "sweep"
+    doc = json.loads((scored / "heldout.json").read_text())
+    assert doc["sweep"] and doc["steps"] == 2
+    labels = ["scalar lr=0.001 clip=0.2 β=0", "scalar lr=0.001 clip=0.2 β=0.5"]
+    assert sorted(doc["by_k"]["1"]["arms"]) == labels
+    for record in doc["runs"]:
+        rows = aggregate.read_rows(scored / record["run"] / "scores.jsonl")
+        assert len(rows) == 3 and record["means"]["reward"] == pytest.approx(
+            np.mean([r["scores"]["reward"] for r in rows if r["overall"] is not None])
+        )
+        assert json.loads((scored / record["run"] / "summary.json").read_text())["policy"]["step"] == 2
+    assert f"| {penalised.name} |" in (scored / "heldout.md").read_text()
 
 
 def test_failed_runs_are_recorded_and_reported(tmp_path):

@@ -14,14 +14,14 @@ workdir under ``DIR/runs``), identical across arms but for credit:
 All arms of one K start from one warm-started base model (``DIR/base/k<K>``: fixed data and warm-start
 seeds), see the same rollouts, updates and evaluation budget, and differ by seed only in the LoRA
 initialisation, the sampling noise and the batch order. Each arm's learning rate and clip range come from a
-sweep on seeds the study does not use (``DIR/sweep``, reported in ``DIR/hparams.json``), or from
-``--hparams FILE``.
+sweep on seeds the study does not use (``DIR/sweep``, reported in ``DIR/sweep.md`` and ``DIR/sweep.json``,
+its choice in ``DIR/hparams.json``), or from ``--hparams FILE``.
 
 Rerunning the command resumes: finished runs are skipped, an interrupted one resumes from its checkpoint,
 and with a larger ``--steps`` every finished run continues from its last checkpoint to the new length.
 The report (``summary.json``, ``study.md``, ``study.png``) is rewritten at the end of every invocation.
 ``python -m sfgrpo.experiments.credit_heldout --study DIR`` then scores the bases and the final checkpoints
-on more held-out examples than the runs' own evaluations use.
+on more held-out examples than the runs' own evaluations use (``--sweep``: the sweep's runs).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ HPARAMS_FROM = {"placebo": "spatial"}
 TASK_SEED = 0  # data.seed and warmstart.seed of every run: one task and one base model per K
 SWEEP_SEED0 = 1000  # sweep seeds are 1000, 1001, ...; study seeds are first-seed .. first-seed+seeds-1
 PLAN_FILE = "study.json"
+SWEEP_FILE = "sweep.json"  # the sweep's result rows and settings
 CONFIG_FILE = Path(__file__).resolve().parents[2] / "configs" / "default.py"
 
 
@@ -556,12 +557,19 @@ def run_study(args: argparse.Namespace, log: Any = print) -> int:
         hparams = choose_hparams(sweep, results)
         hparams["settings"] = plan["sweep"]
         all_runs += sweep
-        (out / "sweep.md").write_text(credit_report.sweep_markdown(list(results.values()), plan["sweep"]))
+        rows = list(results.values())
+        (out / "sweep.md").write_text(credit_report.sweep_markdown(rows, plan["sweep"]))
+        # The rows again as data, for a larger held-out scoring of the sweep (credit_heldout --sweep).
+        sweep_doc = {"settings": plan["sweep"], "rows": rows}
+        (out / SWEEP_FILE).write_text(json.dumps(sweep_doc, indent=1, sort_keys=True))
     else:
         hparams = load_hparams(Path(plan["hparams_file"]))
     hparams_path.write_text(json.dumps(hparams, indent=1, sort_keys=True))
     if args.sweep_only:
-        log(f"wrote {out / 'sweep.md'} and {hparams_path}; --sweep-only: the study's runs were not started")
+        log(
+            f"wrote {out / 'sweep.md'}, {out / SWEEP_FILE} and {hparams_path}; "
+            "--sweep-only: the study's runs were not started"
+        )
         return 0
     study = study_runs(out, plan, hparams)
     execute([*bases.values(), *study], args.jobs, {r: bases[r.k] for r in study}, log)

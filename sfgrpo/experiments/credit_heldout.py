@@ -1,6 +1,7 @@
 """A larger held-out evaluation of a finished credit study: each K's base and every run's final step.
 
     python -m sfgrpo.experiments.credit_heldout --study DIR [--examples 512] [--noise-seeds 1] [--jobs J]
+        [--sweep]
 
 The study's own evaluations score 32 held-out examples (``data.shapes_eval``) during training: enough to
 draw curves, too few to tell a gain of 0.01-0.02 from noise. This scores the base of each K and every
@@ -10,7 +11,12 @@ each (example, noise seed) fixed, so every policy edits the same inputs from the
 ``DIR/heldout/test<N>x<S>/``: ``base_k<K>/`` and ``step<steps>/<run>/``, one evaluation folder each
 (reruns resume; finished ones are skipped). It then writes ``heldout.json`` and ``heldout.md`` there: per
 (K, arm) the final reward, its gain over the base, per-region success and background preservation, mean
-± 95% Student-t over seeds, and the paired (same seed) differences between arms.
+± 95% Student-t over seeds, the paired (same seed) differences between arms, and every run's scores.
+
+With ``--sweep`` it scores the study's hyperparameter sweep instead (``DIR/sweep.json``): every finished
+sweep run's final checkpoint, in ``DIR/heldout/test<N>x<S>/sweep/``, one row per setting (arm, lr, clip,
+β). The sweep chooses on its runs' 32-example evaluations; this says whether that choice survives more
+examples.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--noise-seeds", type=int, default=1, help="noise seeds per example")
     p.add_argument("--jobs", type=int, default=1, help="evaluations run at once")
     p.add_argument("--batch-size", type=int, default=32, help="edits per compiled call")
+    p.add_argument("--sweep", action="store_true", help="score the sweep's runs (DIR/sweep.json) instead")
     args = p.parse_args(argv)
     for name in ("examples", "noise_seeds", "jobs", "batch_size"):
         if getattr(args, name) < 1:
@@ -68,6 +75,26 @@ def study_rows(study: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             f"--study {study}: not a credit study with a report (study.json and summary.json: {err})"
         ) from None
     return plan, rows
+
+
+def sweep_rows(study: Path) -> tuple[int, list[dict[str, Any]]]:
+    """The sweep's length and its result rows (``DIR/sweep.json``), each row's 'arm' the setting's label."""
+    path = study / credit.SWEEP_FILE
+    try:
+        doc = json.loads(path.read_text())
+        steps, rows = int(doc["settings"]["steps"]), doc["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise HeldoutError(
+            f"--study {study} --sweep: no readable {path.name} ({err}); rerun the study's command (with "
+            "--sweep-only for a sweep alone): finished runs are skipped and it writes the file"
+        ) from None
+    for row in rows:
+        row["arm"] = setting_label(row)
+    return steps, rows
+
+
+def setting_label(row: Mapping[str, Any]) -> str:
+    return f"{row['arm']} lr={row['lr']:g} clip={row['clip']:g} β={row.get('kl_beta') or 0.0:g}"
 
 
 def evaluation_command(workdir: Path, step: int | str, out: Path, args: argparse.Namespace) -> list[str]:
@@ -171,11 +198,14 @@ def _fmt(stat: Mapping[str, Any], digits: int = 3, signed: bool = False) -> str:
     return text if ci is None else f"{text} ± {ci:.{digits}f}"
 
 
-def markdown(summary: Mapping[str, Any], plan: Mapping[str, Any], args: argparse.Namespace) -> str:
+def markdown(
+    summary: Mapping[str, Any], records: Sequence[Mapping[str, Any]], steps: int, args: argparse.Namespace
+) -> str:
+    what = "the sweep's runs" if args.sweep else "the study's runs"
     lines = [
-        f"# Held-out evaluation: {args.examples} examples x {args.noise_seeds} noise seeds",
+        f"# Held-out evaluation of {what}: {args.examples} examples x {args.noise_seeds} noise seeds",
         "",
-        f"Each K's base and every run's step {plan['steps']}, scored on `shapes:test:{args.examples}` by "
+        f"Each K's base and every run's step {steps}, scored on `shapes:test:{args.examples}` by "
         "`python -m sfgrpo.evaluate` (ODE sampling; every policy edits the same inputs from the same noise). "
         "Per run: the mean over its edits. Then mean ± 95% Student-t over seeds; 'paired' is the difference "
         "between two arms' runs of one seed, with the number of seeds where it is positive.",
@@ -207,12 +237,27 @@ def markdown(summary: Mapping[str, Any], plan: Mapping[str, Any], args: argparse
         ]
         for name, p in s["paired"].items():
             lines.append(f"| {name} | {_fmt(p, signed=True)} | {p['positive']}/{p['n']} |")
+        lines += [
+            "",
+            "| run | reward | gain over base | region success | background preservation | invalid edits |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in sorted((r for r in records if str(r["k"]) == k), key=lambda r: (r["arm"], r["seed"])):
+            m = r["means"]
+            lines.append(
+                f"| {r['run']} | {m['reward']:.3f} | {m['reward'] - b['reward']:+.3f} | "
+                f"{m['region_success_rate']:.2f} | {m['background_preservation']:.3f} | {m['failed']} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace, log: Any = print) -> int:
-    plan, rows = study_rows(args.study)
+    if args.sweep:
+        steps, rows = sweep_rows(args.study)
+    else:
+        plan, rows = study_rows(args.study)
+        steps = plan["steps"]
     finished = [r for r in rows if r.get("status") == "ok"]
     if not finished:
         raise HeldoutError(f"--study {args.study}: no finished runs to evaluate")
@@ -224,10 +269,11 @@ def run(args: argparse.Namespace, log: Any = print) -> int:
     for k in sorted({r["k"] for r in finished}):
         bases[k] = root / f"base_k{k}"
         jobs.append((bases[k], evaluation_command(args.study / "base" / f"k{k}", "base", bases[k], args)))
+    out_dir = root / ("sweep" if args.sweep else f"step{steps}")
     for r in finished:
-        out = root / f"step{plan['steps']}" / Path(r["workdir"]).name
+        out = out_dir / Path(r["workdir"]).name
         r["heldout"] = out
-        jobs.append((out, evaluation_command(Path(r["workdir"]), plan["steps"], out, args)))
+        jobs.append((out, evaluation_command(Path(r["workdir"]), steps, out, args)))
     failed = run_evaluations(jobs, args.jobs, args.examples * args.noise_seeds, log)
     if failed:
         log(f"{len(failed)} evaluations failed (e.g. {failed[0]}); rerun the command to retry them")
@@ -236,15 +282,15 @@ def run(args: argparse.Namespace, log: Any = print) -> int:
         _check_same_benchmark(base, [r["heldout"] for r in finished if r["k"] == k])
     base_means = {k: evaluation_means(out) for k, out in bases.items()}
     records = [
-        {"k": r["k"], "arm": r["arm"], "seed": r["seed"], "means": evaluation_means(r["heldout"])}
+        {"k": r["k"], "arm": r["arm"], "seed": r["seed"], "run": r["heldout"].name,
+         "means": evaluation_means(r["heldout"])}
         for r in finished
-    ]
+    ]  # fmt: skip
     summary = summarise(base_means, records)
-    doc = {"examples": args.examples, "noise_seeds": args.noise_seeds, "steps": plan["steps"],
+    doc = {"examples": args.examples, "noise_seeds": args.noise_seeds, "steps": steps, "sweep": args.sweep,
            "runs": records, "by_k": summary}  # fmt: skip
-    out_dir = root / f"step{plan['steps']}"
     (out_dir / "heldout.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
-    (out_dir / "heldout.md").write_text(markdown(summary, plan, args))
+    (out_dir / "heldout.md").write_text(markdown(summary, records, steps, args))
     log(f"wrote {out_dir / 'heldout.md'} and {out_dir / 'heldout.json'}")
     return 0
 
