@@ -1,0 +1,77 @@
+"""The KL-penalty runs on the sweep seeds, scored on 512 held-out examples, in one table with the rule.
+
+    python docs/credit_study/kl_mid/beta_table.py SWEEP_DIR [SWEEP_DIR ...] > beta_table.md
+
+Each SWEEP_DIR is a credit study folder whose sweep ran (`DIR/sweep.json`) and was scored with
+`python -m sfgrpo.experiments.credit_heldout --study DIR --sweep --examples 512`. One line per run, then
+per (arm, β) the verdict of `PLAN.md`: "improves" when every seed scores at least base + 0.010 and no seed
+preserves less than 93% of the background; "erodes" when some seed preserves less than 93%.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from sfgrpo.experiments.credit_report import mean_ci
+
+EXAMPLES = "test512x1"
+GAIN = 0.010  # the plan's "improves": at least this over the base on every seed
+BACKGROUND = 0.93  # the plan's "erodes": a seed below this background preservation
+
+
+def runs(folder: Path) -> tuple[dict, list[dict]]:
+    """(base means, one record per run: its sweep row with its 512-example means)."""
+    rows = json.loads((folder / "sweep.json").read_text())["rows"]
+    heldout = json.loads((folder / "heldout" / EXAMPLES / "sweep" / "heldout.json").read_text())
+    means = {r["run"]: r["means"] for r in heldout["runs"]}
+    base = next(iter(heldout["by_k"].values()))["base"]
+    return base, [r | {"heldout": means[Path(r["workdir"]).name]} for r in rows if r["status"] == "ok"]
+
+
+def main(folders: list[Path]) -> None:
+    records, bases = [], []
+    for folder in folders:
+        base, rs = runs(folder)
+        bases.append(base["reward"])
+        records += [r | {"base": base} for r in rs]
+    if len({round(b, 9) for b in bases}) != 1:
+        raise SystemExit(f"the folders' bases score differently ({bases}): not one base, not one table")
+    base = records[0]["base"]
+    print(f"Base (512 examples): reward {base['reward']:.3f}, "
+          f"regions right {base['region_success_rate']:.3f}, "
+          f"background preserved {base['background_preservation']:.3f}.\n")  # fmt: skip
+    print("| arm | β | seed | reward (512) | gain over base | regions right | background preserved "
+          "| rollout reward, it. 31-40 | KL to base | clip fraction |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    key = lambda r: (r["arm"], r.get("kl_beta") or 0.0, r["seed"])  # noqa: E731
+    for r in sorted(records, key=key):
+        h, t = r["heldout"], r["train"]
+        kl = t.get("kl")
+        print(f"| {r['arm']} | {r.get('kl_beta') or 0.0:g} | {r['seed']} | {h['reward']:.3f} | "
+              f"{h['reward'] - base['reward']:+.3f} | {h['region_success_rate']:.3f} | "
+              f"{h['background_preservation']:.3f} | {t['reward_late']:.3f} | "
+              f"{'–' if kl is None else f'{kl:.1e}'} | {t['clipfrac']:.3f} |")  # fmt: skip
+    print("\n| arm | β | seeds | gain over base (mean ± 95% CI) | background preserved | verdict |")
+    print("|---|---|---|---|---|---|")
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["arm"], r.get("kl_beta") or 0.0), []).append(r)
+    for (arm, beta), rs in sorted(groups.items()):
+        gains = [r["heldout"]["reward"] - base["reward"] for r in rs]
+        kept = [r["heldout"]["background_preservation"] for r in rs]
+        stat = mean_ci(gains)
+        ci = "" if stat["ci95"] is None else f" ± {stat['ci95']:.3f}"
+        if min(kept) < BACKGROUND:
+            verdict = "erodes"
+        elif min(gains) >= GAIN:
+            verdict = "improves"
+        else:
+            verdict = "neither (does not improve on its base)"
+        print(f"| {arm} | {beta:g} | {len(rs)} | {stat['mean']:+.3f}{ci} | {min(kept):.3f}-{max(kept):.3f} "
+              f"| {verdict} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main([Path(p) for p in sys.argv[1:]])
