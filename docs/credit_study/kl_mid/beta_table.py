@@ -2,10 +2,13 @@
 
     python docs/credit_study/kl_mid/beta_table.py SWEEP_DIR [SWEEP_DIR ...] > beta_table.md
 
-Each SWEEP_DIR is a credit study folder whose sweep ran (`DIR/sweep.json`) and was scored with
-`python -m sfgrpo.experiments.credit_heldout --study DIR --sweep --examples 512`. One line per run, then
-per (arm, β) the verdict of `PLAN.md`: "improves" when every seed scores at least base + 0.010 and no seed
-preserves less than 93% of the background; "erodes" when some seed preserves less than 93%.
+Each SWEEP_DIR is a credit study folder whose sweep ran (`--sweep-only`), its finished runs scored on
+`shapes:test:512` in `DIR/heldout/test512x1/sweep/<run>/` (`python -m sfgrpo.experiments.credit_heldout
+--study DIR --sweep --examples 512`, or `sfgrpo.evaluate` into the same folder for a sweep stopped early)
+and its base in `DIR/heldout/test512x1/base_k<K>/`. One line per planned run (unfinished or unscored runs
+are listed as such), then per (arm, β) the verdict of `PLAN.md`: "improves" when every seed scores at least
+base + 0.010 and no seed preserves less than 93% of the background; "erodes" when some seed preserves less
+than 93%.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from sfgrpo.experiments import credit, credit_heldout
 from sfgrpo.experiments.credit_report import mean_ci
 
 EXAMPLES = "test512x1"
@@ -21,21 +25,31 @@ GAIN = 0.010  # the plan's "improves": at least this over the base on every seed
 BACKGROUND = 0.93  # the plan's "erodes": a seed below this background preservation
 
 
-def runs(folder: Path) -> tuple[dict, list[dict]]:
-    """(base means, one record per run: its sweep row with its 512-example means)."""
-    rows = json.loads((folder / "sweep.json").read_text())["rows"]
-    heldout = json.loads((folder / "heldout" / EXAMPLES / "sweep" / "heldout.json").read_text())
-    means = {r["run"]: r["means"] for r in heldout["runs"]}
-    base = next(iter(heldout["by_k"].values()))["base"]
-    return base, [r | {"heldout": means[Path(r["workdir"]).name]} for r in rows if r["status"] == "ok"]
+def runs(folder: Path) -> tuple[dict, list[dict], list[str]]:
+    """(base means, one record per scored run: its result row with its 512-example means, runs not scored)."""
+    plan = json.loads((folder / credit.PLAN_FILE).read_text())
+    plan["sweep"].setdefault("steps", plan["steps"])
+    root = folder / "heldout" / EXAMPLES
+    base = credit_heldout.evaluation_means(root / f"base_k{plan['sweep']['k']}")
+    records, missing = [], []
+    for run in credit.sweep_runs(folder, plan):
+        row = credit.result_of(run)
+        scored = root / "sweep" / run.workdir.name
+        if row["status"] != "ok" or not (scored / "summary.json").exists():
+            scoring = "scoring incomplete" if scored.exists() else "not scored"
+            missing.append(f"{run.workdir} (run {row['status']}, {scoring})")
+            continue
+        records.append(row | {"heldout": credit_heldout.evaluation_means(scored)})
+    return base, records, missing
 
 
 def main(folders: list[Path]) -> None:
-    records, bases = [], []
+    records, bases, missing = [], [], []
     for folder in folders:
-        base, rs = runs(folder)
+        base, rs, not_scored = runs(folder)
         bases.append(base["reward"])
         records += [r | {"base": base} for r in rs]
+        missing += not_scored
     if len({round(b, 9) for b in bases}) != 1:
         raise SystemExit(f"the folders' bases score differently ({bases}): not one base, not one table")
     base = records[0]["base"]
@@ -48,7 +62,7 @@ def main(folders: list[Path]) -> None:
     key = lambda r: (r["arm"], r.get("kl_beta") or 0.0, r["seed"])  # noqa: E731
     for r in sorted(records, key=key):
         h, t = r["heldout"], r["train"]
-        kl = t.get("kl")
+        kl = t.get("kl") if r.get("kl_beta") else None  # measured only under a penalty
         print(f"| {r['arm']} | {r.get('kl_beta') or 0.0:g} | {r['seed']} | {h['reward']:.3f} | "
               f"{h['reward'] - base['reward']:+.3f} | {h['region_success_rate']:.3f} | "
               f"{h['background_preservation']:.3f} | {t['reward_late']:.3f} | "
@@ -69,8 +83,13 @@ def main(folders: list[Path]) -> None:
             verdict = "improves"
         else:
             verdict = "neither (does not improve on its base)"
+        if len(rs) == 1:
+            verdict += ", one seed"
         print(f"| {arm} | {beta:g} | {len(rs)} | {stat['mean']:+.3f}{ci} | {min(kept):.3f}-{max(kept):.3f} "
               f"| {verdict} |")  # fmt: skip
+
+    for line in missing:
+        print(f"- not in the table: {line}")
 
 
 if __name__ == "__main__":
