@@ -17,6 +17,9 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
+from sfgrpo.evaluation import aggregate
 from sfgrpo.experiments import credit, credit_heldout
 from sfgrpo.experiments.credit_report import mean_ci
 
@@ -39,8 +42,24 @@ def runs(folder: Path) -> tuple[dict, list[dict], list[str]]:
             scoring = "scoring incomplete" if scored.exists() else "not scored"
             missing.append(f"{run.workdir} (run {row['status']}, {scoring})")
             continue
-        records.append(row | {"heldout": credit_heldout.evaluation_means(scored)})
+        means = credit_heldout.evaluation_means(scored)
+        records.append(row | {"heldout": means, "gain_ci": paired_gain_ci(root / f"base_k{run.k}", scored)})
     return base, records, missing
+
+
+def paired_gain_ci(base: Path, scored: Path) -> float:
+    """95% half-width of a run's gain over the base from the examples alone (edit by edit: same input, same
+    noise), i.e. how much of a gain the 512 examples can resolve; seed-to-seed spread comes on top."""
+    rewards = [
+        {
+            r["key"]: r["scores"]["reward"]
+            for r in aggregate.read_rows(f / "scores.jsonl")
+            if r["overall"] is not None
+        }
+        for f in (base, scored)
+    ]
+    diffs = np.array([rewards[1][k] - rewards[0][k] for k in rewards[0].keys() & rewards[1].keys()])
+    return float(1.96 * diffs.std(ddof=1) / np.sqrt(len(diffs)))
 
 
 def main(folders: list[Path]) -> None:
@@ -56,15 +75,15 @@ def main(folders: list[Path]) -> None:
     print(f"Base (512 examples): reward {base['reward']:.3f}, "
           f"regions right {base['region_success_rate']:.3f}, "
           f"background preserved {base['background_preservation']:.3f}.\n")  # fmt: skip
-    print("| arm | β | seed | reward (512) | gain over base | regions right | background preserved "
-          "| rollout reward, it. 31-40 | KL to base | clip fraction |")  # fmt: skip
+    print("| arm | β | seed | reward (512) | gain over base (± 95%, examples) | regions right "
+          "| background preserved | rollout reward, it. 31-40 | KL to base | clip fraction |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|")
     key = lambda r: (r["arm"], r.get("kl_beta") or 0.0, r["seed"])  # noqa: E731
     for r in sorted(records, key=key):
         h, t = r["heldout"], r["train"]
         kl = t.get("kl") if r.get("kl_beta") else None  # measured only under a penalty
         print(f"| {r['arm']} | {r.get('kl_beta') or 0.0:g} | {r['seed']} | {h['reward']:.3f} | "
-              f"{h['reward'] - base['reward']:+.3f} | {h['region_success_rate']:.3f} | "
+              f"{h['reward'] - base['reward']:+.3f} ± {r['gain_ci']:.3f} | {h['region_success_rate']:.3f} | "
               f"{h['background_preservation']:.3f} | {t['reward_late']:.3f} | "
               f"{'–' if kl is None else f'{kl:.1e}'} | {t['clipfrac']:.3f} |")  # fmt: skip
     print("\n| arm | β | seeds | gain over base (mean ± 95% CI) | background preserved | verdict |")
