@@ -26,6 +26,7 @@ from sfgrpo.experiments.credit_report import mean_ci
 EXAMPLES = "test512x1"
 GAIN = 0.010  # the plan's "improves": at least this over the base on every seed
 BACKGROUND = 0.93  # the plan's "erodes": a seed below this background preservation
+PAIRED = ("reward", "region_success_rate", "background_preservation")  # spatial − scalar, edit by edit
 
 
 def runs(folder: Path) -> tuple[dict, list[dict], list[str]]:
@@ -43,23 +44,24 @@ def runs(folder: Path) -> tuple[dict, list[dict], list[str]]:
             missing.append(f"{run.workdir} (run {row['status']}, {scoring})")
             continue
         means = credit_heldout.evaluation_means(scored)
-        records.append(row | {"heldout": means, "gain_ci": paired_gain_ci(root / f"base_k{run.k}", scored)})
+        gain_ci = paired_diff(scored, root / f"base_k{run.k}")[1]
+        records.append(row | {"heldout": means, "gain_ci": gain_ci, "scored": scored})
     return base, records, missing
 
 
-def paired_gain_ci(base: Path, scored: Path) -> float:
-    """95% half-width of a run's gain over the base from the examples alone (edit by edit: same input, same
-    noise), i.e. how much of a gain the 512 examples can resolve; seed-to-seed spread comes on top."""
-    rewards = [
+def paired_diff(a: Path, b: Path, score: str = "reward") -> tuple[float, float]:
+    """Mean of evaluation a's score minus b's, edit by edit (same input, same noise), and its 95% half-width
+    from the examples alone: how much the 512 examples can resolve; seed-to-seed spread comes on top."""
+    values = [
         {
-            r["key"]: r["scores"]["reward"]
+            r["key"]: r["scores"][score]
             for r in aggregate.read_rows(f / "scores.jsonl")
             if r["overall"] is not None
         }
-        for f in (base, scored)
+        for f in (a, b)
     ]
-    diffs = np.array([rewards[1][k] - rewards[0][k] for k in rewards[0].keys() & rewards[1].keys()])
-    return float(1.96 * diffs.std(ddof=1) / np.sqrt(len(diffs)))
+    diffs = np.array([values[0][k] - values[1][k] for k in values[0].keys() & values[1].keys()])
+    return float(diffs.mean()), float(1.96 * diffs.std(ddof=1) / np.sqrt(len(diffs)))
 
 
 def main(folders: list[Path]) -> None:
@@ -107,6 +109,20 @@ def main(folders: list[Path]) -> None:
         print(f"| {arm} | {beta:g} | {len(rs)} | {stat['mean']:+.3f}{ci} | {min(kept):.3f}-{max(kept):.3f} "
               f"| {verdict} |")  # fmt: skip
 
+    print(
+        "\n| spatial − scalar, same β and seed (± 95%, examples) | reward | regions right "
+        "| background preserved |"
+    )
+    print("|---|---|---|---|")
+    by = {(r["arm"], r.get("kl_beta") or 0.0, r["seed"]): r for r in records}
+    for (arm, beta, seed), a in sorted(by.items()):
+        b = by.get(("scalar", beta, seed))
+        if arm != "spatial" or b is None:
+            continue
+        cells = [paired_diff(a["scored"], b["scored"], name) for name in PAIRED]
+        print(
+            f"| β = {beta:g}, seed {seed} | " + " | ".join(f"{m:+.4f} ± {ci:.4f}" for m, ci in cells) + " |"
+        )
     for line in missing:
         print(f"- not in the table: {line}")
 
