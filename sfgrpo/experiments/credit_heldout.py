@@ -230,11 +230,12 @@ def markdown(
                 f"{_fmt(a['region_success_rate'], 2)} | {_fmt(a['multi_region_success'], 2)} | "
                 f"{_fmt(a['background_preservation'])} | {a['failed_edits']} |"
             )
-        lines += [
-            "",
-            "| paired difference of final rewards | mean ± 95% CI | positive seeds |",
-            "|---|---|---|",
-        ]
+        if s["paired"]:  # none in a sweep's report: its rows are settings, not the paired arms
+            lines += [
+                "",
+                "| paired difference of final rewards | mean ± 95% CI | positive seeds |",
+                "|---|---|---|",
+            ]
         for name, p in s["paired"].items():
             lines.append(f"| {name} | {_fmt(p, signed=True)} | {p['positive']}/{p['n']} |")
         lines += [
