@@ -80,8 +80,17 @@ def test_scores_base_and_finals_on_more_examples_and_pairs_the_arms(study):
             assert row_a["key"] == row_b["key"]
             moved.append(np.abs(_png(folders[a] / row_a["edit"]) - _png(folders[b] / row_b["edit"])).mean())
         assert np.mean(moved) > 0.5, (a, b, moved)
+    # Edit by edit: each run against its base, and the arms of one seed against each other.
+    gains = {r["arm"]: r["gain_edits"] for r in doc["runs"]}
+    for arm in ("scalar", "spatial"):
+        assert gains[arm]["mean"] == pytest.approx(_mean_reward(folders[arm]) - base)
+        assert gains[arm]["edits"] == 11 and gains[arm]["ci95"] >= 0
+    (by_seed,) = doc["paired_by_seed"]
+    assert (by_seed["pair"], by_seed["seed"], by_seed["k"]) == ("spatial - scalar", 0, 1)
+    assert by_seed["reward"]["mean"] == pytest.approx(pair["mean"])
     report = (root / "step2" / "heldout.md").read_text()
     assert "| spatial | 1 |" in report and "| spatial - scalar |" in report
+    assert "| spatial - scalar | 0 |" in report and "gain over base (± edits)" in report
 
     lines.clear()
     assert credit_heldout.run(args, log=lines.append) == 0
@@ -124,6 +133,30 @@ def test_summary_statistics_over_seeds():
     assert s["paired"]["placebo - scalar"]["mean"] == pytest.approx(np.mean([-0.01, 0.0]))
     assert s["paired"]["placebo - scalar"]["positive"] == 0
     assert "mix - scalar" not in s["paired"]
+
+
+def _scores(folder, rows):
+    folder.mkdir()
+    lines = [
+        {"key": key, "overall": None if value is None else value, "scores": {"reward": value}}
+        for key, value in rows.items()
+    ]
+    (folder / "scores.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    return folder
+
+
+def test_edit_differences_pair_the_same_edits_and_skip_the_invalid(tmp_path):
+    a = _scores(tmp_path / "a", {"x/0": 0.9, "y/0": 0.5, "z/0": None, "w/0": 0.7})
+    b = _scores(tmp_path / "b", {"w/0": 0.4, "x/0": 0.6, "y/0": 0.5, "z/0": 0.1})  # another order
+    d = credit_heldout.edit_difference(a, b)
+    diffs = [0.3, 0.0, 0.3]  # x, y, w; z has no score in a
+    assert d["edits"] == 3 and d["mean"] == pytest.approx(np.mean(diffs))
+    assert d["ci95"] == pytest.approx(1.96 * np.std(diffs, ddof=1) / np.sqrt(3))
+    one = _scores(tmp_path / "one", {"x/0": 0.2})
+    assert credit_heldout.edit_difference(one, b) == {"mean": pytest.approx(-0.4), "ci95": None, "edits": 1}
+    other = _scores(tmp_path / "other", {"q/0": 0.2})
+    with pytest.raises(credit_heldout.HeldoutError, match="no edit scored in both"):
+        credit_heldout.edit_difference(other, b)
 
 
 def test_runs_scored_on_other_examples_than_their_base_are_refused(tmp_path):

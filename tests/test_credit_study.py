@@ -381,7 +381,7 @@ def test_a_sweep_only_run_tries_a_kl_penalty_reports_it_and_starts_no_study_run(
     assert credit_heldout.run(args, log=lines.append) == 0, lines
     scored = out / "heldout" / "test3x1" / "sweep"
     doc = json.loads((scored / "heldout.json").read_text())
-    assert doc["sweep"] and doc["steps"] == 2
+    assert doc["sweep"] and doc["steps"] == 2 and doc["paired_by_seed"] == []
     labels = ["scalar lr=0.001 clip=0.2 β=0", "scalar lr=0.001 clip=0.2 β=0.5"]
     assert sorted(doc["by_k"]["1"]["arms"]) == labels
     for record in doc["runs"]:

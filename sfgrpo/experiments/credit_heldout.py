@@ -12,6 +12,9 @@ each (example, noise seed) fixed, so every policy edits the same inputs from the
 (reruns resume; finished ones are skipped). It then writes ``heldout.json`` and ``heldout.md`` there: per
 (K, arm) the final reward, its gain over the base, per-region success and background preservation, mean
 ± 95% Student-t over seeds, the paired (same seed) differences between arms, and every run's scores.
+Differences of two evaluations are also taken edit by edit (the same input from the same noise), with a
+95% interval over the edits: what the examples alone can resolve, for each run's gain over its base and
+for each pair of arms on one seed.
 
 With ``--sweep`` it scores the study's hyperparameter sweep instead (``DIR/sweep.json``): every finished
 sweep run's final checkpoint, in ``DIR/heldout/test<N>x<S>/sweep/``, one row per setting (arm, lr, clip,
@@ -36,6 +39,8 @@ from sfgrpo.experiments.credit_report import mean_ci
 
 # The per-edit scores the shapes protocol writes, under the names the report uses.
 SCORES = ("reward", "region_success_rate", "multi_region_success", "background_preservation")
+# Scores differenced edit by edit, per run against its base and per pair of arms on one seed.
+EDIT_SCORES = ("reward", "region_success_rate", "background_preservation")
 # Paired differences reported, where both arms ran: (arm, minus arm).
 PAIRS = (
     ("spatial", "scalar"),
@@ -165,6 +170,39 @@ def evaluation_means(out: Path) -> dict[str, Any]:
     return means
 
 
+def edit_difference(a: Path, b: Path, score: str = "reward") -> dict[str, Any]:
+    """Evaluation ``a``'s score minus ``b``'s, edit by edit over the (example, noise seed) keys both scored:
+    'mean', 'ci95' (1.96 standard errors over the edits; None under two edits) and 'edits'. The interval is
+    the examples' alone: seed-to-seed spread comes on top."""
+    values = [
+        {
+            r["key"]: r["scores"][score]
+            for r in aggregate.read_rows(f / "scores.jsonl")
+            if r["overall"] is not None
+        }
+        for f in (a, b)
+    ]
+    keys = sorted(values[0].keys() & values[1].keys())
+    if not keys:
+        raise HeldoutError(f"{a} and {b}: no edit scored in both, so no edit-by-edit difference")
+    diffs = np.array([values[0][k] - values[1][k] for k in keys])
+    ci = float(1.96 * diffs.std(ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else None
+    return {"mean": float(diffs.mean()), "ci95": ci, "edits": len(keys)}
+
+
+def paired_by_seed(finished: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """For each listed arm pair and seed (and K) where both finished, the edit-by-edit difference of each of
+    ``EDIT_SCORES``; each run mapping has 'k', 'arm', 'seed' and its evaluation folder 'heldout'."""
+    by = {(r["k"], r["arm"], r["seed"]): r["heldout"] for r in finished}
+    out = []
+    for a, b in PAIRS:
+        for k, arm, seed in sorted(by):
+            if arm == a and (k, b, seed) in by:
+                diffs = {n: edit_difference(by[(k, a, seed)], by[(k, b, seed)], n) for n in EDIT_SCORES}
+                out.append({"pair": f"{a} - {b}", "k": k, "seed": seed} | diffs)
+    return out
+
+
 def summarise(base: Mapping[int, Mapping[str, Any]], runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Per K and arm: mean ± CI over seeds of each score and of the reward's gain over the K's base; and
     the paired differences of the listed arm pairs (same seed)."""
@@ -198,17 +236,32 @@ def _fmt(stat: Mapping[str, Any], digits: int = 3, signed: bool = False) -> str:
     return text if ci is None else f"{text} ± {ci:.{digits}f}"
 
 
+def _fmt_edits(stat: Mapping[str, Any], digits: int = 3) -> str:
+    ci = "" if stat["ci95"] is None else f" ± {stat['ci95']:.{digits}f}"
+    return f"{stat['mean']:+.{digits}f}{ci}"
+
+
 def markdown(
-    summary: Mapping[str, Any], records: Sequence[Mapping[str, Any]], steps: int, args: argparse.Namespace
+    summary: Mapping[str, Any],
+    records: Sequence[Mapping[str, Any]],
+    steps: int,
+    args: argparse.Namespace,
+    pairs: Sequence[Mapping[str, Any]] = (),
 ) -> str:
-    what = "the sweep's runs" if args.sweep else "the study's runs"
+    what = "the sweep's runs (one row per setting)" if args.sweep else "the study's runs"
+    over_seeds = (
+        "Then, per setting, mean ± 95% Student-t over its seeds."
+        if args.sweep
+        else "Then, per arm, mean ± 95% Student-t over seeds; a paired difference is between two arms' runs "
+        "of one seed, with the number of seeds where it is positive."
+    )
     lines = [
         f"# Held-out evaluation of {what}: {args.examples} examples x {args.noise_seeds} noise seeds",
         "",
         f"Each K's base and every run's step {steps}, scored on `shapes:test:{args.examples}` by "
         "`python -m sfgrpo.evaluate` (ODE sampling; every policy edits the same inputs from the same noise). "
-        "Per run: the mean over its edits. Then mean ± 95% Student-t over seeds; 'paired' is the difference "
-        "between two arms' runs of one seed, with the number of seeds where it is positive.",
+        f"Per run: the mean over its edits. {over_seeds} '± edits' is a 95% interval over the edits of an "
+        "edit-by-edit difference: what the examples alone resolve; seed-to-seed spread comes on top.",
         "",
     ]
     for k, s in summary.items():
@@ -238,15 +291,27 @@ def markdown(
             ]
         for name, p in s["paired"].items():
             lines.append(f"| {name} | {_fmt(p, signed=True)} | {p['positive']}/{p['n']} |")
+        mine = [p for p in pairs if str(p["k"]) == k]
+        if mine:
+            lines += [
+                "",
+                "| same seed, edit by edit (± edits) | seed | reward | region success "
+                "| background preservation |",
+                "|---|---|---|---|---|",
+            ]
+        for p in mine:
+            cells = " | ".join(_fmt_edits(p[n], 4) for n in EDIT_SCORES)
+            lines.append(f"| {p['pair']} | {p['seed']} | {cells} |")
         lines += [
             "",
-            "| run | reward | gain over base | region success | background preservation | invalid edits |",
+            "| run | reward | gain over base (± edits) | region success | background preservation "
+            "| invalid edits |",
             "|---|---|---|---|---|---|",
         ]
         for r in sorted((r for r in records if str(r["k"]) == k), key=lambda r: (r["arm"], r["seed"])):
             m = r["means"]
             lines.append(
-                f"| {r['run']} | {m['reward']:.3f} | {m['reward'] - b['reward']:+.3f} | "
+                f"| {r['run']} | {m['reward']:.3f} | {_fmt_edits(r['gain_edits'])} | "
                 f"{m['region_success_rate']:.2f} | {m['background_preservation']:.3f} | {m['failed']} |"
             )
         lines.append("")
@@ -284,14 +349,15 @@ def run(args: argparse.Namespace, log: Any = print) -> int:
     base_means = {k: evaluation_means(out) for k, out in bases.items()}
     records = [
         {"k": r["k"], "arm": r["arm"], "seed": r["seed"], "run": r["heldout"].name,
-         "means": evaluation_means(r["heldout"])}
+         "means": evaluation_means(r["heldout"]), "gain_edits": edit_difference(r["heldout"], bases[r["k"]])}
         for r in finished
     ]  # fmt: skip
     summary = summarise(base_means, records)
+    pairs = [] if args.sweep else paired_by_seed(finished)  # a sweep's rows are settings, not arms
     doc = {"examples": args.examples, "noise_seeds": args.noise_seeds, "steps": steps, "sweep": args.sweep,
-           "runs": records, "by_k": summary}  # fmt: skip
+           "runs": records, "by_k": summary, "paired_by_seed": pairs}  # fmt: skip
     (out_dir / "heldout.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
-    (out_dir / "heldout.md").write_text(markdown(summary, records, steps, args))
+    (out_dir / "heldout.md").write_text(markdown(summary, records, steps, args, pairs))
     log(f"wrote {out_dir / 'heldout.md'} and {out_dir / 'heldout.json'}")
     return 0
 

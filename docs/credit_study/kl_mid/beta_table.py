@@ -17,9 +17,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from sfgrpo.evaluation import aggregate
 from sfgrpo.experiments import credit, credit_heldout
 from sfgrpo.experiments.credit_report import mean_ci
 
@@ -44,24 +41,9 @@ def runs(folder: Path) -> tuple[dict, list[dict], list[str]]:
             missing.append(f"{run.workdir} (run {row['status']}, {scoring})")
             continue
         means = credit_heldout.evaluation_means(scored)
-        gain_ci = paired_diff(scored, root / f"base_k{run.k}")[1]
+        gain_ci = credit_heldout.edit_difference(scored, root / f"base_k{run.k}")["ci95"]
         records.append(row | {"heldout": means, "gain_ci": gain_ci, "scored": scored})
     return base, records, missing
-
-
-def paired_diff(a: Path, b: Path, score: str = "reward") -> tuple[float, float]:
-    """Mean of evaluation a's score minus b's, edit by edit (same input, same noise), and its 95% half-width
-    from the examples alone: how much the 512 examples can resolve; seed-to-seed spread comes on top."""
-    values = [
-        {
-            r["key"]: r["scores"][score]
-            for r in aggregate.read_rows(f / "scores.jsonl")
-            if r["overall"] is not None
-        }
-        for f in (a, b)
-    ]
-    diffs = np.array([values[0][k] - values[1][k] for k in values[0].keys() & values[1].keys()])
-    return float(diffs.mean()), float(1.96 * diffs.std(ddof=1) / np.sqrt(len(diffs)))
 
 
 def main(folders: list[Path]) -> None:
@@ -119,9 +101,11 @@ def main(folders: list[Path]) -> None:
         b = by.get(("scalar", beta, seed))
         if arm != "spatial" or b is None:
             continue
-        cells = [paired_diff(a["scored"], b["scored"], name) for name in PAIRED]
+        cells = [credit_heldout.edit_difference(a["scored"], b["scored"], name) for name in PAIRED]
         print(
-            f"| β = {beta:g}, seed {seed} | " + " | ".join(f"{m:+.4f} ± {ci:.4f}" for m, ci in cells) + " |"
+            f"| β = {beta:g}, seed {seed} | "
+            + " | ".join(f"{c['mean']:+.4f} ± {c['ci95']:.4f}" for c in cells)
+            + " |"
         )
     for line in missing:
         print(f"- not in the table: {line}")
