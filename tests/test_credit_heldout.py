@@ -137,10 +137,7 @@ def test_summary_statistics_over_seeds():
 
 def _scores(folder, rows):
     folder.mkdir()
-    lines = [
-        {"key": key, "overall": None if value is None else value, "scores": {"reward": value}}
-        for key, value in rows.items()
-    ]
+    lines = [{"key": key, "overall": value, "scores": {"reward": value}} for key, value in rows.items()]
     (folder / "scores.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
     return folder
 

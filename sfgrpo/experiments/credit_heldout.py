@@ -236,11 +236,6 @@ def _fmt(stat: Mapping[str, Any], digits: int = 3, signed: bool = False) -> str:
     return text if ci is None else f"{text} ± {ci:.{digits}f}"
 
 
-def _fmt_edits(stat: Mapping[str, Any], digits: int = 3) -> str:
-    ci = "" if stat["ci95"] is None else f" ± {stat['ci95']:.{digits}f}"
-    return f"{stat['mean']:+.{digits}f}{ci}"
-
-
 def markdown(
     summary: Mapping[str, Any],
     records: Sequence[Mapping[str, Any]],
@@ -300,7 +295,7 @@ def markdown(
                 "|---|---|---|---|---|",
             ]
         for p in mine:
-            cells = " | ".join(_fmt_edits(p[n], 4) for n in EDIT_SCORES)
+            cells = " | ".join(_fmt(p[n], 4, signed=True) for n in EDIT_SCORES)
             lines.append(f"| {p['pair']} | {p['seed']} | {cells} |")
         lines += [
             "",
@@ -311,7 +306,7 @@ def markdown(
         for r in sorted((r for r in records if str(r["k"]) == k), key=lambda r: (r["arm"], r["seed"])):
             m = r["means"]
             lines.append(
-                f"| {r['run']} | {m['reward']:.3f} | {_fmt_edits(r['gain_edits'])} | "
+                f"| {r['run']} | {m['reward']:.3f} | {_fmt(r['gain_edits'], signed=True)} | "
                 f"{m['region_success_rate']:.2f} | {m['background_preservation']:.3f} | {m['failed']} |"
             )
         lines.append("")
