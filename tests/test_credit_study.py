@@ -351,6 +351,19 @@ def test_a_tiny_study_runs_resumes_and_reports(tmp_path, monkeypatch):
         assert row["status"] == "ok" and [s for s, _ in row["eval_curve"]] == [0, 1, 2, 3]
         assert "resuming from step 2" in (Path(row["workdir"]) / "log.txt").read_text()
 
+    # Stopped (SIGTERM, a time limit) before a new seed's runs start: the report keeps what finished and
+    # lists the rest as not finished, so that credit_heldout can score it.
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt("signal 15")
+
+    monkeypatch.setattr(credit, "execute", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        credit.run_study(credit.parse_args([*longer, "--seeds", "2"]), log=lines.append)
+    doc = json.loads((out / "summary.json").read_text())
+    assert sorted((r["arm"], r["seed"], r["status"]) for r in doc["rows"]) == [
+        ("placebo", 0, "ok"), ("placebo", 1, "missing"), ("scalar", 0, "ok"), ("scalar", 1, "missing"),
+    ]  # fmt: skip
+
 
 def test_a_sweep_only_run_tries_a_kl_penalty_reports_it_and_starts_no_study_run(tmp_path, monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "")

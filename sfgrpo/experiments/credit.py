@@ -572,16 +572,29 @@ def run_study(args: argparse.Namespace, log: Any = print) -> int:
         )
         return 0
     study = study_runs(out, plan, hparams)
-    execute([*bases.values(), *study], args.jobs, {r: bases[r.k] for r in study}, log)
-    rows = [result_of(r) for r in study]
-    plan_report = plan | {"eval_examples": _eval_examples(bases[plan["ks"][0]])}
-    credit_report.write(out, rows, plan_report, hparams)
-    missing = [r for r in rows if r["status"] != "ok"]
-    log(f"wrote {out / 'study.md'}, {out / 'study.png'} and {out / 'summary.json'} ({len(rows)} runs)")
+    try:
+        execute([*bases.values(), *study], args.jobs, {r: bases[r.k] for r in study}, log)
+    except KeyboardInterrupt:
+        # A study stopped at a time limit still reports (and credit_heldout can score) what finished.
+        _write_report(out, plan, bases, study, hparams, log)
+        raise
+    missing = _write_report(out, plan, bases, study, hparams, log)
     if missing:
         log(f"{len(missing)} runs did not finish (status failed or missing); rerun the command to retry them")
         return 1
     return 0
+
+
+def _write_report(
+    out: Path, plan: dict[str, Any], bases: dict[int, Run], study: list[Run], hparams: dict, log: Any
+) -> list[dict[str, Any]]:
+    """Writes study.md, study.png and summary.json over ``study`` (unfinished runs as such); returns the
+    rows of the runs that did not finish."""
+    rows = [result_of(r) for r in study]
+    plan_report = plan | {"eval_examples": _eval_examples(bases[plan["ks"][0]])}
+    credit_report.write(out, rows, plan_report, hparams)
+    log(f"wrote {out / 'study.md'}, {out / 'study.png'} and {out / 'summary.json'} ({len(rows)} runs)")
+    return [r for r in rows if r["status"] != "ok"]
 
 
 def _eval_examples(base: Run) -> Any:
