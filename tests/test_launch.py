@@ -1,7 +1,7 @@
-"""The launch scripts (launch/tpu_v5.sh, launch/gpu_multinode.sh): their dry run (DRY_RUN=1), their argument
-checks and the quoting of awkward overrides, run with bash as subprocesses. No network, no JAX: gcloud,
-ssh, git and python on PATH are stubs that either fail (a call is recorded and the test fails) or record
-their argv."""
+"""The launch scripts (launch/tpu_v5.sh, launch/gpu_multinode.sh, launch/device_credit.sh): their dry run
+(DRY_RUN=1), their argument checks and the quoting of awkward overrides, run with bash as subprocesses. No
+network, no JAX: gcloud, ssh, git, python and tar on PATH are stubs that either fail (a call is recorded and
+the test fails) or record their argv."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TPU = REPO / "launch" / "tpu_v5.sh"
 GPU = REPO / "launch" / "gpu_multinode.sh"
+DEVICE_CREDIT = REPO / "launch" / "device_credit.sh"
 STUBBED = ("gcloud", "ssh", "scp", "git", "python", "python3", "pip", "tar", "mktemp")
 
 # Overrides a shell would mangle if they were not quoted, and one with a newline.
@@ -451,6 +452,52 @@ def test_sfgrpo_config_picks_another_shipped_config(sandbox, script, args, confi
     nothing_ran(sandbox)
 
 
+# --- launch/device_credit.sh -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({}, ["OUT"]),
+        ({"SEEDS": "0"}, ["SEEDS", "'0'"]),
+        ({"SEEDS": "two"}, ["SEEDS", "'two'"]),
+        ({"JOBS": "-1"}, ["JOBS", "'-1'"]),
+        ({"BUDGET_S": "1.5"}, ["BUDGET_S", "'1.5'"]),
+        ({"SCORE_S": ""}, ["SCORE_S"]),
+        ({"FIRST_SEED": "07"}, ["FIRST_SEED", "'07'"]),
+        ({"FIRST_SEED": "a[$(touch PWNED)]"}, ["FIRST_SEED"]),
+        ({"TINY": "yes"}, ["TINY", "'yes'"]),
+    ],
+)
+def test_device_credit_bad_settings(sandbox, tmp_path, env, names):
+    env = ({"OUT": str(tmp_path / "out")} if names != ["OUT"] else {}) | env
+    one_line_error(run(DEVICE_CREDIT, [], sandbox, **env), *names)
+    nothing_ran(sandbox)
+    assert not (sandbox["home"] / "PWNED").exists() and not (REPO / "PWNED").exists()
+
+
+def test_device_credit_runs_the_declared_study_then_scores_and_packs_it(sandbox, tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    result = run(DEVICE_CREDIT, [], sandbox, "record", OUT=str(out), WORK=str(work), PYTHON="python3")
+    assert result.returncode == 0, result.stderr
+    ran = [(name, args) for name, _, args in calls(sandbox) if args[:2] != ["-m", "pip"]]  # .whl/ or not
+    assert [name for name, _ in ran] == ["python3", "python3", "python3", "tar"]
+    study, score = ran[1][1], ran[2][1]
+    # The declared confirmation (docs/credit_study/kl01_confirm): seeds 7-9, every arm, β = 0.1, 40 steps.
+    assert study[:2] == ["-m", "sfgrpo.experiments.credit"]
+    assert " ".join(study[2:]) == (
+        f"--out {work} --ks 2 --first-seed 7 --seeds 3 --arms scalar,spatial,placebo --jobs 3 "
+        "--sweep-seeds 0 --hparams docs/credit_study/kl_mid/hparams_beta0.1.json --set rl.grad_accum=1 "
+        "--set rl.inner_epochs=2 --steps 40 --eval-every 5"
+    )
+    assert score == ["-m", "sfgrpo.experiments.credit_heldout", "--study", str(work), "--examples", "512",
+                     "--jobs", "3"]  # fmt: skip
+    tar = ran[3][1]
+    assert tar[:2] == ["-czf", f"{out}/credit_device.tar.gz"] and tar[-3:] == ["-C", str(tmp_path), "work"]
+    assert {"--exclude=checkpoints", "--exclude=warmstart", "--exclude=export"} <= set(tar)
+    assert "scoring exited 0" in (out / "device_credit.log").read_text()
+
+
 def test_scripts_are_executable():
-    for script in (TPU, GPU):
+    for script in (TPU, GPU, DEVICE_CREDIT, REPO / "launch" / "device_wheels.sh"):
         assert os.access(script, os.X_OK), script
