@@ -3,8 +3,8 @@
     python docs/credit_study/kl01_confirm/rules.py HELDOUT_JSON [HELDOUT_JSON ...] > rules.md
 
 Each HELDOUT_JSON is the `heldout.json` that `python -m sfgrpo.experiments.credit_heldout --study DIR
---examples 512` wrote for one study folder (seeds 5-6 in `run/`, seed 7 in `run_s7/`). A seed may appear in
-one file only. The rules:
+--examples 512` wrote for one study folder (seeds 5-6 in `run/`; later seeds in their own). A seed may
+appear in one file only. The rules:
 - a pair of arms "beats" when its edit-by-edit difference is above 0 on every seed and its mean over the
   seeds is at least 0.010;
 - an arm "improves on its base" when every seed gains at least 0.010 over its own folder's base and none
