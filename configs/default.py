@@ -95,6 +95,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.warmstart.batch_size = 32
     c.warmstart.lr = 2e-3
     c.warmstart.seed = -1  # the random init and the warm start's batch order; -1: the run's seed
+    # Saves the warm start's progress every this many steps (and at a SIGTERM): a rerun resumes from it.
+    c.warmstart.checkpoint_every = 100
 
     # SpatialFlow-GRPO (SPEC sections 7-8).
     c.rl = ml_collections.ConfigDict()

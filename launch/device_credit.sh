@@ -81,8 +81,8 @@ echo "scoring exited $score_rc after $((SECONDS - start)) s"
 # Everything but checkpoints, caches and exports, in one archive; the reports beside it (the device tool
 # brings back at most 8 files of at most 16 MiB each).
 pack() {
-  tar -czf "$OUT/credit_device.tar.gz" --exclude=checkpoints --exclude=warmstart --exclude=export --exclude=tb \
-    --exclude='*.new' "$@" -C "$(dirname "$WORK")" "$(basename "$WORK")"
+  tar -czf "$OUT/credit_device.tar.gz" --exclude=checkpoints --exclude=warmstart --exclude=warmstart_progress \
+    --exclude=export --exclude=tb --exclude='*.new' "$@" -C "$(dirname "$WORK")" "$(basename "$WORK")"
 }
 pack
 if (($(stat -c %s "$OUT/credit_device.tar.gz" 2>/dev/null || echo 0) > 15 * 1024 * 1024)); then

@@ -388,6 +388,7 @@ def _validate_numbers(config: ml_collections.ConfigDict) -> None:
         )
     if config.warmstart.steps > 0:
         counts["warmstart.batch_size"] = 1
+        counts["warmstart.checkpoint_every"] = 1
     if config.data.source == "shapes":
         counts.update({"data.shapes_train": 1, "data.shapes_eval": 1})
     for key, least in counts.items():

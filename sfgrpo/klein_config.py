@@ -79,7 +79,7 @@ def klein_config() -> ml_collections.ConfigDict:
     c.sampler.cfg_scale = 1.0
 
     # The real model already edits: no supervised warm start.
-    c.warmstart = ml_collections.ConfigDict(dict(steps=0, batch_size=8, lr=0.0))
+    c.warmstart = ml_collections.ConfigDict(dict(steps=0, batch_size=8, lr=0.0, checkpoint_every=100))
 
     # SpatialFlow-GRPO (SPEC sections 7-8).
     c.rl = ml_collections.ConfigDict()

@@ -35,6 +35,7 @@ HARMLESS: tuple[str, ...] = (
     "train.eval_benchmark_judge_model",
     "train.eval_benchmark_box_format",
     "data.num_workers",
+    "warmstart.checkpoint_every",  # how often the warm start saves its progress
     "mesh.",  # checkpoints restore onto any mesh
     "model.remat",
     "model.scan_unroll",

@@ -1,7 +1,7 @@
 """The training loop: a supervised warm start, then SpatialFlow-GRPO (SPEC section 9), read top to bottom.
 
 Outputs in the workdir: ``metrics.jsonl`` and TensorBoard events (``tb/``), ``warmstart/`` (the cached warm
-start), ``checkpoints/`` (Orbax: trainable params, optimizer, step, RNG, data position), evaluation grids
+start; ``warmstart_progress/`` while it trains), ``checkpoints/`` (Orbax: trainable params, optimizer, step, RNG, data position), evaluation grids
 ``eval_grid_step<N>.png``, the reward plot ``rewards.png``, ``export/step_<N>/`` (the trained model for
 diffusers, ``sfgrpo.export``) and, for a FLUX.2-klein run, ``base_model.json`` (its base folder's
 fingerprint). Rerunning with the same workdir resumes.
@@ -155,21 +155,41 @@ def _train(
             return it, ((b, builders.device_batch(b, mesh, model.text_fields)) for b in it)
 
         # --- The supervised warm start (cached) ----------------------------------------------------------
-        if not warm_cached:
-            dropped = writer.truncate_after(-1, stage="warmstart")
+        warm_progress_dir = workdir / warmstart.PROGRESS_DIR
+        if warm_cached:
+            if warm_progress_dir.exists():
+                # A kill between writing the cache and removing the progress leaves progress of no use.
+                warmstart.remove_progress(warm_progress_dir)
+        elif config.warmstart.steps == 0:
+            _log.info("warm start: skipped (warmstart.steps = 0)")
+        else:
+            progress = warmstart.Progress(
+                warm_progress_dir, warm_fingerprint, save_every=config.warmstart.checkpoint_every
+            )
+            # Lines logged after the step it resumes from (all of them, starting afresh) are dropped.
+            dropped = writer.truncate_after(progress.step, stage="warmstart")
             if dropped:
-                _log.info("warm start: restarting; dropped %d metric lines of an interrupted one", dropped)
+                _log.info(
+                    "warm start: %s; dropped %d metric lines of an interrupted one",
+                    f"resuming after step {progress.step}" if progress.step else "restarting",
+                    dropped,
+                )
             per_host = config.warmstart.batch_size // jax.process_count()
-            _, warm_batches = batches(train_source, per_host, 1, warm_seed + 1)
+
+            def warm_batches(data_state: Any) -> Any:
+                it, device = batches(train_source, per_host, 1, warm_seed + 1, data_state)
+                return (d for _, d in device), it.get_state
+
             warmstart.run(
                 policy,
                 condition,
-                (device for _, device in warm_batches),
+                warm_batches,
                 steps=config.warmstart.steps,
                 lr=config.warmstart.lr,
                 seed=warm_seed,
                 cache_dir=warm_cache,
                 fingerprint=warm_fingerprint,
+                progress=progress,
                 log_metrics=lambda step, m: writer.write(step, "warmstart", m),
                 should_stop=guard.should_stop,
             )

@@ -8,6 +8,11 @@ instruction and the source's reference tokens.
 The cache holds a fingerprint of what it was trained from (``fingerprint``: the model, data and warm-start
 settings and the seed); a cache whose fingerprint differs from the run's is not loaded, and the warm start
 trains again and replaces it.
+
+While it trains, the warm start saves its progress (parameters, optimizer state, data position) every
+``warmstart.checkpoint_every`` steps and when stopped by SIGTERM (``Progress``, in
+``workdir/warmstart_progress``): rerunning the command resumes it from there, to the same result as an
+uninterrupted one. The progress is removed once the cache is written.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import optax
 from flax import nnx
 
 from sfgrpo import builders, checkpoint
+from sfgrpo.checkpoint import Checkpointer
 from sfgrpo.models.policy import EditPolicy
 from sfgrpo.preemption import Preempted
 from sfgrpo.rl.step import PolicyParts, merge
@@ -62,10 +68,12 @@ def _split(policy: EditPolicy) -> tuple[Any, Any, Any]:
 
 
 FINGERPRINT_FILE = "sfgrpo_fingerprint.json"  # inside the cache directory, written with it
+PROGRESS_DIR = "warmstart_progress"  # in the workdir, beside the cache: the checkpoints of a warm start
 # Settings that change neither the warm start's data nor its result: changing them keeps the cache. LoRA is
 # attached after the warm start, to the base it trained.
 _NOT_FINGERPRINTED = {
     "data": ("num_workers",),
+    "warmstart": ("checkpoint_every",),
     "model": (
         "lora_rank",
         "lora_alpha",
@@ -130,16 +138,94 @@ def load_cached(policy: EditPolicy, cache_dir: Path, fingerprint: dict[str, Any]
     return True
 
 
+class Progress:
+    """The checkpoints of a warm start in progress: (parameters, optimizer state) with the data position,
+    every ``save_every`` steps and at a SIGTERM, in ``directory`` (the newest one kept).
+
+    Opening it finds where to resume: ``step`` is the newest saved step made from ``fingerprint``, or 0.
+    Progress made from other settings, or unreadable, is of no use to this run: it is removed with a
+    warning naming why, and the warm start starts from step 0. Opening is a collective.
+    """
+
+    def __init__(self, directory: Path, fingerprint: dict[str, Any], *, save_every: int) -> None:
+        self.directory = Path(directory)
+        self.fingerprint = fingerprint
+        self.save_every = save_every
+        self.step = 0
+        self._ckpt = self._open()
+        latest = self._ckpt.latest_step()
+        if latest is None:
+            return
+        why = self._unusable(latest)
+        if why is None:
+            self.step = latest
+            return
+        _log.warning(
+            "warm start: the progress at %s (step %d) %s; it is removed, and the warm start starts afresh",
+            self.directory,
+            latest,
+            why,
+        )
+        self._ckpt.close()
+        _remove(self.directory, "warmstart-progress-stale")
+        self._ckpt = self._open()
+
+    def _open(self) -> Checkpointer:
+        return Checkpointer(self.directory, save_every=self.save_every, keep=1)
+
+    def _unusable(self, step: int) -> str | None:
+        try:
+            stored = self._ckpt.read_meta(step).get("fingerprint", {})
+        except checkpoint.CheckpointCorruptError as err:
+            return f"cannot be read ({err.reason or err})"
+        if stored.get("sha256") == self.fingerprint["sha256"]:
+            return None
+        changed = [k for k in self.fingerprint if k != "sha256" and stored.get(k) != self.fingerprint[k]]
+        return f"was made from other settings ({', '.join(changed) or 'sha256'} differ)"
+
+    def restore(self, abstract: Any) -> tuple[Any, Any]:
+        """(train state, data position) of ``step``, placed like ``abstract`` (concrete arrays will do)."""
+        state, data_state, _ = self._ckpt.restore(self.step, abstract_train_state=abstract)
+        return state, data_state
+
+    def save(self, step: int, state: Any, data_state: Any, *, force: bool = False) -> bool:
+        """Saves ``step`` when it is due (or ``force``) and not on disk yet; returns whether it did."""
+        meta = {"fingerprint": self.fingerprint, "step": int(step)}
+        return self._ckpt.save(step, state, data_state, meta, force=force)
+
+    def close(self) -> None:
+        """Waits for pending saves; the progress stays on disk."""
+        self._ckpt.close()
+
+    def discard(self) -> None:
+        """Waits for pending saves and removes the progress (once the cache holds the result)."""
+        self._ckpt.close()
+        _remove(self.directory, "warmstart-progress-done")
+
+
+def remove_progress(directory: Path) -> None:
+    """Removes the progress of a warm start whose cache is complete (a collective)."""
+    _log.info("warm start: the cache is complete; removing its leftover progress at %s", directory)
+    _remove(directory, "warmstart-progress-leftover")
+
+
+def _remove(directory: Path, name: str) -> None:
+    if jax.process_index() == 0:
+        shutil.rmtree(directory, ignore_errors=True)
+    _sync(name)
+
+
 def run(
     policy: EditPolicy,
     condition: Any,
-    batches: Iterator[dict[str, jax.Array]],
+    batches: Callable[[Any], tuple[Iterator[dict[str, jax.Array]], Callable[[], Any]]],
     *,
     steps: int,
     lr: float,
     seed: int,
     cache_dir: Path,
     fingerprint: dict[str, Any],
+    progress: Progress,
     log_metrics: Callable[[int, dict[str, float]], None],
     should_stop: Callable[[], bool] = lambda: False,
 ) -> None:
@@ -148,12 +234,16 @@ def run(
     Args:
       policy: updated in place.
       condition: the run's ``iteration.Conditioner`` (conditioning and the autoencoder).
-      batches: device batches with 'source', 'target', 'text_ids'.
+      batches: given a data position (None: the start), (device batches with 'source', 'target',
+        'text_ids' from there, a function giving the position after the last batch drawn).
       cache_dir: where the trained parameters are cached (see ``load_cached``); a stale cache there is
         replaced, only once the new one is complete.
       fingerprint: the run's ``fingerprint(config)``, stored with the cache.
+      progress: the warm start's checkpoints: it resumes after ``progress.step``, saves as it goes, and
+        the progress is removed once the cache is written.
       log_metrics: called with (step, scalars) every few steps.
-      should_stop: asked before every step (a collective on several processes); True raises Preempted.
+      should_stop: asked before every step (a collective on several processes); True saves the progress
+        and raises Preempted.
     """
     graphdef, params, rest = _split(policy)
     if steps == 0:
@@ -163,7 +253,13 @@ def run(
     optimizer = optax.chain(
         optax.clip_by_global_norm(1.0), optax.adamw(optax.cosine_decay_schedule(lr, steps))
     )
-    opt_state = optimizer.init(params)
+    state = {"params": params, "opt_state": optimizer.init(params)}
+    data_state = None
+    done = progress.step
+    if done:
+        state, data_state = progress.restore(state)
+        _log.info("warm start: resuming after step %d of %d from %s", done, steps, progress.directory)
+    device_batches, position = batches(data_state)
     parts = PolicyParts(graphdef, params, rest)
 
     def train_step(params: Any, opt_state: Any, batch: dict[str, jax.Array], key: jax.Array) -> Any:
@@ -175,27 +271,41 @@ def run(
     key = jax.random.key(seed)
     losses: list[jax.Array] = []
     start = time.perf_counter()
-    for step in range(1, steps + 1):
+    for step in range(done + 1, steps + 1):
         if should_stop():
+            saved = step - 1 > 0
+            if saved:
+                progress.save(step - 1, state, data_state, force=True)  # no-op if on disk already
+            progress.close()
             raise Preempted(
-                f"stopped on SIGTERM during the warm start, at step {step - 1} of {steps}: nothing is saved "
-                "before it ends; rerunning the same command restarts the warm start"
+                f"stopped on SIGTERM during the warm start, after step {step - 1} of {steps}: "
+                + (
+                    f"its progress is saved in {progress.directory}; rerun the same command to resume it"
+                    if saved
+                    else "nothing to save; rerun the same command to start it"
+                )
             )
-        batch = next(batches)
+        batch = next(device_batches)
         step_key = jax.random.fold_in(key, step)
         if step_fn is None:
             t0 = time.perf_counter()
-            step_fn = jax.jit(train_step).lower(params, opt_state, batch, step_key).compile()
+            step_fn = (
+                jax.jit(train_step).lower(state["params"], state["opt_state"], batch, step_key).compile()
+            )
             _log.info("compiled warm-start step in %.1f s (once)", time.perf_counter() - t0)
-        params, opt_state, loss = step_fn(params, opt_state, batch, step_key)
+        new_params, new_opt_state, loss = step_fn(state["params"], state["opt_state"], batch, step_key)
+        state, data_state = {"params": new_params, "opt_state": new_opt_state}, position()
         losses.append(loss)
         if step % 50 == 0 or step == steps:
             mean = float(np.mean(jax.device_get(losses)))
             losses.clear()
             log_metrics(step, {"loss": mean, "time/elapsed_s": time.perf_counter() - start})
             _log.info("warm start %d/%d: flow-matching loss %.4f", step, steps, mean)
-    _replace_cache(cache_dir, params, fingerprint)
-    nnx.update(policy, params)
+        if step < steps:
+            progress.save(step, state, data_state)
+    _replace_cache(cache_dir, state["params"], fingerprint)
+    progress.discard()
+    nnx.update(policy, state["params"])
 
 
 def _replace_cache(cache_dir: Path, params: Any, fingerprint: dict[str, Any]) -> None:

@@ -71,6 +71,7 @@ CONFIG_VALUES = [
     ("reward.scale", 0.0, "config.reward.scale"),
     ("reward.kind", "nope", "config.reward.kind"),
     ("warmstart.batch_size", 0, "config.warmstart.batch_size: must be an integer >= 1, got 0"),
+    ("warmstart.checkpoint_every", 0, "config.warmstart.checkpoint_every: must be an integer >= 1, got 0"),
     ("warmstart.steps", -1, "config.warmstart.steps"),
     ("warmstart.lr", NAN, "config.warmstart.lr"),
     ("sampler.num_steps", 0, "config.sampler.num_steps"),

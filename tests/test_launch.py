@@ -494,7 +494,12 @@ def test_device_credit_runs_the_declared_study_then_scores_and_packs_it(sandbox,
                      "--jobs", "3"]  # fmt: skip
     tar = ran[3][1]
     assert tar[:2] == ["-czf", f"{out}/credit_device.tar.gz"] and tar[-3:] == ["-C", str(tmp_path), "work"]
-    assert {"--exclude=checkpoints", "--exclude=warmstart", "--exclude=export"} <= set(tar)
+    assert {
+        "--exclude=checkpoints",
+        "--exclude=warmstart",
+        "--exclude=warmstart_progress",
+        "--exclude=export",
+    } <= set(tar)
     assert "scoring exited 0" in (out / "device_credit.log").read_text()
 
 

@@ -204,6 +204,23 @@ def test_resume_after_killing_both_processes_is_bitwise_exact(two, tmp_path):
         assert a["loss"] == b["loss"] and a["reward/mean"] == b["reward/mean"]
 
 
+def test_a_warm_start_killed_on_both_processes_resumes_from_its_progress(two, tmp_path):
+    """Both processes killed during the warm start, after one progress save: the rerun resumes the warm
+    start from that save, and the run ends bitwise equal to the uninterrupted one."""
+    workdir = tmp_path / "work"
+    overrides = [*TWO, "--config.warmstart.checkpoint_every=50"]  # not part of the experiment
+    group = _run(workdir, overrides, 2, tmp_path / "logs1")
+    progress = workdir / "warmstart_progress"
+    wait_for(lambda: (progress / "50").is_dir(), group, TIMEOUT, "warm-start progress at step 50")
+    group.kill()
+    assert not (workdir / "warmstart").exists(), "the warm start ended before it was killed"
+    outputs = _finish(_run(workdir, overrides, 2, tmp_path / "logs2"))
+    for out in outputs:
+        assert "warm start: resuming after step" in out, out[-3000:]
+    assert not progress.exists()
+    _same_params(workdir, two[0])
+
+
 def _sigterm_then_resume(reference: Path, overrides: list[str], n: int, target: int, tmp_path: Path) -> float:
     """SIGTERM to process ``target`` once iteration 1 is logged; every process saves and exits 0; a rerun
     ends bitwise equal to ``reference``. Returns the seconds from the signal to the last exit."""

@@ -269,6 +269,28 @@ def test_sigterm_saves_the_step_it_stops_at_and_the_rerun_is_exact(full_run, tmp
     assert steps == [1, 2, 3, 4]
 
 
+def test_a_stop_during_the_warm_start_resumes_it_exactly(full_run, tmp_path, monkeypatch, caplog):
+    """A SIGTERM during the warm start saves its progress; the rerun resumes the warm start from it (not
+    from step 0) and the run ends bit-equal to one never stopped."""
+    workdir = tmp_path / "warm_stop"
+    c = _config(4)
+    c.warmstart.checkpoint_every = 100  # no scheduled save: only the stop's own
+    asked = iter(range(1, 1000))
+    # Asked before every warm-start step: stop before step 2, after step 1 of 2.
+    monkeypatch.setattr(preemption.PreemptionGuard, "should_stop", lambda self: next(asked) == 2)
+    with pytest.raises(preemption.Preempted, match="after step 1 of 2: its progress is saved"):
+        train.train(c, workdir)
+    monkeypatch.undo()
+    progress = workdir / "warmstart_progress"
+    assert sorted(p.name for p in progress.iterdir() if p.name.isdigit()) == ["1"]
+    assert not (workdir / "warmstart").exists()
+    with caplog.at_level("INFO"):
+        train.train(c, workdir)
+    assert "warm start: resuming after step 1 of 2" in caplog.text
+    assert not progress.exists()
+    _assert_same_params(train.final_params(workdir), train.final_params(full_run[0]))
+
+
 def test_workdir_that_is_a_file_is_refused(tmp_path):
     path = tmp_path / "file"
     path.write_text("not a directory")
