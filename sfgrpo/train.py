@@ -1,10 +1,10 @@
 """The training loop: a supervised warm start, then SpatialFlow-GRPO (SPEC section 9), read top to bottom.
 
 Outputs in the workdir: ``metrics.jsonl`` and TensorBoard events (``tb/``), ``warmstart/`` (the cached warm
-start; ``warmstart_progress/`` while it trains), ``checkpoints/`` (Orbax: trainable params, optimizer, step, RNG, data position), evaluation grids
-``eval_grid_step<N>.png``, the reward plot ``rewards.png``, ``export/step_<N>/`` (the trained model for
-diffusers, ``sfgrpo.export``) and, for a FLUX.2-klein run, ``base_model.json`` (its base folder's
-fingerprint). Rerunning with the same workdir resumes.
+start; ``warmstart_progress/`` while it trains), ``checkpoints/`` (Orbax: trainable params, optimizer,
+step, RNG, data position), evaluation grids ``eval_grid_step<N>.png``, the reward plot ``rewards.png``,
+``export/step_<N>/`` (the trained model for diffusers, ``sfgrpo.export``) and, for a FLUX.2-klein run,
+``base_model.json`` (its base folder's fingerprint). Rerunning with the same workdir resumes.
 """
 
 from __future__ import annotations

@@ -238,6 +238,7 @@ def run(
         'text_ids' from there, a function giving the position after the last batch drawn).
       cache_dir: where the trained parameters are cached (see ``load_cached``); a stale cache there is
         replaced, only once the new one is complete.
+      steps: >= 1 (train skips the warm start at 0).
       fingerprint: the run's ``fingerprint(config)``, stored with the cache.
       progress: the warm start's checkpoints: it resumes after ``progress.step``, saves as it goes, and
         the progress is removed once the cache is written.
@@ -246,10 +247,6 @@ def run(
         and raises Preempted.
     """
     graphdef, params, rest = _split(policy)
-    if steps == 0:
-        _log.info("warm start: skipped (warmstart.steps = 0)")
-        return
-
     optimizer = optax.chain(
         optax.clip_by_global_norm(1.0), optax.adamw(optax.cosine_decay_schedule(lr, steps))
     )
