@@ -173,6 +173,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # of the run, and every export_every steps when > 0.
     c.train.export_format = "auto"
     c.train.export_every = 0
+    # A folder for compiled programs ('' for none; sfgrpo/compile_cache.py): a restart, a resume or
+    # another run with the same shapes loads them instead of compiling again.
+    c.train.compilation_cache_dir = ""
 
     if arg == "runlocal":
         c.warmstart.steps = 20

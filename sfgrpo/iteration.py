@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sfgrpo import compile_cache
 from sfgrpo.models.flux2 import make_position_ids
 from sfgrpo.models.policy import Conditioning
 from sfgrpo.rewards.base import RegionScores, score_rewards
@@ -331,13 +332,14 @@ class Programs:
     def compile(self, name: str, *args: Any) -> Callable[..., Any]:
         """Compiles program ``name`` for ``args``' shapes once and logs the time it took."""
         if name not in self.compiled:
-            start = time.perf_counter()
+            start, hits = time.perf_counter(), compile_cache.hits()
             self.compiled[name] = self._jit[name].lower(*args).compile()
             self.compile_seconds[name] = time.perf_counter() - start
             _log.info(
-                "compiled %s in %.1f s (once: its shapes are fixed for the run)",
+                "compiled %s in %.1f s (once: its shapes are fixed for the run; %s)",
                 name,
                 self.compile_seconds[name],
+                compile_cache.origin(hits),
             )
         return self.compiled[name]
 

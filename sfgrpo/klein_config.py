@@ -140,4 +140,8 @@ def klein_config() -> ml_collections.ConfigDict:
     # of the run, and every export_every steps when > 0.
     c.train.export_format = "auto"
     c.train.export_every = 0
+    # A folder for compiled programs ('' for none; sfgrpo/compile_cache.py): a restart or a resume after
+    # a preemption loads them instead of compiling for minutes again. A local disk on each host or a
+    # gs:// bucket; for example /mnt/disks/cache/jax_compile.
+    c.train.compilation_cache_dir = ""
     return c

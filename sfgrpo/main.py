@@ -89,6 +89,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
     from sfgrpo import builders, checkpoint, preemption, train  # noqa: PLC0415 - after the runtime is initialised
     from sfgrpo.rewards.base import RewardError  # noqa: PLC0415
 
+    problem = _use_compilation_cache(config)
+    if problem:
+        print(f"sfgrpo: {problem}", file=sys.stderr, flush=True)
+        return 2
     try:
         final = train.train(config, workdir)
     except preemption.Preempted as stop:
@@ -99,6 +103,32 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
         return 2
     logging.info("done: %s", ", ".join(f"{k}={v:.4f}" for k, v in sorted(final.items())))
     return 0
+
+
+def _use_compilation_cache(config: ml_collections.ConfigDict) -> str | None:
+    """Turns on the persistent compilation cache of ``train.compilation_cache_dir`` (before anything
+    compiles) and logs the cache in use, this key's or the environment's (``JAX_COMPILATION_CACHE_DIR``);
+    returns a problem with the folder, or None."""
+    import jax  # noqa: PLC0415
+
+    from sfgrpo import compile_cache  # noqa: PLC0415
+
+    if config.train.compilation_cache_dir:
+        try:
+            compile_cache.use(config.train.compilation_cache_dir)
+        except ValueError as err:
+            return str(err)
+    folder = jax.config.jax_compilation_cache_dir
+    if folder:
+        logging.info(
+            "persistent compilation cache: %s (%d programs); a program compiled before with the same "
+            "shapes, devices and flags loads from it",
+            folder,
+            compile_cache.entries(folder),
+        )
+    else:
+        logging.info("no persistent compilation cache (train.compilation_cache_dir): every program compiles")
+    return None
 
 
 def _exit(status: int) -> None:

@@ -28,6 +28,7 @@ HARMLESS: tuple[str, ...] = (
     "train.restore_fallback",
     "train.export_format",  # what the run writes for diffusers, not what it learns
     "train.export_every",
+    "train.compilation_cache_dir",  # where compiled programs are kept: they compute the same
     "train.eval_benchmark",  # what the run reports at its evaluations, not what it learns
     "train.eval_benchmark_protocol",
     "train.eval_benchmark_examples",
@@ -64,6 +65,7 @@ INTRODUCED_WITH_NEUTRAL_VALUE: dict[str, Any] = {
     "train.eval_benchmark_judge_url": "",
     "train.eval_benchmark_judge_model": "",
     "train.eval_benchmark_box_format": "",
+    "train.compilation_cache_dir": "",
 }
 GLOBAL_BATCH = "global batch (rl.batch_size x processes)"
 _MAX_SHOWN = 8

@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sfgrpo import builders, checkpoint
+from sfgrpo import builders, checkpoint, compile_cache
 from sfgrpo.checkpoint import Checkpointer
 from sfgrpo.models.policy import EditPolicy
 from sfgrpo.preemption import Preempted
@@ -285,11 +285,15 @@ def run(
         batch = next(device_batches)
         step_key = jax.random.fold_in(key, step)
         if step_fn is None:
-            t0 = time.perf_counter()
+            t0, hits = time.perf_counter(), compile_cache.hits()
             step_fn = (
                 jax.jit(train_step).lower(state["params"], state["opt_state"], batch, step_key).compile()
             )
-            _log.info("compiled warm-start step in %.1f s (once)", time.perf_counter() - t0)
+            _log.info(
+                "compiled warm-start step in %.1f s (once; %s)",
+                time.perf_counter() - t0,
+                compile_cache.origin(hits),
+            )
         new_params, new_opt_state, loss = step_fn(state["params"], state["opt_state"], batch, step_key)
         state, data_state = {"params": new_params, "opt_state": new_opt_state}, position()
         losses.append(loss)

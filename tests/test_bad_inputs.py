@@ -121,6 +121,17 @@ def test_main_config_values(tmp_path, capsys, key, value, message):
     assert snapshot(tmp_path) == before
 
 
+def test_main_compilation_cache_dir_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "cache").write_text("not a folder")
+    config = tiny_config()
+    config.train.compilation_cache_dir = str(tmp_path / "cache")
+    before = snapshot(tmp_path)
+    code, err = _run_main(config, tmp_path / "run", capsys)
+    assert code == 2
+    assert_one_line(err, "sfgrpo: config.train.compilation_cache_dir: ", "exists and is not a folder")
+    assert snapshot(tmp_path) == before
+
+
 # --- sfgrpo.main: what the config points at ------------------------------------------------------------
 
 
