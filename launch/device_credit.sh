@@ -82,7 +82,8 @@ echo "scoring exited $score_rc after $((SECONDS - start)) s"
 # brings back at most 8 files of at most 16 MiB each).
 pack() {
   tar -czf "$OUT/credit_device.tar.gz" --exclude=checkpoints --exclude=warmstart --exclude=warmstart_progress \
-    --exclude=export --exclude=tb --exclude='*.new' "$@" -C "$(dirname "$WORK")" "$(basename "$WORK")"
+    --exclude=compile_cache --exclude=export --exclude=tb --exclude='*.new' "$@" \
+    -C "$(dirname "$WORK")" "$(basename "$WORK")"
 }
 pack
 if (($(stat -c %s "$OUT/credit_device.tar.gz" 2>/dev/null || echo 0) > 15 * 1024 * 1024)); then

@@ -498,6 +498,7 @@ def test_device_credit_runs_the_declared_study_then_scores_and_packs_it(sandbox,
         "--exclude=checkpoints",
         "--exclude=warmstart",
         "--exclude=warmstart_progress",
+        "--exclude=compile_cache",  # the study's shared compiled programs: large, and only for this machine
         "--exclude=export",
     } <= set(tar)
     assert "scoring exited 0" in (out / "device_credit.log").read_text()

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from sfgrpo import compile_cache
 from sfgrpo.experiments import processes
 
 
@@ -69,3 +70,14 @@ def test_several_jobs_get_one_xla_thread_each_and_no_gpu_preallocation(monkeypat
         "--xla_cpu_multi_thread_eigen=false",
     ]
     assert two["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+
+
+def test_a_compile_cache_folder_is_shared_unless_the_environment_names_one(monkeypatch, tmp_path):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    env = processes.environment(2, tmp_path / "compile_cache")
+    assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "compile_cache")
+    # Size-limited: jax then locks the folder, so runs started together never read a half-written entry.
+    assert int(env["JAX_COMPILATION_CACHE_MAX_SIZE"]) == compile_cache.MAX_BYTES
+    assert "JAX_COMPILATION_CACHE_DIR" not in processes.environment(2)
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/elsewhere")
+    assert processes.environment(2, tmp_path / "compile_cache")["JAX_COMPILATION_CACHE_DIR"] == "/elsewhere"

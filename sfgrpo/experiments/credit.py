@@ -49,6 +49,7 @@ ARMS: dict[str, dict[str, Any]] = {
 }
 # The placebo must differ from spatial in the map only, so it is not swept: it takes spatial's settings.
 HPARAMS_FROM = {"placebo": "spatial"}
+COMPILE_CACHE = "compile_cache"  # the study's runs and scoring share compiled programs here
 TASK_SEED = 0  # data.seed and warmstart.seed of every run: one task and one base model per K
 SWEEP_SEED0 = 1000  # sweep seeds are 1000, 1001, ...; study seeds are first-seed .. first-seed+seeds-1
 PLAN_FILE = "study.json"
@@ -450,8 +451,15 @@ def result_of(run: Run) -> dict[str, Any]:
     return row | {"status": "ok", "seconds": done.get("seconds")} | credit_report.run_record(run.workdir)
 
 
-def execute(runs: Sequence[Run], jobs: int, needs: dict[Run, Run], log: Any = print) -> None:
+def execute(
+    runs: Sequence[Run],
+    jobs: int,
+    needs: dict[Run, Run],
+    log: Any = print,
+    compile_cache_dir: Path | None = None,
+) -> None:
     """Runs every unfinished run, ``jobs`` at a time; a run waits for the run ``needs`` names (its base).
+    With ``compile_cache_dir`` the runs share a persistent compilation cache there.
 
     A run that fails is recorded (``study_failed.json`` with its exit status and log) and the others go on;
     runs that need a failed one are not started.
@@ -460,7 +468,7 @@ def execute(runs: Sequence[Run], jobs: int, needs: dict[Run, Run], log: Any = pr
     skipped = len(runs) - len(pending)
     if skipped:
         log(f"{skipped} of {len(runs)} runs already finished: skipped")
-    pool = processes.ProcessPool(processes.environment(jobs))
+    pool = processes.ProcessPool(processes.environment(jobs, compile_cache_dir))
     failed: set[Run] = set()
     ready: set[Run] = set()  # needs seen finished: the polling loop stops re-reading their metrics
     start, done_count = time.monotonic(), 0
@@ -548,7 +556,9 @@ def run_study(args: argparse.Namespace, log: Any = print) -> int:
     all_runs: list[Run] = list(bases.values())
     if "sweep" in plan:
         sweep = sweep_runs(out, plan)
-        execute([*bases.values(), *sweep], args.jobs, {r: bases[r.k] for r in sweep}, log)
+        execute(
+            [*bases.values(), *sweep], args.jobs, {r: bases[r.k] for r in sweep}, log, out / COMPILE_CACHE
+        )
         results = {r: result_of(r) for r in sweep}
         failed = [r for r in sweep if results[r]["status"] != "ok"]
         if failed:
@@ -573,7 +583,9 @@ def run_study(args: argparse.Namespace, log: Any = print) -> int:
         return 0
     study = study_runs(out, plan, hparams)
     try:
-        execute([*bases.values(), *study], args.jobs, {r: bases[r.k] for r in study}, log)
+        execute(
+            [*bases.values(), *study], args.jobs, {r: bases[r.k] for r in study}, log, out / COMPILE_CACHE
+        )
     except KeyboardInterrupt:
         # A study stopped at a time limit still reports (and credit_heldout can score) what finished.
         _write_report(out, plan, bases, study, hparams, log)

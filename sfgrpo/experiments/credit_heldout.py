@@ -120,14 +120,19 @@ def _complete(out: Path, expected: int) -> bool:
 
 
 def run_evaluations(
-    jobs: Sequence[tuple[Path, list[str]]], parallel: int, expected: int, log: Any
+    jobs: Sequence[tuple[Path, list[str]]],
+    parallel: int,
+    expected: int,
+    log: Any,
+    compile_cache_dir: Path | None = None,
 ) -> list[Path]:
     """Runs each (out folder, command) whose evaluation is not complete, ``parallel`` at a time; returns the
-    folders whose evaluation failed (their ``log.txt`` says why)."""
+    folders whose evaluation failed (their ``log.txt`` says why). With ``compile_cache_dir`` they share a
+    persistent compilation cache there."""
     pending = [(out, cmd) for out, cmd in jobs if not _complete(out, expected)]
     if len(pending) < len(jobs):
         log(f"{len(jobs) - len(pending)} of {len(jobs)} evaluations already complete: skipped")
-    pool = processes.ProcessPool(processes.environment(parallel))
+    pool = processes.ProcessPool(processes.environment(parallel, compile_cache_dir))
     failed: list[Path] = []
     try:
         while pending or len(pool):
@@ -335,7 +340,9 @@ def run(args: argparse.Namespace, log: Any = print) -> int:
         out = out_dir / Path(r["workdir"]).name
         r["heldout"] = out
         jobs.append((out, evaluation_command(Path(r["workdir"]), steps, out, args)))
-    failed = run_evaluations(jobs, args.jobs, args.examples * args.noise_seeds, log)
+    failed = run_evaluations(
+        jobs, args.jobs, args.examples * args.noise_seeds, log, args.study / credit.COMPILE_CACHE
+    )
     if failed:
         log(f"{len(failed)} evaluations failed (e.g. {failed[0]}); rerun the command to retry them")
         return 1

@@ -14,11 +14,17 @@ from collections.abc import Hashable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
+from sfgrpo import compile_cache
 
-def environment(jobs: int) -> dict[str, str]:
+
+def environment(jobs: int, compile_cache_dir: Path | None = None) -> dict[str, str]:
     """The subprocesses' environment: with several at once, no XLA process spins a thread pool over every
-    core, and on a GPU none reserves most of the memory up front."""
+    core, and on a GPU none reserves most of the memory up front. With ``compile_cache_dir``, they share a
+    persistent compilation cache there (``sfgrpo/compile_cache.py``): a program compiles once for all the
+    runs that share it, unless the environment already names a cache (``JAX_COMPILATION_CACHE_DIR``)."""
     env = dict(os.environ)
+    if compile_cache_dir is not None and not env.get("JAX_COMPILATION_CACHE_DIR"):
+        env.update(compile_cache.environment(compile_cache_dir))
     if jobs > 1:
         flags = env.get("XLA_FLAGS", "")
         if jobs >= (os.cpu_count() or 1) and "multi_thread_eigen" not in flags:
