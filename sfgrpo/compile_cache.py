@@ -19,6 +19,7 @@ from pathlib import Path
 
 import jax
 from jax import monitoring
+from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 
 MAX_BYTES = 32 * 2**30  # least recently used entries go beyond this; a study's programs take ~100 MB
 _HIT_EVENT = "/jax/compilation_cache/cache_hits"
@@ -68,12 +69,15 @@ def check(path: str, key: str = "config.train.compilation_cache_dir") -> str:
 def use(path: str, key: str = "config.train.compilation_cache_dir") -> str:
     """Makes this process's later compiles read and write the cache in ``path``; returns the folder.
 
-    Call it before the first compile: jax decides once per process, at its first compile, whether a
-    cache is in use. Raises ValueError naming ``key`` for a folder that cannot be used.
+    Raises ValueError naming ``key`` for a folder that cannot be used. Only process 0 of a multi-process
+    run writes (jax's rule); every process reads.
     """
     folder = check(path, key)
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+    # jax opens its cache at the first compile and keeps it; anything compiled before this call (a
+    # collective at start-up, a cache named by JAX_COMPILATION_CACHE_DIR) would keep the old folder.
+    jax_compilation_cache.reset_cache()
     return folder
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 import pytest
 from helpers import tiny_config
+from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 
 from sfgrpo import compile_cache, main
 
@@ -76,6 +77,7 @@ def restore_jax_cache_config():
     yield
     jax.config.update("jax_compilation_cache_dir", saved[0])
     jax.config.update("jax_compilation_cache_max_size", saved[1])
+    jax_compilation_cache.reset_cache()  # reopened at the next compile, in the suite's folder
 
 
 def test_the_trainer_turns_the_configured_cache_on_and_logs_it(tmp_path, caplog, restore_jax_cache_config):

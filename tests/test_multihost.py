@@ -192,12 +192,23 @@ def test_two_processes_match_one_process(two, one):
 
 
 def test_resume_after_killing_both_processes_is_bitwise_exact(two, tmp_path):
+    """Also with a persistent compilation cache that both processes share (a shared disk): the resumed run
+    loads what the killed one compiled, and computes the same. Only process 0 writes the cache (jax's rule)
+    and, on CPU, only process 0 finds its programs there: jax keys a CPU program by a topology fingerprint
+    that differs between processes (on TPU and GPU the processes share their keys)."""
     workdir = _with_warm_start(two[0], tmp_path / "work")
-    group = _run(workdir, TWO, 2, tmp_path / "logs1")
+    cache = tmp_path / "compiled"
+    overrides = [*TWO, f"--config.train.compilation_cache_dir={cache}"]  # not part of the experiment
+    group = _run(workdir, overrides, 2, tmp_path / "logs1")
     wait_for(lambda: (workdir / "checkpoints" / "2").is_dir(), group, TIMEOUT, "checkpoint 2")
     group.kill()
     assert not (workdir / "checkpoints" / str(STEPS)).exists(), "the run ended before it was killed"
-    _finish(_run(workdir, TWO, 2, tmp_path / "logs2"))
+    outputs = _finish(_run(workdir, overrides, 2, tmp_path / "logs2"))
+    for out in outputs:
+        assert f"persistent compilation cache: {cache} (" in out, out[-3000:]
+    first = outputs[0].splitlines()
+    loaded = [line for line in first if "loaded from the persistent compilation cache" in line]
+    assert any("compiled update in" in line for line in loaded), outputs[0][-3000:]
     _same_params(workdir, two[0])
     assert [r["step"] for r in _records(workdir, "grpo")] == list(range(1, STEPS + 1))
     for a, b in zip(_records(workdir, "grpo"), _records(two[0], "grpo"), strict=True):
