@@ -142,7 +142,8 @@ class Progress:
     """The checkpoints of a warm start in progress: (parameters, optimizer state) with the data position,
     every ``save_every`` steps and at a SIGTERM, in ``directory`` (the newest one kept).
 
-    Opening it finds where to resume: ``step`` is the newest saved step made from ``fingerprint``, or 0.
+    Opening it finds where to resume: ``step`` is the newest saved step made from ``fingerprint``, or 0,
+    and ``elapsed_s`` the warm start's seconds until then (0 for progress saved without them).
     Progress made from other settings, or unreadable, is of no use to this run: it is removed with a
     warning naming why, and the warm start starts from step 0. Opening is a collective.
     """
@@ -152,6 +153,7 @@ class Progress:
         self.fingerprint = fingerprint
         self.save_every = save_every
         self.step = 0
+        self.elapsed_s = 0.0
         self._ckpt = self._open()
         latest = self._ckpt.latest_step()
         if latest is None:
@@ -159,6 +161,7 @@ class Progress:
         why = self._unusable(latest)
         if why is None:
             self.step = latest
+            self.elapsed_s = float(self._ckpt.read_meta(latest).get("elapsed_s", 0.0))
             return
         _log.warning(
             "warm start: the progress at %s (step %d) %s; it is removed, and the warm start starts afresh",
@@ -188,9 +191,10 @@ class Progress:
         state, data_state, _ = self._ckpt.restore(self.step, abstract_train_state=abstract)
         return state, data_state
 
-    def save(self, step: int, state: Any, data_state: Any, *, force: bool = False) -> bool:
-        """Saves ``step`` when it is due (or ``force``) and not on disk yet; returns whether it did."""
-        meta = {"fingerprint": self.fingerprint, "step": int(step)}
+    def save(self, step: int, state: Any, data_state: Any, elapsed_s: float, *, force: bool = False) -> bool:
+        """Saves ``step`` (``elapsed_s``: the warm start's seconds so far) when it is due (or ``force``) and
+        not on disk yet; returns whether it did."""
+        meta = {"fingerprint": self.fingerprint, "step": int(step), "elapsed_s": float(elapsed_s)}
         return self._ckpt.save(step, state, data_state, meta, force=force)
 
     def close(self) -> None:
@@ -267,12 +271,13 @@ def run(
     step_fn = None
     key = jax.random.key(seed)
     losses: list[jax.Array] = []
-    start = time.perf_counter()
+    start = time.perf_counter() - progress.elapsed_s  # time/elapsed_s goes on from the saved progress
     for step in range(done + 1, steps + 1):
         if should_stop():
             saved = step - 1 > 0
             if saved:
-                progress.save(step - 1, state, data_state, force=True)  # no-op if on disk already
+                # A no-op if the step is on disk already.
+                progress.save(step - 1, state, data_state, time.perf_counter() - start, force=True)
             progress.close()
             raise Preempted(
                 f"stopped on SIGTERM during the warm start, after step {step - 1} of {steps}: "
@@ -303,7 +308,7 @@ def run(
             log_metrics(step, {"loss": mean, "time/elapsed_s": time.perf_counter() - start})
             _log.info("warm start %d/%d: flow-matching loss %.4f", step, steps, mean)
         if step < steps:
-            progress.save(step, state, data_state)
+            progress.save(step, state, data_state, time.perf_counter() - start)
     _replace_cache(cache_dir, state["params"], fingerprint)
     progress.discard()
     nnx.update(policy, state["params"])

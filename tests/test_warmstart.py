@@ -106,9 +106,12 @@ def test_a_stopped_warm_start_resumes_to_the_uninterrupted_result(tmp_path, capl
 
     initial = jax.tree.map(np.array, warmstart._split(s.policy)[1])  # a copy: run updates in place
 
-    def run(workdir, should_stop=lambda: False):
+    logged = []  # (step, elapsed seconds) of each metrics record
+
+    def run(workdir, should_stop=lambda: False, later=0.0):
         nnx.update(s.policy, initial)
         progress = warmstart.Progress(workdir / warmstart.PROGRESS_DIR, fp, save_every=2)
+        progress.elapsed_s += later  # as if the stopped run had taken that much longer
         warmstart.run(
             s.policy,
             s.condition,
@@ -119,7 +122,7 @@ def test_a_stopped_warm_start_resumes_to_the_uninterrupted_result(tmp_path, capl
             cache_dir=workdir / "warmstart",
             fingerprint=fp,
             progress=progress,
-            log_metrics=lambda step, m: None,
+            log_metrics=lambda step, m: logged.append((step, m["time/elapsed_s"])),
             should_stop=should_stop,
         )
         return _leaves(s.policy)
@@ -134,12 +137,15 @@ def test_a_stopped_warm_start_resumes_to_the_uninterrupted_result(tmp_path, capl
         with pytest.raises(Preempted, match="after step 3 of 5: its progress is saved"):
             run(stopped, should_stop=lambda: next(asked) == 4)
         assert not (stopped / "warmstart").exists()
-        assert warmstart.Progress(stopped / warmstart.PROGRESS_DIR, fp, save_every=2).step == 3
+        saved = warmstart.Progress(stopped / warmstart.PROGRESS_DIR, fp, save_every=2)
+        assert saved.step == 3 and saved.elapsed_s > 0
+        saved.close()
 
-        del drawn[:]
+        del drawn[:], logged[:]
         with caplog.at_level(logging.INFO, logger="sfgrpo.warmstart"):
-            resumed = run(stopped)
+            resumed = run(stopped, later=1000.0)
         assert "resuming after step 3 of 5" in caplog.text
+        assert logged[-1][0] == 5 and logged[-1][1] > saved.elapsed_s + 1000.0  # the clock goes on
         assert drawn[0] is not None  # from the saved data position, not the start
         for a, b in zip(resumed, whole, strict=True):
             np.testing.assert_array_equal(a, b)
