@@ -7,9 +7,9 @@ programs again: seconds each for the CPU demo, minutes for FLUX.2-klein at 512 p
 devices, the compiler flags and the jax version, and a later process that compiles the same program loads
 it instead. A loaded program computes exactly what a compiled one does.
 
-Several processes may share one folder (a study's runs, the test suite's workers, the processes of a
-multi-host run on a shared disk): the cache is size-limited, which makes jax lock the folder around every
-read and write, so no process reads an entry another is still writing.
+Several processes may share one folder (a study's runs, the processes of a multi-host run on a shared
+disk): the cache is size-limited, which makes jax lock the folder around every read and write, so no
+process reads an entry another is still writing.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def use(path: str, key: str = "config.train.compilation_cache_dir") -> str:
 
 def environment(path: str | Path) -> dict[str, str]:
     """Environment variables that give a subprocess the same cache as :func:`use` (jax reads them at
-    import), for the experiment runners' subprocesses and the test suite's."""
+    import), for the experiment runners' subprocesses."""
     return {"JAX_COMPILATION_CACHE_DIR": str(path), "JAX_COMPILATION_CACHE_MAX_SIZE": str(MAX_BYTES)}
 
 
