@@ -60,6 +60,7 @@ def test_summary_pairs_seeds_and_counts_iterations_to_the_scalar_final(tmp_path)
         _row(2, "spatial", 1, [0.1, 0.2, 0.45], late=0.6),
         _row(2, "placebo", 0, [0.1, 0.1, 0.2], late=0.35),
         _row(2, "placebo", 1, [0.1, 0.1, 0.1], status="failed"),
+        _row(2, "placebo", 2, [0.1, 0.1, 0.1], status="missing"),  # stopped: resumes on a rerun
     ]
     summary = credit_report.summarise(rows, [2], ["scalar", "spatial", "placebo"])["2"]
     assert summary["scalar"]["reward"]["mean"] == pytest.approx(0.4)
@@ -68,6 +69,7 @@ def test_summary_pairs_seeds_and_counts_iterations_to_the_scalar_final(tmp_path)
     assert summary["spatial"]["steps_to_scalar_final"]["median"] is None
     assert summary["spatial"]["minus_scalar"]["mean"] == pytest.approx((0.3 - 0.05) / 2)
     assert summary["placebo"]["runs"] == 1 and summary["placebo"]["failed"] == 1
+    assert summary["placebo"]["unfinished"] == 1
     assert summary["placebo"]["steps_to_scalar_final"]["median"] is None
     # Gains over each run's own base; the placebo check pairs spatial with the placebo run of its seed.
     assert summary["spatial"]["gain"]["mean"] == pytest.approx((0.5 + 0.35) / 2)
@@ -80,11 +82,11 @@ def test_summary_pairs_seeds_and_counts_iterations_to_the_scalar_final(tmp_path)
         "arms": ["scalar", "spatial", "placebo"],
         "steps": 10,
         "eval_every": 5,
-        "seeds": [0, 1],
+        "seeds": [0, 1, 2],
     }
     credit_report.write(tmp_path, rows, plan, {"chosen": {}})
     doc = json.loads((tmp_path / "summary.json").read_text())
-    assert len(doc["rows"]) == 6 and doc["rows"][0]["eval_curve"][1] == [5, 0.2]
+    assert len(doc["rows"]) == 7 and doc["rows"][0]["eval_curve"][1] == [5, 0.2]
     md = (tmp_path / "study.md").read_text()
     assert "| spatial | 0.525 ± " in md and "not reached [5–5] (1/2 reached)" in md
     assert "| placebo | 0.200 | 0.100 | -0.100 |" in md
@@ -92,7 +94,7 @@ def test_summary_pairs_seeds_and_counts_iterations_to_the_scalar_final(tmp_path)
         "Placebo check: spatial − placebo (paired, same seed) 0.400 held-out, 0.150 rollout reward over the "
         "last quarter; 1 seeds." in md
     )
-    assert "not reached" in md and "1 failed runs" in md
+    assert "(placebo: 1 failed, 1 not finished (stopped or not yet run; a rerun resumes); not counted)" in md
     assert (tmp_path / "study.png").stat().st_size > 10_000
 
 

@@ -140,8 +140,16 @@ def summarise(rows: Sequence[Mapping[str, Any]], ks: Sequence[int], arms: Sequen
         per_arm: dict[str, Any] = {}
         for arm in arms:
             mine = [r for r in ok if r["arm"] == arm]
-            failed = sum(1 for r in rows if r["k"] == k and r["arm"] == arm and r.get("status") != "ok")
-            stats: dict[str, Any] = {"runs": len(mine), "failed": failed}
+            others = [
+                r.get("status") for r in rows if r["k"] == k and r["arm"] == arm and r.get("status") != "ok"
+            ]
+            # A stopped run (status 'missing': no final evaluation yet) resumes on a rerun; only a run the
+            # study recorded as failed is one.
+            stats: dict[str, Any] = {
+                "runs": len(mine),
+                "failed": others.count("failed"),
+                "unfinished": len(others) - others.count("failed"),
+            }
             for name in FINAL_KEYS:
                 stats[name] = mean_ci([r["final"][name] for r in mine])
             if scalar_final is not None:
@@ -317,8 +325,11 @@ def markdown(summary: Mapping[str, Any], plan: Mapping[str, Any], hparams: Mappi
                 f"{_fmt(s['multi_region_success'], 2)} | {_fmt(s['background_preservation'], 3)} | {train} | "
                 f"{_fmt(s.get('train_late'))} | {_fmt(s.get('train_late_minus_scalar'))} |"
             )
-            if s["failed"]:
-                lines.append(f"| ({arm}: {s['failed']} failed runs, not counted) |" + " |" * 12)
+            left_out = [f"{s['failed']} failed"] if s["failed"] else []
+            if s.get("unfinished"):
+                left_out.append(f"{s['unfinished']} not finished (stopped or not yet run; a rerun resumes)")
+            if left_out:
+                lines.append(f"| ({arm}: {', '.join(left_out)}; not counted) |" + " |" * 12)
         lines.append("")
         if per_arm.get("spatial", {}).get("minus_placebo", {}).get("n"):
             check = per_arm["spatial"]["minus_placebo"]
