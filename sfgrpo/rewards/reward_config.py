@@ -60,6 +60,10 @@ SHAPES_DEFAULTS: dict[str, float | int] = {
     "preserve_tol": 0.25,
     "tv_tol": 0.25,
     "shape_margin": 0,  # pixels around each shape left out of the preservation scores
+    # The local-noise cap on naturalness (shapes_scores' noise_floor, noise_tol); tol 0 leaves it out, as
+    # every run before 2026-12-05 had it.
+    "noise_floor": 0.0,
+    "noise_tol": 0.0,
 }
 SHAPES_OPTIONS = tuple(SHAPES_DEFAULTS)
 
@@ -80,6 +84,11 @@ def shapes_reward_options(
         raise ValueError(
             f"{where}preserve_floor: must be below {where}preserve_tol ({values['preserve_tol']}), "
             f"got {values['preserve_floor']}"
+        )
+    if values["noise_tol"] > 0 and not values["noise_floor"] < values["noise_tol"]:
+        raise ValueError(
+            f"{where}noise_floor: must be below {where}noise_tol ({values['noise_tol']}), "
+            f"got {values['noise_floor']}"
         )
     if not float(values["shape_margin"]).is_integer():
         raise ValueError(

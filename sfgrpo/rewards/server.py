@@ -121,13 +121,16 @@ def make_shapes_reward(
     preserve_tol: str | float = SHAPES_DEFAULTS["preserve_tol"],
     tv_tol: str | float = SHAPES_DEFAULTS["tv_tol"],
     shape_margin: str | int = SHAPES_DEFAULTS["shape_margin"],
+    noise_floor: str | float = SHAPES_DEFAULTS["noise_floor"],
+    noise_tol: str | float = SHAPES_DEFAULTS["noise_tol"],
 ) -> HostReward:
     """The shapes task's reward (``sfgrpo.rewards.synthetic.shapes_scores``, jitted) as a host reward.
 
     Needs each request's ``target`` and ``region_masks``. ``pool`` > 0 first round-trips source and
     target through ``PixelAutoencoder(pool=pool)``, as the trainer's in-graph reward does for the demo.
     The tolerances are ``config.reward``'s keys of the same names; the demo's are ``preserve_floor=0.012,
-    preserve_tol=0.04,tv_tol=0.1,shape_margin=4`` (the defaults are shapes_scores' lenient ones).
+    preserve_tol=0.04,tv_tol=0.1,shape_margin=4,noise_floor=0.002,noise_tol=0.011`` (the defaults are
+    shapes_scores' lenient ones, without the noise term).
     """
     try:
         pool = int(pool)
@@ -142,6 +145,8 @@ def make_shapes_reward(
                 preserve_tol=preserve_tol,
                 tv_tol=tv_tol,
                 shape_margin=shape_margin,
+                noise_floor=noise_floor,
+                noise_tol=noise_tol,
             ),
             where="option ",
         )

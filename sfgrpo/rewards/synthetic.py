@@ -8,7 +8,9 @@ measurable counterpart. Errors are mean absolute differences of [0, 1] RGB value
   background     the pixels outside every box against the source (preservation errors below a small floor
                  score full marks);
   naturalness    how close the edited image's total variation is to the target's (blur and noise both
-                 move it away), with a tolerance band;
+                 move it away), with a tolerance band; with ``noise_tol`` > 0 also capped by its local
+                 noise: neighbour differences beyond both the source's and the target's (a global total
+                 variation lets speckle and smeared shapes cancel);
   artifacts      how much of the decoded signal lies outside the valid [0, 1] range;
   overall_*      success over the union of the shapes, preservation over everything else.
 With ``shape_margin`` m > 0, the preservation scores skip pixels within m of a shape: a lossy autoencoder's
@@ -39,6 +41,8 @@ def shapes_scores(
     preserve_floor: float = 0.06,
     tv_tol: float = 0.25,
     shape_margin: int = 0,
+    noise_floor: float = 0.0,
+    noise_tol: float = 0.0,
 ) -> RegionScores:
     """Scores of B edited images.
 
@@ -58,12 +62,19 @@ def shapes_scores(
         (0.25: within about 28 percent); beyond it naturalness decays as exp(-(|log ratio| - tv_tol)).
       shape_margin: pixels around each shape left out of preserve, background and overall_preserve
         (the autoencoder's pooling size: pixels the round trip mixes with the shape's colour).
+      noise_floor, noise_tol: the excess gradient (``excess_gradient``: [0, 1] units per neighbour pair,
+        both axes summed) that still scores full naturalness, and the one that scores 0; linear between.
+        noise_tol 0 leaves the term out (naturalness is the total-variation term alone).
 
     Returns:
       RegionScores on 0..scale; ``valid`` is False where the edited image is not finite.
     """
     if not 0.0 <= preserve_floor < preserve_tol:
         raise ValueError(f"need 0 <= preserve_floor < preserve_tol, got {preserve_floor}, {preserve_tol}")
+    if noise_tol > 0 and not 0.0 <= noise_floor < noise_tol:
+        raise ValueError(f"need 0 <= noise_floor < noise_tol, got {noise_floor}, {noise_tol}")
+    if noise_tol < 0:
+        raise ValueError(f"noise_tol must be >= 0 (0: no noise term), got {noise_tol}")
     if shape_margin < 0:
         raise ValueError(f"shape_margin must be >= 0 pixels, got {shape_margin}")
     edited = edited.astype(jnp.float32)
@@ -96,6 +107,10 @@ def shapes_scores(
     tv_target = _total_variation(target)
     tv_dev = jnp.abs(jnp.log((tv_edit + 1e-3) / (tv_target + 1e-3)))
     naturalness = scale * jnp.exp(-jnp.maximum(tv_dev - tv_tol, 0.0))
+    if noise_tol > 0:
+        excess = excess_gradient(clipped, source, target)
+        noise = scale * (1.0 - jnp.clip((excess - noise_floor) / (noise_tol - noise_floor), 0.0, 1.0))
+        naturalness = jnp.minimum(naturalness, noise)
     overshoot = jnp.abs(edited - clipped).mean(axis=(1, 2, 3))
     artifacts = scale * (1.0 - jnp.minimum(overshoot / artifact_tol, 1.0))
 
@@ -138,6 +153,22 @@ def _box_pixels(boxes: jax.Array, hw: tuple[int, int]) -> jax.Array:
     inside_y = (ys >= boxes[..., 1, None]) & (ys <= boxes[..., 3, None])  # (B, R, H)
     inside_x = (xs >= boxes[..., 0, None]) & (xs <= boxes[..., 2, None])  # (B, R, W)
     return inside_y[..., :, None] & inside_x[..., None, :]
+
+
+def excess_gradient(edited: jax.Array, source: jax.Array, target: jax.Array) -> jax.Array:
+    """(B,) the edited images' local noise: neighbour differences beyond the source's and the target's.
+
+    Per axis, the mean over neighbour pairs and channels of max(|d edited| - max(|d source|, |d target|), 0),
+    summed over the two axes; (B, H, W, 3) float inputs in [0, 1]. An edge the source or the target has
+    (a recoloured, removed or kept shape) costs nothing; speckle where both are smooth does. Being local,
+    it does not cancel against smeared shapes as a global total variation does.
+    """
+    total = jnp.zeros(edited.shape[:1], jnp.float32)
+    for axis in (1, 2):
+        d_edit = jnp.abs(jnp.diff(edited, axis=axis))
+        d_ref = jnp.maximum(jnp.abs(jnp.diff(source, axis=axis)), jnp.abs(jnp.diff(target, axis=axis)))
+        total = total + jnp.maximum(d_edit - d_ref, 0.0).mean(axis=(1, 2, 3))
+    return total
 
 
 def _total_variation(image: jax.Array) -> jax.Array:
