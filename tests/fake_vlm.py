@@ -81,7 +81,8 @@ class ShapesOracle:
 
     ``pool`` > 0 judges against ``PixelAutoencoder(pool)``'s round trip of source and target, like the
     trainer's in-graph reward (``Programs._scores``). ``tolerances``: shapes_scores' keyword tolerances
-    (``config.reward``'s preserve_floor, preserve_tol, tv_tol, shape_margin); {}: its defaults.
+    (``config.reward``'s preserve_floor, preserve_tol, tv_tol, shape_margin, noise_floor, noise_tol);
+    {}: its defaults.
     """
 
     def __init__(

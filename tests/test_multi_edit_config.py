@@ -14,6 +14,7 @@ def test_multi_edit_config_variant():
     assert (task.image_size, task.min_edits, task.max_edits, task.min_gap) == (128, 3, 3, 16)
     assert builders.text_length(c) == 18
     assert dict(builders.grpo_settings(c).shapes_reward)["preserve_floor"] == 0.012
+    assert dict(builders.grpo_settings(c).shapes_reward)["noise_tol"] == 0.011
     # The study's sampler: unshifted sigmas, a random window of 2 trained steps; heads that carry a token.
     assert builders.sampler_schedule(c) == "linear" and builders.grpo_settings(c).window == 2
     assert c.model.transformer.attention_head_dim >= c.model.transformer.in_channels
@@ -40,6 +41,10 @@ def test_multi_edit_config_variant():
     c = load_config(arg="multi_k3")
     c.reward.preserve_floor = 0.5
     with pytest.raises(builders.ConfigError, match="reward.preserve_floor"):
+        builders.validate(c)
+    c = load_config(arg="multi_k3")
+    c.reward.noise_floor = 0.02
+    with pytest.raises(builders.ConfigError, match="reward.noise_floor"):
         builders.validate(c)
     with pytest.raises(ValueError, match="K must be 1..4"):
         load_config(arg="multi_k5")

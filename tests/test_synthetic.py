@@ -9,7 +9,7 @@ from sfgrpo import builders
 from sfgrpo.data.shapes import ShapesConfig, generate
 from sfgrpo.rewards import reward_config
 from sfgrpo.rewards.base import score_rewards
-from sfgrpo.rewards.synthetic import shapes_scores
+from sfgrpo.rewards.synthetic import excess_gradient, shapes_scores
 
 # configs/default.py:multi, whose task and tolerances these tests check.
 MULTI = load_config("default.py", "multi")
@@ -112,16 +112,16 @@ def test_preservation_floor_and_naturalness_band():
     assert float(_scores(np.clip(mean + 3.0 * (target - mean), 0, 1), ex).naturalness[0]) < 25.0
 
 
-def _multi_edit_example(n=4):
-    """n 128 px four-edit examples, the multi-edit variant's task, with their pool-2 round trips (what the
-    trainer judges against): (edited-reference target, source, target, masks, boxes, valid)."""
+def _multi_edit_example(n=4, pool=2):
+    """n 128 px four-edit examples, the multi-edit variant's task, with their pool-``pool`` round trips
+    (what the trainer judges against): (source, target, masks, boxes, valid)."""
     from sfgrpo.models.tiny import PixelAutoencoder  # noqa: PLC0415
 
     cfg = builders.shapes_config(MULTI)
     recs = [generate(i, seed=0, config=cfg) for i in range(n)]
     masks = np.stack([[r.mask for r in rec.regions] for rec in recs])
     boxes = np.asarray([[r.box for r in rec.regions] for rec in recs], np.float32)
-    ae = PixelAutoencoder(pool=2)
+    ae = PixelAutoencoder(pool=pool)
 
     def round_trip(images):
         return np.asarray(ae.decode(ae.encode(jnp.asarray(images)), (8, 8)))
@@ -178,9 +178,46 @@ def test_shape_margin_spares_the_pixels_the_autoencoder_mixes():
     assert _mean(shapes_scores(jnp.asarray(target), *args, **TIGHT).preserve) == 1.0
 
 
+def test_local_noise_caps_naturalness():
+    """The multi-edit variant's noise term, on its pool-4 round trips: a global total variation lets block
+    speckle and smeared shapes cancel (the speckled K = 4 edits of docs/credit_study/k4_lr kept naturalness
+    0.96); the excess gradient is local, so it does not. Edges of the source or the target are free."""
+    source, target, masks, boxes, valid = _multi_edit_example(pool=4)
+    b = target.shape[0]
+    args = (source, target, masks, boxes, valid)
+    rng = np.random.default_rng(0)
+
+    def speckle(std):  # colour noise per pooled pixel (4x4 block), as the sampler leaves it
+        return np.repeat(np.repeat(rng.normal(0, std, (b, 32, 32, 3)), 4, 1), 4, 2).astype(np.float32)
+
+    def naturalness(image, **over):
+        image = jnp.asarray(np.clip(image, 0.0, 1.0))
+        return _mean(shapes_scores(image, *args, **{**TIGHT, "shape_margin": 4, **over}).naturalness)
+
+    np.testing.assert_allclose(excess_gradient(jnp.asarray(target), source, target), 0.0, atol=1e-7)
+    np.testing.assert_allclose(excess_gradient(jnp.asarray(source), source, target), 0.0, atol=1e-7)
+    assert naturalness(source) == naturalness(source, noise_tol=0.0)  # its edges are the source's
+    assert naturalness(target + speckle(0.005)) == 1.0  # invisible speckle is free
+    assert naturalness(target + speckle(0.02)) < 0.6  # plainly speckled
+    smeared = target.reshape(b, 16, 8, 16, 8, 3).mean(axis=(2, 4)).repeat(8, 1).repeat(8, 2)
+    broken = smeared + speckle(0.02)
+    assert naturalness(broken, noise_tol=0.0) > 0.7  # the total variation alone: the two cancel
+    assert naturalness(broken) < 0.4
+    excess = np.asarray(excess_gradient(jnp.asarray(np.clip(broken, 0, 1)), source, target))
+    assert excess.shape == (b,) and np.all(excess > TIGHT["noise_tol"] / 2)
+
+
 def test_bad_tolerances_are_refused():
     ex = _example()
     with pytest.raises(ValueError, match="preserve_floor"):
         shapes_scores(jnp.asarray(ex[1] / 255.0), *ex, preserve_floor=0.3, preserve_tol=0.2)
     with pytest.raises(ValueError, match="shape_margin"):
         shapes_scores(jnp.asarray(ex[1] / 255.0), *ex, shape_margin=-1)
+    with pytest.raises(ValueError, match="noise_floor"):
+        shapes_scores(jnp.asarray(ex[1] / 255.0), *ex, noise_floor=0.02, noise_tol=0.01)
+    with pytest.raises(ValueError, match="noise_tol"):
+        shapes_scores(jnp.asarray(ex[1] / 255.0), *ex, noise_tol=-0.01)
+    with pytest.raises(ValueError, match=r"config\.reward\.noise_floor"):
+        reward_config.shapes_reward_options({"noise_floor": 0.02, "noise_tol": 0.01})
+    # Configs and checkpoints written before the noise term existed keep it off.
+    assert dict(reward_config.shapes_reward_options({}))["noise_tol"] == 0.0
