@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from sfgrpo.evaluation.benchmarks import read_benchmark
+from sfgrpo.models.tiny import PixelAutoencoder
 from sfgrpo.rewards.base import ScoreRequest, score_rewards
 from sfgrpo.rewards.reward_config import shapes_reward_options
 from sfgrpo.rewards.server import make_shapes_reward
@@ -55,11 +56,8 @@ def main() -> None:
         valid = np.zeros((len(rows), r_max), bool)
         masks = np.zeros((len(rows), r_max, *edited.shape[1:3]), bool)
         for i, e in enumerate(examples):
-            boxes[i, : len(e.boxes)], valid[i, : len(e.boxes)], masks[i, : len(e.boxes)] = (
-                e.boxes,
-                True,
-                e.masks,
-            )
+            n = len(e.boxes)
+            boxes[i, :n], valid[i, :n], masks[i, :n] = e.boxes, True, e.masks
         request = ScoreRequest(
             source=np.stack([e.source for e in examples]),
             edited=edited,
@@ -83,16 +81,13 @@ def main() -> None:
                 line.append(f"{name} - first: {diff.mean():+.3f} ± {half:.3f}")
             else:
                 first[name] = image
-        rt = _round_trip
-        excess = excess_gradient(edited / 255.0, rt(request.source, pool), rt(request.target, pool))
+        # The reward's own reference: the autoencoder's round trip of source and target.
+        ae = PixelAutoencoder(pool=pool)
+        grid = ae.grid(*edited.shape[1:3])
+        source, target = (ae.decode(ae.encode(x), grid) for x in (request.source, request.target))
+        excess = excess_gradient(edited / 255.0, source, target)
         line.append(f"excess gradient {float(np.mean(excess)):.4f}")
         print(" | ".join(line))
-
-
-def _round_trip(images: np.ndarray, pool: int) -> np.ndarray:
-    b, h, w, c = images.shape
-    x = (images / 255.0).reshape(b, h // pool, pool, w // pool, pool, c).mean(axis=(2, 4))
-    return np.repeat(np.repeat(x, pool, axis=1), pool, axis=2).astype(np.float32)
 
 
 if __name__ == "__main__":
