@@ -2,13 +2,14 @@
 
     python -m sfgrpo.evaluate --benchmark PATH --out DIR (--workdir RUN [--step N|base] | --model KLEIN_DIR
         [--lora FILE]) [--protocol shapes|regions|viescore|imgedit] [--judge-url URL --judge-model NAME]
-        [--seeds S] [--steps N]
+        [--seeds S] [--steps N] [--sampler ode|sde|cps [--eta E]]
     python -m sfgrpo.evaluate compare DIR_A DIR_B [--out DIR]
 
 The benchmark (``sfgrpo.evaluation.benchmarks``: a record folder, a built TFDS dataset, a GEdit-Bench-style
 folder, an ImgEdit-style ``basic_edit.json``, or ``shapes:test[:N]``, a run's synthetic held-out split) is
 edited by the policy with ODE sampling, the noise of each (example, seed) fixed (``editing.example_noise``),
-and every edit is written as a PNG under ``DIR/images/``. The protocol scores each edit:
+and every edit is written as a PNG under ``DIR/images/``. ``--sampler sde|cps`` (tiny-model runs) edits with
+the run's rollout sampler instead, the images GRPO trained on. The protocol scores each edit:
   shapes    the run's own synthetic reward against the exact target (no judge);
   regions   SPEC section 5's region schema from a VLM judge: region success, background preservation;
   viescore  GEdit-Bench's semantic consistency x perceptual quality, overall sqrt(SC * PQ), 0..10;
@@ -123,7 +124,24 @@ def _make_editor(args: argparse.Namespace) -> Any:
                     "for klein"
                 )
             step = None if args.step == "latest" else args.step
-            return editing.RunEditor(args.workdir, step, batch_size=args.batch_size, eval_steps=args.steps)
+            try:
+                return editing.RunEditor(
+                    args.workdir,
+                    step,
+                    batch_size=args.batch_size,
+                    eval_steps=args.steps,
+                    sampler=args.sampler,
+                    eta=args.eta,
+                )
+            except (trained.TrainedRunError, checkpoint.CheckpointError):
+                raise
+            except ValueError as err:  # a sampler, eta or step count the run's window cannot take
+                raise EvaluationError(f"--sampler {args.sampler} on {args.workdir!r}: {err}") from None
+    if args.sampler != "ode" or args.eta is not None:
+        raise EvaluationError(
+            "--sampler sde|cps and --eta are for the demo's tiny-model runs (--workdir); a klein or OmniGen2 "
+            "policy edits with its pipeline's ODE sampler"
+        )
     step = None if args.step == "latest" else args.step
     if step == "base":
         raise EvaluationError("--step base is for tiny-model runs; for a klein run evaluate --model BASE_DIR")
@@ -358,7 +376,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry (doubling)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per judge request")
     p.add_argument("--seeds", type=_positive, default=1, help="noise seeds per example: 0 .. S-1")
-    p.add_argument("--steps", type=_positive, help="ODE steps (default: the run's eval steps; klein 4 or 50)")
+    p.add_argument(
+        "--steps", type=_positive, help="sampler steps (default: the run's eval or rollout steps; klein 4/50)"
+    )
+    p.add_argument(
+        "--sampler",
+        choices=("ode", "sde", "cps"),
+        default="ode",
+        help="tiny-model runs: 'ode' (default), or the rollout's sampler with 'sde' or 'cps' window noise",
+    )
+    p.add_argument("--eta", type=float, help="with --sampler sde|cps: the noise level (default: the run's)")
     p.add_argument("--guidance", type=float, help="klein base models: the CFG scale (default 4)")
     p.add_argument("--text-guidance", type=float, help="OmniGen2: text guidance scale (default 4)")
     p.add_argument("--image-guidance", type=float, help="OmniGen2: image guidance scale (default 1)")
@@ -417,6 +444,11 @@ def _check_args(args: argparse.Namespace) -> None:
             _fail(f"--{name} {value} must be a positive number of seconds")
     if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 1.0):
         _fail(f"--guidance {args.guidance} must be a finite number >= 1")
+    if args.eta is not None and (args.sampler == "ode" or not (math.isfinite(args.eta) and args.eta > 0)):
+        _fail(f"--eta {args.eta} must be a finite noise level > 0, with --sampler sde or cps")
+    if args.sampler != "ode" and args.workdir is None:
+        _fail(f"--sampler {args.sampler} is for the demo's tiny-model runs (--workdir): a klein or OmniGen2 "
+              "folder edits with its pipeline's ODE sampler")  # fmt: skip
     if Path(args.out).exists() and not Path(args.out).is_dir():
         _fail(f"--out {args.out!r} exists and is not a directory")
 

@@ -174,6 +174,7 @@ class Programs:
             "iteration": jax.jit(self.iteration, donate_argnums=() if on_cpu else (0, 2)),
             "evaluate": jax.jit(self.evaluate),
             "edit": jax.jit(self.edit),
+            "sampled_edit": jax.jit(self.sampled_edit),
             "scores": jax.jit(self.scores),
             "judge_metrics": jax.jit(self.judge_metrics),
         }
@@ -290,6 +291,17 @@ class Programs:
         """Deterministic (ODE) edits of a batch from the given (B, L, C) initial noise: the decoded images
         (B, H, W, 3) float32, not clipped (what evaluation and ``sfgrpo.evaluate`` judge)."""
         return self._ode_edit(params, frozen, self.conditioning(params, frozen, batch), noise)
+
+    def sampled_edit(
+        self, params: Any, frozen: Any, batch: dict[str, jax.Array], noise: jax.Array, key: jax.Array
+    ) -> jax.Array:
+        """Edits of a batch with the rollout's sampler (``num_steps`` steps, noise of the settings' kind and
+        eta on the SDE window, window and step noise drawn from ``key``) from the given (B, L, C) initial
+        noise: the decoded images (B, H, W, 3) float32, not clipped. These are the images GRPO optimises;
+        ``edit`` gives the deterministic ones evaluation judges."""
+        cond = self.conditioning(params, frozen, batch)
+        traj = sample(self._parts(params, frozen), cond, noise, key, self.sigmas, self.settings)
+        return self._autoencoder(params, frozen).decode(traj.final, self.grid)
 
     def _ode_edit(self, params: Any, frozen: Any, cond: Conditioning, noise: jax.Array) -> jax.Array:
         policy = merge(self._parts(params, frozen))

@@ -97,6 +97,28 @@ def test_scores_base_and_finals_on_more_examples_and_pairs_the_arms(study):
     assert "3 of 3 evaluations already complete: skipped" in lines
     assert not any(line.startswith("evaluating") for line in lines), lines
 
+    # The rollout's sampler: its own folder, each policy's SDE edits, the same numbers taken the same way.
+    sde_args = credit_heldout.parse_args(["--study", str(study), "--examples", "11", "--sampler", "sde"])
+    assert credit_heldout.run(sde_args, log=lines.append) == 0, lines
+    sde_root = study / "heldout" / "test11x1_sde"
+    sde_doc = json.loads((sde_root / "step2" / "heldout.json").read_text())
+    for name, folder in folders.items():
+        sde_folder = sde_root / folder.relative_to(root)
+        sampler = json.loads((sde_folder / "evaluation.json").read_text())["policy"]["sampler"]
+        assert sampler["kind"] == "sde" and sampler["steps"] == 3, name  # tiny_config's rollout steps
+        rows = {r["key"]: r for r in aggregate.read_rows(sde_folder / "scores.jsonl")}
+        ode_rows = {r["key"]: r for r in aggregate.read_rows(folder / "scores.jsonl")}
+        assert rows.keys() == ode_rows.keys()
+        moved = [
+            np.abs(_png(sde_folder / rows[k]["edit"]) - _png(folder / ode_rows[k]["edit"])).mean()
+            for k in rows
+        ]
+        assert np.mean(moved) > 0.5, (name, moved)
+    sde_gain = {r["arm"]: r["gain_edits"]["mean"] for r in sde_doc["runs"]}
+    base_sde = _mean_reward(sde_root / "base_k1")
+    assert sde_gain["spatial"] == pytest.approx(_mean_reward(sde_root / "step2" / "k1_spatial_s0") - base_sde)
+    assert "rollout sampler with sde window noise" in (sde_root / "step2" / "heldout.md").read_text()
+
 
 def test_bad_flags_and_folders_are_one_line_errors(tmp_path, capsys):
     assert credit_heldout.main(["--study", str(tmp_path)]) == 2
@@ -105,6 +127,9 @@ def test_bad_flags_and_folders_are_one_line_errors(tmp_path, capsys):
     assert credit_heldout.main(["--study", str(tmp_path), "--examples", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--examples" in err[0]
+    assert credit_heldout.main(["--study", str(tmp_path), "--eta", "0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--eta 0.5" in err[0] and "--sampler" in err[0]
 
 
 def test_summary_statistics_over_seeds():

@@ -138,6 +138,43 @@ def test_shapes_protocol_scores_a_run_at_its_base_and_after_grpo(tiny_run, tmp_p
     assert result["n_pairs"] == len(examples)
 
 
+def test_the_rollout_sampler_edits_with_its_noise_and_reduces_to_ode_without_it(tiny_run, tmp_path, capsys):
+    """--sampler sde|cps: the rollout's sampler; its step noise is fixed by (seed, batch), and with eta -> 0
+    the SDE steps are the Euler steps, so the edits are the ODE edits."""
+    base = ["--benchmark", "shapes:test", "--workdir", tiny_run, "--step", "base", "--batch-size", 4]
+    outs = {name: tmp_path / name for name in ("ode", "sde", "sde_again", "cps", "sde_eta0")}
+    for name, extra in (
+        ("ode", []),
+        ("sde", ["--sampler", "sde", "--steps", 2]),
+        ("sde_again", ["--sampler", "sde", "--steps", 2]),
+        ("cps", ["--sampler", "cps", "--steps", 2, "--eta", 0.5]),
+        ("sde_eta0", ["--sampler", "sde", "--steps", 2, "--eta", 1e-7]),
+    ):
+        code, err = _cli([*base, "--out", outs[name], *extra], capsys)
+        assert code == 0, (name, err)
+    samplers = {
+        name: json.loads((out / "evaluation.json").read_text())["policy"]["sampler"]
+        for name, out in outs.items()
+    }
+    assert samplers["ode"]["kind"] == "ode" and samplers["ode"]["steps"] == 2  # tiny_config's eval steps
+    assert samplers["sde"]["kind"] == "sde" and samplers["sde"]["eta"] == pytest.approx(0.8)
+    assert samplers["sde"]["window"] == "all_but_last" and "per batch" in samplers["sde"]["step_noise"]
+    assert samplers["cps"]["kind"] == "cps" and samplers["cps"]["eta"] == 0.5
+
+    def edits(name):
+        rows = sorted(aggregate.read_rows(outs[name] / "scores.jsonl"), key=lambda r: r["key"])
+        return np.stack([_png(outs[name] / r["edit"]).astype(int) for r in rows])
+
+    ode = edits("ode")
+    assert np.abs(edits("sde") - edits("sde_again")).max() == 0  # the same batches draw the same noise
+    assert np.abs(edits("sde_eta0") - ode).max() <= 1  # no noise: the Euler steps (uint8 rounding)
+    assert np.abs(edits("sde") - ode).mean() > 1.0  # eta 0.8 on the first step moves the edits
+    assert np.abs(edits("cps") - edits("sde")).mean() > 1.0
+
+    code, err = _cli([*base, "--out", outs["ode"], "--sampler", "sde", "--steps", 2], capsys)
+    assert code == 2 and "other settings" in err  # an ODE evaluation is never mixed with SDE edits
+
+
 def test_a_killed_evaluation_resumes_and_other_settings_are_refused(tiny_run, tmp_path, capsys, monkeypatch):
     out = tmp_path / "eval"
     args = [
@@ -215,6 +252,10 @@ def test_bad_command_lines_exit_2_with_one_line(tiny_run, tmp_path, capsys):
             "does not exist",
         ),
         (["compare", tmp_path / "a", tmp_path / "b"], "scores.jsonl"),
+        ([*run, "--eta", 0.5], "--eta 0.5"),
+        ([*run, "--sampler", "sde", "--eta", 0], "--eta 0"),
+        ([*run, "--sampler", "sde", "--steps", 1], "at least 2 sampler steps"),
+        ([*shapes, "--model", tmp_path, "--sampler", "sde"], "tiny-model runs"),
         (["--benchmark", gedit, *on_gedit, "--protocol", "shapes"], "target and region masks"),
         (["--benchmark", long_bench, *on_gedit, "--protocol", "shapes"], "'long'"),
     ]

@@ -5,11 +5,15 @@ Two kinds of policy:
                at the run's resolution with the run's compiled evaluation sampler (``Programs.edit``:
                ``sampler.eval_steps`` ODE steps, its schedule and CFG), in fixed-size batches compiled
                once, and judged by the run's own shapes reward (``Programs.scores``) for the 'shapes'
-               protocol;
+               protocol. With ``sampler='sde'`` or ``'cps'`` it edits with the rollout's stochastic
+               sampler instead (``Programs.sampled_edit``: the images GRPO trains on), to tell what a
+               policy learned for its training sampler from what shows under the ODE one;
   FolderEditor a FLUX.2-klein or OmniGen2 folder, a run's trained model on one, and/or a LoRA file:
                ``sfgrpo.edit``'s pipeline at each source's own (prepared) size.
 The initial noise of an edit depends only on (seed, example key) (``example_noise``), never on the order
-or batching of the examples, so two policies evaluated with the same seeds see the same noise.
+or batching of the examples, so two policies evaluated with the same seeds see the same noise. A stochastic
+sampler's step noise and SDE window are drawn per batch from the seed and the batch's example keys
+(``batch_key``): two policies evaluated on the same batches see the same step noise too.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from sfgrpo.evaluation.benchmarks import Example
 from sfgrpo.models.tiny import images_to_uint8
 from sfgrpo.rewards.base import score_rewards
 from sfgrpo.rl.step import SUCCESS_SHARE
+from sfgrpo.sampling.rollout import draw_window_start
 
 _log = logging.getLogger(__name__)
 
@@ -178,12 +183,28 @@ def noise_stack(seed: int, examples: Sequence[Example], latent: tuple[int, int])
     return np.asarray(jnp.stack([example_noise(seed, e.key, latent) for e in examples]))
 
 
+SAMPLERS = ("ode", "sde", "cps")
+"""RunEditor's samplers: the evaluation's Euler steps, or the rollout's with 'sde' or 'cps' window noise."""
+
+
+def batch_key(seed: int, examples: Sequence[Example]) -> jax.Array:
+    """The PRNG key of a stochastic sampler's step noise and window for one batch: from ``seed`` and the
+    batch's example keys in order (padding included), so the same batch draws the same noise under any
+    policy."""
+    digest = hashlib.sha256("\n".join(e.key for e in examples).encode()).digest()[:4]
+    return jax.random.fold_in(jax.random.key(seed), int.from_bytes(digest, "little") & 0x7FFFFFFF)
+
+
 class RunEditor:
     """A tiny-model training run's policy (``step``: a checkpoint, None for the newest, 'base' for the model
     GRPO started from), editing ``batch_size`` examples per compiled call.
 
     Args:
-      eval_steps: ODE steps instead of the run's ``sampler.eval_steps``.
+      eval_steps: sampler steps instead of the run's (``sampler.eval_steps`` for 'ode', ``num_steps``
+        otherwise).
+      sampler: 'ode' (the evaluation's sampler), or 'sde' / 'cps': the rollout's sampler with that kind of
+        window noise (the run's window, schedule and CFG).
+      eta: the stochastic sampler's noise level instead of the run's ``sampler.eta``.
     """
 
     def __init__(
@@ -193,15 +214,33 @@ class RunEditor:
         *,
         batch_size: int = 8,
         eval_steps: int | None = None,
+        sampler: str = "ode",
+        eta: float | None = None,
     ) -> None:
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if eta is not None and (sampler == "ode" or not 0.0 < eta < float("inf")):
+            raise ValueError(f"eta {eta!r}: a noise level > 0, for the sde or cps sampler, not {sampler!r}")
         run = trained.load_trained(workdir, step=step)
         config = run.config
         if config.model.name != "tiny":
             raise trained.TrainedRunError(
                 f"{workdir} trained the {config.model.name!r} model: evaluate it as a klein policy"
             )
-        if eval_steps is not None:
-            config.sampler.eval_steps = int(eval_steps)
+        if sampler == "ode":
+            if eval_steps is not None:
+                config.sampler.eval_steps = int(eval_steps)
+        else:
+            config.sampler.kind = sampler
+            if eval_steps is not None:
+                config.sampler.num_steps = int(eval_steps)
+            if eta is not None:
+                config.sampler.eta = float(eta)
+            s = config.sampler
+            # The window's bounds are checked when the sampler is traced; check them before any edit.
+            bounds = (s.window_lo, s.window_hi, s.num_steps, s.window_size)
+            draw_window_start(jax.random.key(0), s.window, *bounds)
+        self.sampler = sampler
         self.config, self.step, self.batch_size = config, run.step, int(batch_size)
         self.workdir = Path(workdir).absolute()
         self.resolution = int(config.data.resolution)
@@ -224,13 +263,21 @@ class RunEditor:
             "workdir": str(self.workdir),
             "step": "base" if self.step == 0 else self.step,
             "resolution": self.resolution,
-            "sampler": {
-                "kind": "ode",
-                "steps": int(self.config.sampler.eval_steps),
-                "schedule": builders.sampler_schedule(self.config),
-                "cfg_scale": float(self.config.sampler.cfg_scale),
-            },
+            "sampler": self._sampler_fields(),
         }
+
+    def _sampler_fields(self) -> dict[str, Any]:
+        s = self.config.sampler
+        common = {"schedule": builders.sampler_schedule(self.config), "cfg_scale": float(s.cfg_scale)}
+        if self.sampler == "ode":
+            return {"kind": "ode", "steps": int(s.eval_steps), **common}
+        window: dict[str, Any] = {"window": s.window}
+        if s.window == "random":
+            window |= {"window_size": int(s.window_size), "window_lo": int(s.window_lo),
+                       "window_hi": int(s.window_hi)}  # fmt: skip
+        step_noise = "per batch: the seed and the batch's example keys"
+        return {"kind": s.kind, "steps": int(s.num_steps), "eta": float(s.eta), **window, **common,
+                "step_noise": step_noise}  # fmt: skip
 
     def check(self, examples: Sequence[Example]) -> None:
         """``ValueError`` naming the first example this model cannot read: the tiny model's word encoder
@@ -255,7 +302,11 @@ class RunEditor:
             with runtime.use_mesh(self.mesh):
                 batch = builders.device_batch(host, self.mesh, self.text_fields)
                 noise = runtime.host_local_to_global({"noise": noise}, self.mesh)["noise"]
-                edited = self.programs("edit", self.params, self.frozen, batch, noise)
+                if self.sampler == "ode":
+                    edited = self.programs("edit", self.params, self.frozen, batch, noise)
+                else:
+                    key = batch_key(seed, padded)
+                    edited = self.programs("sampled_edit", self.params, self.frozen, batch, noise, key)
                 scores = self.programs("scores", self.params, self.frozen, edited, batch) if score else None
             pixels = images_to_uint8(runtime.to_host(edited))
             images.extend(pixels[: len(chunk)])

@@ -1,20 +1,21 @@
 """A larger held-out evaluation of a finished credit study: each K's base and every run's final step.
 
     python -m sfgrpo.experiments.credit_heldout --study DIR [--examples 512] [--noise-seeds 1] [--jobs J]
-        [--sweep]
+        [--sweep] [--sampler ode|sde|cps [--eta E]]
 
-The study's own evaluations score 32 held-out examples (``data.shapes_eval``) during training: enough to
-draw curves, too few to tell a gain of 0.01-0.02 from noise. This scores the base of each K and every
-finished run's final checkpoint on ``shapes:test:<examples>`` (the run's held-out examples first, then
-new draws of the task, never trained on) with ``python -m sfgrpo.evaluate`` (ODE sampling, the noise of
-each (example, noise seed) fixed, so every policy edits the same inputs from the same noise), in
-``DIR/heldout/test<N>x<S>/``: ``base_k<K>/`` and ``step<steps>/<run>/``, one evaluation folder each
-(reruns resume; finished ones are skipped). It then writes ``heldout.json`` and ``heldout.md`` there: per
-(K, arm) the final reward, its gain over the base, per-region success and background preservation, mean
-± 95% Student-t over seeds, the paired (same seed) differences between arms, and every run's scores.
-Differences of two evaluations are also taken edit by edit (the same input from the same noise), with a
-95% interval over the edits: what the examples alone can resolve, for each run's gain over its base and
-for each pair of arms on one seed.
+The study's own evaluations score 32 held-out examples (``data.shapes_eval``) during training: enough to draw
+curves, too few to tell a gain of 0.01-0.02 from noise. This scores the base of each K and every finished
+run's final checkpoint on ``shapes:test:<examples>`` (the run's held-out examples first, then new draws of the
+task, never trained on) with ``python -m sfgrpo.evaluate`` (ODE sampling, the noise of each (example, noise
+seed) fixed, so every policy edits the same inputs from the same noise), in ``DIR/heldout/test<N>x<S>/``
+(``..._sde/`` or ``..._cps/`` with ``--sampler``: the rollout's stochastic sampler, whose images GRPO trains
+on, its step noise drawn per batch of examples): ``base_k<K>/`` and ``step<steps>/<run>/``, one evaluation
+folder each (reruns resume; finished ones are skipped). It then writes ``heldout.json`` and ``heldout.md``
+there: per (K, arm) the final reward, its gain over the base, per-region success and background preservation,
+mean ± 95% Student-t over seeds, the paired (same seed) differences between arms, and every run's scores.
+Differences of two evaluations are also taken edit by edit (the same input from the same noise), with a 95%
+interval over the edits: what the examples alone can resolve, for each run's gain over its base and for each
+pair of arms on one seed.
 
 With ``--sweep`` it scores the study's hyperparameter sweep instead (``DIR/sweep.json``): every finished
 sweep run's final checkpoint, in ``DIR/heldout/test<N>x<S>/sweep/``, one row per setting (arm, lr, clip,
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -63,7 +65,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="evaluations run at once")
     p.add_argument("--batch-size", type=int, default=32, help="edits per compiled call")
     p.add_argument("--sweep", action="store_true", help="score the sweep's runs (DIR/sweep.json) instead")
+    p.add_argument(
+        "--sampler",
+        choices=("ode", "sde", "cps"),
+        default="ode",
+        help="'ode' (default), or the runs' rollout sampler with 'sde' or 'cps' window noise",
+    )
+    p.add_argument("--eta", type=float, help="with --sampler sde|cps: the noise level (default: each run's)")
     args = p.parse_args(argv)
+    if args.eta is not None and (args.sampler == "ode" or not (math.isfinite(args.eta) and args.eta > 0)):
+        raise HeldoutError(f"--eta {args.eta}: a finite noise level > 0, with --sampler sde or cps")
     for name in ("examples", "noise_seeds", "jobs", "batch_size"):
         if getattr(args, name) < 1:
             raise HeldoutError(f"--{name.replace('_', '-')}: at least 1, got {getattr(args, name)}")
@@ -107,8 +118,25 @@ def evaluation_command(workdir: Path, step: int | str, out: Path, args: argparse
         sys.executable, "-m", "sfgrpo.evaluate",
         "--benchmark", f"shapes:test:{args.examples}",
         "--workdir", str(workdir), "--step", str(step), "--out", str(out),
-        "--seeds", str(args.noise_seeds), "--batch-size", str(args.batch_size),
+        "--seeds", str(args.noise_seeds), "--batch-size", str(args.batch_size), "--sampler", args.sampler,
+        *(["--eta", repr(args.eta)] if args.eta is not None else []),
     ]  # fmt: skip
+
+
+def sampler_label(args: argparse.Namespace) -> str:
+    """The sampler in words, and the suffix of its evaluations' folder ('' for ODE)."""
+    if args.sampler == "ode":
+        return "ODE sampling"
+    eta = "each run's eta" if args.eta is None else f"eta {args.eta:g}"
+    return f"the rollout sampler with {args.sampler} window noise, {eta}, step noise drawn per batch"
+
+
+def evaluations_root(args: argparse.Namespace) -> Path:
+    """DIR/heldout/test<N>x<S>[_<sampler>[_eta<E>]]: one folder per sampler, so they never mix."""
+    name = f"test{args.examples}x{args.noise_seeds}"
+    if args.sampler != "ode":
+        name += f"_{args.sampler}" + ("" if args.eta is None else f"_eta{args.eta:g}")
+    return args.study / "heldout" / name
 
 
 def _complete(out: Path, expected: int) -> bool:
@@ -259,7 +287,8 @@ def markdown(
         f"# Held-out evaluation of {what}: {args.examples} examples x {args.noise_seeds} noise seeds",
         "",
         f"Each K's base and every run's step {steps}, scored on `shapes:test:{args.examples}` by "
-        "`python -m sfgrpo.evaluate` (ODE sampling; every policy edits the same inputs from the same noise). "
+        f"`python -m sfgrpo.evaluate` ({sampler_label(args)}; every policy edits the same inputs from the "
+        "same noise). "
         f"Per run: the mean over its edits. {over_seeds} '± edits' is a 95% interval over the edits of an "
         "edit-by-edit difference: what the examples alone resolve; seed-to-seed spread comes on top.",
         "",
@@ -329,7 +358,7 @@ def run(args: argparse.Namespace, log: Any = print) -> int:
         raise HeldoutError(f"--study {args.study}: no finished runs to evaluate")
     if len(finished) < len(rows):
         log(f"{len(rows) - len(finished)} of {len(rows)} runs did not finish: left out")
-    root = args.study / "heldout" / f"test{args.examples}x{args.noise_seeds}"
+    root = evaluations_root(args)
     jobs: list[tuple[Path, list[str]]] = []
     bases = {}
     for k in sorted({r["k"] for r in finished}):
