@@ -379,13 +379,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--steps", type=_positive, help="sampler steps (default: the run's eval or rollout steps; klein 4/50)"
     )
-    p.add_argument(
-        "--sampler",
-        choices=("ode", "sde", "cps"),
-        default="ode",
-        help="tiny-model runs: 'ode' (default), or the rollout's sampler with 'sde' or 'cps' window noise",
-    )
-    p.add_argument("--eta", type=float, help="with --sampler sde|cps: the noise level (default: the run's)")
+    from sfgrpo.evaluation import editing  # noqa: PLC0415
+
+    editing.add_sampler_arguments(p)
     p.add_argument("--guidance", type=float, help="klein base models: the CFG scale (default 4)")
     p.add_argument("--text-guidance", type=float, help="OmniGen2: text guidance scale (default 4)")
     p.add_argument("--image-guidance", type=float, help="OmniGen2: image guidance scale (default 1)")
@@ -444,8 +440,10 @@ def _check_args(args: argparse.Namespace) -> None:
             _fail(f"--{name} {value} must be a positive number of seconds")
     if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 1.0):
         _fail(f"--guidance {args.guidance} must be a finite number >= 1")
-    if args.eta is not None and (args.sampler == "ode" or not (math.isfinite(args.eta) and args.eta > 0)):
-        _fail(f"--eta {args.eta} must be a finite noise level > 0, with --sampler sde or cps")
+    from sfgrpo.evaluation import editing  # noqa: PLC0415
+
+    if (error := editing.sampler_arguments_error(args.sampler, args.eta)) is not None:
+        _fail(error)
     if args.sampler != "ode" and args.workdir is None:
         _fail(f"--sampler {args.sampler} is for the demo's tiny-model runs (--workdir): a klein or OmniGen2 "
               "folder edits with its pipeline's ODE sampler")  # fmt: skip

@@ -18,8 +18,10 @@ sampler's step noise and SDE window are drawn per batch from the seed and the ba
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -185,6 +187,24 @@ def noise_stack(seed: int, examples: Sequence[Example], latent: tuple[int, int])
 
 SAMPLERS = ("ode", "sde", "cps")
 """RunEditor's samplers: the evaluation's Euler steps, or the rollout's with 'sde' or 'cps' window noise."""
+
+
+def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line flags that choose ``RunEditor``'s sampler: --sampler and --eta."""
+    parser.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        default="ode",
+        help="tiny-model runs: 'ode' (default), or the rollout's sampler with 'sde' or 'cps' window noise",
+    )
+    parser.add_argument("--eta", type=float, help="with --sampler sde|cps: noise level (default: the run's)")
+
+
+def sampler_arguments_error(sampler: str, eta: float | None) -> str | None:
+    """What is wrong with --sampler / --eta, or None."""
+    if eta is not None and (sampler == "ode" or not (math.isfinite(eta) and eta > 0)):
+        return f"--eta {eta} must be a finite noise level > 0, with --sampler sde or cps"
+    return None
 
 
 def batch_key(seed: int, examples: Sequence[Example]) -> jax.Array:

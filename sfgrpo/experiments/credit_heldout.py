@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from sfgrpo.evaluation import aggregate
+from sfgrpo.evaluation import aggregate, editing
 from sfgrpo.experiments import credit, processes
 from sfgrpo.experiments.credit_report import mean_ci
 
@@ -65,16 +64,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="evaluations run at once")
     p.add_argument("--batch-size", type=int, default=32, help="edits per compiled call")
     p.add_argument("--sweep", action="store_true", help="score the sweep's runs (DIR/sweep.json) instead")
-    p.add_argument(
-        "--sampler",
-        choices=("ode", "sde", "cps"),
-        default="ode",
-        help="'ode' (default), or the runs' rollout sampler with 'sde' or 'cps' window noise",
-    )
-    p.add_argument("--eta", type=float, help="with --sampler sde|cps: the noise level (default: each run's)")
+    editing.add_sampler_arguments(p)
     args = p.parse_args(argv)
-    if args.eta is not None and (args.sampler == "ode" or not (math.isfinite(args.eta) and args.eta > 0)):
-        raise HeldoutError(f"--eta {args.eta}: a finite noise level > 0, with --sampler sde or cps")
+    if (error := editing.sampler_arguments_error(args.sampler, args.eta)) is not None:
+        raise HeldoutError(error)
     for name in ("examples", "noise_seeds", "jobs", "batch_size"):
         if getattr(args, name) < 1:
             raise HeldoutError(f"--{name.replace('_', '-')}: at least 1, got {getattr(args, name)}")
