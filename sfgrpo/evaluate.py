@@ -50,6 +50,12 @@ IDENTITY_FILE = "evaluation.json"
 SCORES_FILE = "scores.jsonl"
 
 
+_SAMPLER_IS_FOR_TINY_RUNS = (
+    "--sampler {} is for the demo's tiny-model runs (--workdir): a klein or OmniGen2 policy edits with its "
+    "pipeline's ODE sampler"
+)
+
+
 class EvaluationError(ValueError):
     """An evaluation that cannot run as asked: the message names the input and what is wrong."""
 
@@ -137,11 +143,8 @@ def _make_editor(args: argparse.Namespace) -> Any:
                 raise
             except ValueError as err:  # a sampler, eta or step count the run's window cannot take
                 raise EvaluationError(f"--sampler {args.sampler} on {args.workdir!r}: {err}") from None
-    if args.sampler != "ode" or args.eta is not None:
-        raise EvaluationError(
-            "--sampler sde|cps and --eta are for the demo's tiny-model runs (--workdir); a klein or OmniGen2 "
-            "policy edits with its pipeline's ODE sampler"
-        )
+    if args.sampler != "ode":  # --eta without it is refused by _check_args
+        raise EvaluationError(_SAMPLER_IS_FOR_TINY_RUNS.format(args.sampler))
     step = None if args.step == "latest" else args.step
     if step == "base":
         raise EvaluationError("--step base is for tiny-model runs; for a klein run evaluate --model BASE_DIR")
@@ -445,8 +448,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if (error := editing.sampler_arguments_error(args.sampler, args.eta)) is not None:
         _fail(error)
     if args.sampler != "ode" and args.workdir is None:
-        _fail(f"--sampler {args.sampler} is for the demo's tiny-model runs (--workdir): a klein or OmniGen2 "
-              "folder edits with its pipeline's ODE sampler")  # fmt: skip
+        _fail(_SAMPLER_IS_FOR_TINY_RUNS.format(args.sampler))
     if Path(args.out).exists() and not Path(args.out).is_dir():
         _fail(f"--out {args.out!r} exists and is not a directory")
 

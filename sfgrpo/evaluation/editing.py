@@ -239,8 +239,8 @@ class RunEditor:
     ) -> None:
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        if eta is not None and (sampler == "ode" or not 0.0 < eta < float("inf")):
-            raise ValueError(f"eta {eta!r}: a noise level > 0, for the sde or cps sampler, not {sampler!r}")
+        if (error := sampler_arguments_error(sampler, eta)) is not None:
+            raise ValueError(error)
         run = trained.load_trained(workdir, step=step)
         config = run.config
         if config.model.name != "tiny":

@@ -117,7 +117,7 @@ def evaluation_command(workdir: Path, step: int | str, out: Path, args: argparse
 
 
 def sampler_label(args: argparse.Namespace) -> str:
-    """The sampler in words, and the suffix of its evaluations' folder ('' for ODE)."""
+    """The evaluations' sampler in words, for heldout.md."""
     if args.sampler == "ode":
         return "ODE sampling"
     eta = "each run's eta" if args.eta is None else f"eta {args.eta:g}"
