@@ -119,6 +119,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 'shuffled': each input's region-to-token map is replaced by another input's, so credit is spatial but
     # wrong (the credit study's placebo arm); 'own' is the method.
     c.rl.token_map = "own"
+    # 'other_group': each group is trained on another group's rewards, so its advantages carry no
+    # information about its own rollouts (the credit study's no-signal control: what updates of the same
+    # size do without a signal); 'own' is the method.
+    c.rl.rewards_from = "own"
     # Weight of the token advantage against the global one. 0.5 on this demo: with 16 tokens of 16x16 px a
     # shape covers parts of a few tokens (mean region weight 0.36 there), and pure token credit (1.0)
     # raised the SDE rollouts' reward while the held-out ODE reward stayed flat (measured on the demo's

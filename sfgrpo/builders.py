@@ -188,6 +188,18 @@ def validate(config: ml_collections.ConfigDict, processes: int | None = None) ->
         f"'shuffled' takes another group's region-to-token map: the global batch {global_batch} must hold at "
         f"least two groups of rl.group_size={rl.group_size}",
     )
+    rewards_from = rl.get("rewards_from", "own")
+    _require(
+        rewards_from in ("own", "other_group"),
+        "rl.rewards_from",
+        f"'own' or 'other_group' (the credit study's no-signal control), got {rewards_from!r}",
+    )
+    _require(
+        rewards_from == "own" or global_batch >= 2 * rl.group_size,
+        "rl.rewards_from",
+        f"'other_group' takes another group's rewards: the global batch {global_batch} must hold at least "
+        f"two groups of rl.group_size={rl.group_size}",
+    )
     _require(
         s.kind in STEP_KINDS and s.kind != "ode",
         "sampler.kind",
@@ -492,6 +504,7 @@ def grpo_settings(config: ml_collections.ConfigDict) -> GRPOSettings:
             reward_config.shapes_reward_options(config.reward) if config.reward.kind == "shapes" else ()
         ),
         token_map_shift=int(rl.group_size) if rl.get("token_map", "own") == "shuffled" else 0,
+        reward_shift=int(rl.group_size) if rl.get("rewards_from", "own") == "other_group" else 0,
     )
 
 

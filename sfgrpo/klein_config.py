@@ -97,6 +97,7 @@ def klein_config() -> ml_collections.ConfigDict:
     c.rl.adv_eps = 1e-4  # real judges' rewards spread more than the demo's: plain normalisation
     c.rl.token_weights = "boxes"
     c.rl.token_map = "own"  # 'shuffled' is the credit study's placebo
+    c.rl.rewards_from = "own"  # 'other_group' is the credit study's no-signal control
     c.rl.mix_lambda = 1.0  # SPEC's default: pure token credit
     c.rl.kl_beta = 0.0  # SPEC: 0-0.04; LoRA's small rank already keeps the policy near the base
     c.rl.kl_form = "exact"

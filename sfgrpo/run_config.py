@@ -57,6 +57,7 @@ INTRODUCED_WITH_NEUTRAL_VALUE: dict[str, Any] = {
     "data.seed": -1,
     "warmstart.seed": -1,
     "rl.token_map": "own",
+    "rl.rewards_from": "own",
     "sampler.schedule": "flux2",
     # train.eval_benchmark is off ('') in runs from before it; the rest are its defaults.
     "train.eval_benchmark": "",

@@ -63,6 +63,7 @@ CONFIG_VALUES = [
     ("rl.adv_std", "batch", "config.rl.adv_std"),
     ("rl.token_weights", "pixels", "config.rl.token_weights: 'boxes' or 'masks'"),
     ("rl.token_map", "random", "config.rl.token_map: 'own' or 'shuffled'"),
+    ("rl.rewards_from", "mine", "config.rl.rewards_from: 'own' or 'other_group'"),
     ("sampler.schedule", "cosine", "config.sampler.schedule: one of ('flux2', 'linear', 'omnigen2')"),
     ("data.seed", -2, "config.data.seed: must be an integer >= 0, or -1"),
     ("warmstart.seed", -5, "config.warmstart.seed: must be an integer >= 0, or -1"),

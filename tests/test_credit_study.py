@@ -98,6 +98,29 @@ def test_summary_pairs_seeds_and_counts_iterations_to_the_scalar_final(tmp_path)
     assert (tmp_path / "study.png").stat().st_size > 10_000
 
 
+def test_summary_sets_every_arm_against_the_no_signal_run_of_its_seed(tmp_path):
+    rows = [
+        _row(4, "scalar", 0, [0.3, 0.25]),
+        _row(4, "scalar", 1, [0.3, 0.35]),
+        _row(4, "spatial", 0, [0.3, 0.4]),
+        _row(4, "null", 0, [0.3, 0.2]),
+        _row(4, "null", 1, [0.3, 0.3]),
+    ]
+    summary = credit_report.summarise(rows, [4], ["scalar", "spatial", "null"])["4"]
+    assert summary["scalar"]["minus_null"]["mean"] == pytest.approx(0.05)
+    assert summary["scalar"]["minus_null"]["n"] == 2
+    assert summary["spatial"]["minus_null"] == {"mean": pytest.approx(0.2), "ci95": None, "n": 1}
+    assert "minus_null" not in summary["null"]
+    plan = {"ks": [4], "arms": ["scalar", "spatial", "null"], "steps": 5, "eval_every": 5, "seeds": [0, 1]}
+    credit_report.write(tmp_path, rows, plan, {"chosen": {}})
+    md = (tmp_path / "study.md").read_text()
+    assert (
+        "No-signal check: final held-out reward minus the `null` run's of the same seed: scalar 0.050 ± "
+        in md
+    )
+    assert "; spatial 0.200 (1 seeds)." in md
+
+
 def test_run_record_reads_the_rollout_reward_of_the_last_quarter_of_iterations(tmp_path):
     lines = [{"step": 0, "stage": "eval", credit_report.REWARD: 0.3}]
     lines += [{"step": s, "stage": "grpo", "reward/mean": 0.1 * s, "clipfrac": 0.0} for s in range(1, 9)]
@@ -233,7 +256,12 @@ def test_arms_differ_only_in_credit_and_the_placebo_copies_spatials_settings(tmp
     assert runs["scalar"]["rl.clip_range_scalar"] == (0.2, 0.2) and runs["scalar"]["rl.lr"] == 1e-3
     for r in runs.values():
         assert r["seed"] == 3 and r["data.seed"] == r["warmstart.seed"] == credit.TASK_SEED
-    assert credit.swept_arms(["scalar", "placebo"]) == ["scalar", "spatial"]
+    assert credit.swept_arms(["scalar", "placebo", "null"]) == ["scalar", "spatial"]
+    # The no-signal control is scalar with another group's rewards, at scalar's settings.
+    null = dict(
+        credit.arm_run(tmp_path, plan, "study", 2, "null", 3, *credit.arm_hparams(hparams, "null")).overrides
+    )
+    assert null == {**runs["scalar"], "rl.rewards_from": "other_group"}
     with pytest.raises(credit.StudyError, match="region"):
         credit.arm_hparams(hparams, "region")
 

@@ -1,6 +1,8 @@
 """The GRPO stages on the tiny policy: on-policy ratio, credit modes, skipped updates, LoRA, shuffling."""
 
 import dataclasses
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ import optax
 import pytest
 from flax import nnx
 from helpers import Setup, entries_moved, tiny_config
+from multiprocess import Group
 
 from sfgrpo import builders, runtime
 from sfgrpo.rewards.base import RegionScores, Rewards
@@ -136,6 +139,91 @@ def test_placebo_gives_each_sample_another_groups_token_map():
     a, _ = credit(rewards, jnp.asarray(own), groups, GRPOSettings(**scalar))
     z, _ = credit(rewards, jnp.asarray(own), groups, GRPOSettings(**{**scalar, "token_map_shift": g}))
     np.testing.assert_array_equal(np.asarray(a.adv), np.asarray(z.adv))
+
+
+def _two_groups(b: int = 8, r: int = 2, length: int = 6, seed: int = 2):
+    rng = np.random.default_rng(seed)
+    region_valid = np.ones((b, r + 1), bool)
+    region_valid[5, 0] = False  # a failed region in group 1 travels with its rewards
+    rewards = Rewards(
+        region=jnp.asarray(rng.uniform(size=(b, r + 1)), jnp.float32),
+        region_valid=jnp.asarray(region_valid),
+        image=jnp.asarray(rng.uniform(size=b), jnp.float32),
+        image_valid=jnp.asarray(np.arange(b) != 6),
+    )
+    weights = rng.uniform(size=(b, r + 1, length)).astype(np.float32)
+    return rewards, jnp.asarray(weights / weights.sum(axis=1, keepdims=True))
+
+
+def test_no_signal_control_credits_each_group_with_another_groups_rewards():
+    # rl.rewards_from='other_group': group 0 is credited exactly as group 1's rollouts would be with
+    # group 0's own token maps, and vice versa; validity travels with the rewards, the maps stay.
+    g = 4
+    rewards, weights = _two_groups()
+    groups = jnp.repeat(jnp.arange(2), g)
+    swapped = Rewards(*(jnp.roll(x, g, axis=0) for x in rewards))
+    for mode in ("scalar", "spatial", "region"):
+        base = {**spatial_settings().__dict__, "credit": mode, "mix_lambda": 1.0}
+        honest, _ = credit(rewards, weights, groups, GRPOSettings(**base))
+        control, m = credit(rewards, weights, groups, GRPOSettings(**{**base, "reward_shift": g}))
+        expected, m_expected = credit(swapped, weights, groups, GRPOSettings(**base))
+        np.testing.assert_array_equal(np.asarray(control.adv), np.asarray(expected.adv))
+        np.testing.assert_array_equal(np.asarray(control.mask), np.asarray(expected.mask))
+        np.testing.assert_array_equal(np.asarray(control.weights), np.asarray(weights))
+        assert not np.allclose(np.asarray(control.adv), np.asarray(honest.adv)), mode
+        # Advantages of the usual size: the same statistics as honest credit, only on other rollouts.
+        np.testing.assert_allclose(
+            float(m["adv/spread_mean"]), float(m_expected["adv/spread_mean"]), rtol=1e-6
+        )
+    scalar, _ = credit(
+        rewards, weights, groups, GRPOSettings(**{**base, "credit": "scalar", "reward_shift": g})
+    )
+    assert float(np.asarray(scalar.mask)[2]) == 0.0  # row 6's failed judgement now lands on row 2
+
+
+_ROLL_WORKER = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import jax
+    from test_step import _two_groups, spatial_settings
+    from sfgrpo import runtime
+    from sfgrpo.rl.step import GRPOSettings, credit
+    pid, port = int(sys.argv[1]), int(sys.argv[2])
+    runtime.initialize_distributed(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+    mesh = runtime.make_mesh(data=-1)
+    rewards, weights = _two_groups()  # the global batch, the same on both hosts: 4 rows each
+    groups = np.repeat(np.arange(4), 2)  # G = 2: groups 0-1 on host 0, 2-3 on host 1
+    settings = GRPOSettings(**{**spatial_settings().__dict__, "credit": "spatial", "mix_lambda": 1.0,
+                              "reward_shift": 2, "token_map_shift": 2})
+    expected, _ = credit(rewards, weights, groups, settings)  # unsharded, on this host alone
+    local = {f"r{i}": np.asarray(x)[4 * pid: 4 * pid + 4] for i, x in enumerate(rewards)}
+    local |= {"w": np.asarray(weights)[4 * pid: 4 * pid + 4], "g": groups[4 * pid: 4 * pid + 4]}
+    with runtime.use_mesh(mesh):
+        b = runtime.host_local_to_global(local, mesh)
+        sharded = type(rewards)(b["r0"], b["r1"], b["r2"], b["r3"])
+        out, _ = jax.jit(lambda r, w, g: credit(r, w, g, settings))(sharded, b["w"], b["g"])
+    for name in ("adv", "mask", "weights"):
+        mine = runtime.global_to_host_local(getattr(out, name))
+        np.testing.assert_allclose(mine, np.asarray(getattr(expected, name))[4 * pid: 4 * pid + 4],
+                                   atol=1e-6, err_msg=name)
+    print("MATCH", pid, flush=True)
+    jax.distributed.shutdown()
+    """
+)
+
+
+def test_rolled_rewards_and_maps_cross_hosts_as_on_one(tmp_path):
+    # Both controls take rows from other groups, which may live on another host: two processes on
+    # loopback credit their rows exactly as one process crediting the whole batch.
+    script = tmp_path / "worker.py"
+    script.write_text(_ROLL_WORKER)
+    group = Group(
+        lambda pid, port: [sys.executable, str(script), str(pid), str(port)], 2, 2, tmp_path / "logs"
+    )
+    assert group.wait(180) == [0, 0], group.output(0)[-3000:] + group.output(1)[-3000:]
+    for pid in (0, 1):
+        assert f"MATCH {pid}" in group.output(pid)
 
 
 def test_reward_metrics_count_region_successes_and_background():

@@ -10,7 +10,9 @@ workdir under ``DIR/runs``), identical across arms but for credit:
   mix      lambda = 0.5;
   region   region-level ratios (rl.credit=region);
   placebo  spatial credit with each input's region-to-token map replaced by another input's
-           (rl.token_map=shuffled): credit that is spatial but wrong, with spatial's hyperparameters.
+           (rl.token_map=shuffled): credit that is spatial but wrong, with spatial's hyperparameters;
+  null     scalar credit from another group's rewards (rl.rewards_from=other_group): updates of the
+           same size with no signal, with scalar's hyperparameters (not in the default --arms).
 All arms of one K start from one warm-started base model (``DIR/base/k<K>``: fixed data and warm-start
 seeds), see the same rollouts, updates and evaluation budget, and differ by seed only in the LoRA
 initialisation, the sampling noise and the batch order. Each arm's learning rate and clip range come from a
@@ -46,9 +48,11 @@ ARMS: dict[str, dict[str, Any]] = {
     "mix": {"rl.credit": "spatial", "rl.mix_lambda": 0.5},
     "region": {"rl.credit": "region"},
     "placebo": {"rl.credit": "spatial", "rl.mix_lambda": 1.0, "rl.token_map": "shuffled"},
+    "null": {"rl.credit": "scalar", "rl.rewards_from": "other_group"},
 }
-# The placebo must differ from spatial in the map only, so it is not swept: it takes spatial's settings.
-HPARAMS_FROM = {"placebo": "spatial"}
+# The controls must differ from the arm they control in one switch only, so they are not swept: they take
+# its settings (the placebo spatial's map, the no-signal control scalar's rewards).
+HPARAMS_FROM = {"placebo": "spatial", "null": "scalar"}
 COMPILE_CACHE = "compile_cache"  # the study's runs and scoring share compiled programs here
 TASK_SEED = 0  # data.seed and warmstart.seed of every run: one task and one base model per K
 SWEEP_SEED0 = 1000  # sweep seeds are 1000, 1001, ...; study seeds are first-seed .. first-seed+seeds-1
@@ -339,7 +343,7 @@ def arm_run(
 
 
 def swept_arms(arms: Sequence[str]) -> list[str]:
-    """The arms the sweep tunes: the study's, with the placebo replaced by the arm it copies."""
+    """The arms the sweep tunes: the study's, with each control replaced by the arm it copies."""
     return sorted({HPARAMS_FROM.get(a, a) for a in arms})
 
 
@@ -393,8 +397,8 @@ def choose_hparams(runs: Sequence[Run], results: dict[Run, dict[str, Any]]) -> d
 
 
 def arm_hparams(hparams: dict[str, Any], arm: str) -> tuple[float, float, float]:
-    """(lr, clip, kl_beta) of ``arm`` (the placebo's are spatial's); an entry without kl_beta has no KL
-    penalty (0), as every study had before β was swept."""
+    """(lr, clip, kl_beta) of ``arm`` (a control's are its arm's: HPARAMS_FROM); an entry without kl_beta
+    has no KL penalty (0), as every study had before β was swept."""
     source = HPARAMS_FROM.get(arm, arm)
     try:
         entry = hparams["chosen"][source]

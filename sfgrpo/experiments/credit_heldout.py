@@ -49,6 +49,8 @@ PAIRS = (
     ("placebo", "scalar"),
     ("mix", "scalar"),
     ("region", "scalar"),
+    ("scalar", "null"),
+    ("spatial", "null"),
 )
 
 

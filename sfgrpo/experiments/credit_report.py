@@ -225,6 +225,20 @@ def summarise(rows: Sequence[Mapping[str, Any]], ks: Sequence[int], arms: Sequen
             )
             placebo_late = {r["seed"]: r["train"].get("reward_late") for r in placebo}
             per_arm["spatial"]["train_late_minus_placebo"] = _paired(spatial, placebo_late)
+        if "null" in per_arm:
+            # The no-signal control: each arm against updates of its size that carry no signal, by seed.
+            null_by_seed = {r["seed"]: r["final"]["reward"] for r in ok if r["arm"] == "null"}
+            for arm, stats in per_arm.items():
+                if arm != "null":
+                    stats["minus_null"] = mean_ci(
+                        [
+                            r["final"]["reward"] - null_by_seed[r["seed"]]
+                            for r in ok
+                            if r["arm"] == arm
+                            and r["final"]["reward"] is not None
+                            and null_by_seed.get(r["seed"]) is not None
+                        ]
+                    )
         out[str(k)] = per_arm
     return out
 
@@ -298,7 +312,8 @@ def markdown(summary: Mapping[str, Any], plan: Mapping[str, Any], hparams: Mappi
         "",
         "Arms (identical but for credit): `scalar` = Flow-GRPO's global reward; `spatial` = token credit "
         "(lambda = 1); `mix` = lambda 0.5; `region` = region-level ratios; `placebo` = spatial credit with "
-        "each input's region-to-token map replaced by another input's (`rl.token_map=shuffled`).",
+        "each input's region-to-token map replaced by another input's (`rl.token_map=shuffled`); `null` = "
+        "scalar credit from another group's rewards (`rl.rewards_from=other_group`), the no-signal control.",
         "",
         "'clipfrac edit / background' is the share of per-token ratios outside the arm's own clip range, "
         "over edit and background tokens. The scalar arm's loss clips the image ratio, not token ratios: "
@@ -337,6 +352,18 @@ def markdown(summary: Mapping[str, Any], plan: Mapping[str, Any], hparams: Mappi
             lines += [
                 f"Placebo check: spatial − placebo (paired, same seed) {_fmt(check)} held-out, "
                 f"{_fmt(late)} rollout reward over the last quarter; {check['n']} seeds.",
+                "",
+            ]
+        null_checks = [
+            f"{arm} {_fmt(s['minus_null'])} ({s['minus_null']['n']} seeds)"
+            for arm, s in per_arm.items()
+            if s.get("minus_null", {}).get("n")
+        ]
+        if null_checks:
+            lines += [
+                "No-signal check: final held-out reward minus the `null` run's of the same seed: "
+                + "; ".join(null_checks)
+                + ".",
                 "",
             ]
     lines += ["## Hyperparameters", "", "```json", json.dumps(hparams, indent=1, sort_keys=True), "```", ""]

@@ -70,6 +70,11 @@ class GRPOSettings:
     # 'region' credit, the token weights of the sample this many rows later (cyclically; a multiple of G,
     # so another input's region-to-token map). 0: each sample's own map.
     token_map_shift: int = 0
+    # The credit study's no-signal control (rl.rewards_from = 'other_group'): > 0 gives every sample the
+    # rewards (and their validity) of the sample this many rows later, cyclically; a multiple of G, so each
+    # group is credited with another group's outcomes: advantages of the usual size that say nothing about
+    # its own rollouts. 0: each sample's own rewards.
+    reward_shift: int = 0
 
 
 class Credit(NamedTuple):
@@ -220,6 +225,8 @@ def credit(
       weights: (B, R+1, L) token weights.
       group_ids: (B,) int group of each sample.
     """
+    if settings.reward_shift:
+        rewards = Rewards(*(_rolled_rows(x, settings.reward_shift) for x in rewards))
     if settings.token_map_shift and settings.credit != "scalar":
         # Spatial but wrong credit: each region's advantage lands on another input's region tokens.
         weights = _rolled_rows(weights, settings.token_map_shift)
