@@ -176,30 +176,23 @@ def validate(config: ml_collections.ConfigDict, processes: int | None = None) ->
         "sampler.kind='cps' steps do not have; use rl.kl_form='exact' with 'cps'",
     )
     _require(0 <= rl.mix_lambda <= 1, "rl.mix_lambda", f"must lie in [0, 1], got {rl.mix_lambda}")
-    token_map = rl.get("token_map", "own")
-    _require(
-        token_map in ("own", "shuffled"),
-        "rl.token_map",
-        f"'own' or 'shuffled' (the credit study's placebo), got {token_map!r}",
-    )
-    _require(
-        token_map == "own" or global_batch >= 2 * rl.group_size,
-        "rl.token_map",
-        f"'shuffled' takes another group's region-to-token map: the global batch {global_batch} must hold at "
-        f"least two groups of rl.group_size={rl.group_size}",
-    )
-    rewards_from = rl.get("rewards_from", "own")
-    _require(
-        rewards_from in ("own", "other_group"),
-        "rl.rewards_from",
-        f"'own' or 'other_group' (the credit study's no-signal control), got {rewards_from!r}",
-    )
-    _require(
-        rewards_from == "own" or global_batch >= 2 * rl.group_size,
-        "rl.rewards_from",
-        f"'other_group' takes another group's rewards: the global batch {global_batch} must hold at least "
-        f"two groups of rl.group_size={rl.group_size}",
-    )
+    # The credit study's controls: each takes something of another group.
+    for key, control, role, taken in (
+        ("token_map", "shuffled", "placebo", "region-to-token map"),
+        ("rewards_from", "other_group", "no-signal control", "rewards"),
+    ):
+        value = rl.get(key, "own")
+        _require(
+            value in ("own", control),
+            f"rl.{key}",
+            f"'own' or '{control}' (the credit study's {role}), got {value!r}",
+        )
+        _require(
+            value == "own" or global_batch >= 2 * rl.group_size,
+            f"rl.{key}",
+            f"'{control}' takes another group's {taken}: the global batch {global_batch} must hold at least "
+            f"two groups of rl.group_size={rl.group_size}",
+        )
     _require(
         s.kind in STEP_KINDS and s.kind != "ode",
         "sampler.kind",

@@ -89,6 +89,19 @@ class Group:
         return all(p.poll() is None for p in self.procs)
 
 
+def run_script(source: str, logdir: Path, n: int = 2, devices: int = 2, timeout: float = 180) -> list[str]:
+    """Runs the Python ``source`` as n processes of ``devices`` devices each (argv: process id, coordinator
+    port); fails unless all exit 0. Returns their outputs, in process order."""
+    logdir.mkdir(parents=True, exist_ok=True)
+    script = logdir / "worker.py"
+    script.write_text(source)
+    group = Group(lambda pid, port: [sys.executable, str(script), str(pid), str(port)], n, devices, logdir)
+    codes = group.wait(timeout)
+    outputs = [group.output(i) for i in range(n)]
+    assert codes == [0] * n, "\n".join(f"--- process {i}:\n{out[-3000:]}" for i, out in enumerate(outputs))
+    return outputs
+
+
 def main_command(workdir: Path, overrides: Sequence[str], n: int) -> Callable[[int, int], list[str]]:
     """``python -m sfgrpo.main`` on the demo config with ``overrides``, as process i of n."""
 

@@ -1,13 +1,12 @@
 """Mesh creation, logical sharding rules, and host-local batches to global arrays (1 and 2 processes)."""
 
-import sys
 import textwrap
 
 import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-from multiprocess import Group
+from multiprocess import run_script
 
 from sfgrpo import runtime
 
@@ -80,13 +79,7 @@ _WORKER = textwrap.dedent(
 
 
 def test_collectives_on_two_processes(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(_WORKER)
-    group = Group(
-        lambda pid, port: [sys.executable, str(script), str(pid), str(port)], 2, 2, tmp_path / "logs"
-    )
-    assert group.wait(180) == [0, 0], group.output(0)[-3000:] + group.output(1)[-3000:]
-    outputs = [group.output(i) for i in (0, 1)]
+    outputs = run_script(_WORKER, tmp_path)
     # The coordinator of a loopback address listens on loopback only.
     assert "Starting JAX distributed service on 127.0.0.1:" in outputs[0]
     # Global rows in process order: host 0's two rows, then host 1's; each host reads back its own.

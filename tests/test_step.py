@@ -1,7 +1,6 @@
 """The GRPO stages on the tiny policy: on-policy ratio, credit modes, skipped updates, LoRA, shuffling."""
 
 import dataclasses
-import sys
 import textwrap
 
 import jax
@@ -11,7 +10,7 @@ import optax
 import pytest
 from flax import nnx
 from helpers import Setup, entries_moved, tiny_config
-from multiprocess import Group
+from multiprocess import run_script
 
 from sfgrpo import builders, runtime
 from sfgrpo.rewards.base import RegionScores, Rewards
@@ -216,14 +215,9 @@ _ROLL_WORKER = textwrap.dedent(
 def test_rolled_rewards_and_maps_cross_hosts_as_on_one(tmp_path):
     # Both controls take rows from other groups, which may live on another host: two processes on
     # loopback credit their rows exactly as one process crediting the whole batch.
-    script = tmp_path / "worker.py"
-    script.write_text(_ROLL_WORKER)
-    group = Group(
-        lambda pid, port: [sys.executable, str(script), str(pid), str(port)], 2, 2, tmp_path / "logs"
-    )
-    assert group.wait(180) == [0, 0], group.output(0)[-3000:] + group.output(1)[-3000:]
+    outputs = run_script(_ROLL_WORKER, tmp_path)
     for pid in (0, 1):
-        assert f"MATCH {pid}" in group.output(pid)
+        assert f"MATCH {pid}" in outputs[pid]
 
 
 def test_reward_metrics_count_region_successes_and_background():
