@@ -122,6 +122,23 @@ def test_main_config_values(tmp_path, capsys, key, value, message):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize(
+    "key, value, taken",
+    [("token_map", "shuffled", "region-to-token map"), ("rewards_from", "other_group", "rewards")],
+)
+def test_main_controls_need_another_group(tmp_path, capsys, key, value, taken):
+    config = tiny_config()
+    config.rl.group_size = config.rl.batch_size  # one group: there is no other to take from
+    config.rl[key] = value
+    before = snapshot(tmp_path)
+    code, err = _run_main(config, tmp_path / "run", capsys)
+    assert code == 2
+    assert_one_line(
+        err, f"sfgrpo: config.rl.{key}: ", f"'{value}' takes another group's {taken}: the global batch"
+    )
+    assert snapshot(tmp_path) == before
+
+
 def test_main_compilation_cache_dir_that_is_a_file(tmp_path, capsys):
     (tmp_path / "cache").write_text("not a folder")
     config = tiny_config()
