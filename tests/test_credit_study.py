@@ -121,6 +121,30 @@ def test_summary_sets_every_arm_against_the_no_signal_run_of_its_seed(tmp_path):
     assert "; spatial 0.200 (1 seeds)." in md
 
 
+def test_without_a_scalar_arm_the_paired_rollout_panel_is_against_the_null_run(tmp_path):
+    def run(arm, seed, rollout):
+        return _row(4, arm, seed, [0.3, 0.3]) | {"train_curve": [[1, 0.5], [2, rollout]]}
+
+    rows = [run("spatial", 8, 0.7), run("spatial", 9, 0.6), run("null", 8, 0.5), run("null", 9, 0.5)]
+    summary = credit_report.summarise(rows, [4], ["spatial", "null"])
+    curve = summary["4"]["spatial"]["train_minus_null_curve"]
+    assert [(c["step"], c["mean"], c["n"]) for c in curve] == [(1, 0.0, 2), (2, pytest.approx(0.15), 2)]
+    assert "train_minus_null_curve" not in summary["4"]["null"]
+    assert credit_report._paired_panel(summary["4"]) == (
+        "train_minus_null_curve",
+        "rollout reward - null's (paired)",
+    )
+    with_scalar = credit_report.summarise(rows + [run("scalar", 8, 0.55)], [4], ["scalar", "spatial", "null"])
+    assert credit_report._paired_panel(with_scalar["4"])[0] == "train_minus_scalar_curve"
+    alone = credit_report.summarise(rows[:2], [4], ["spatial"])
+    assert credit_report._paired_panel(alone["4"])[0] is None
+    credit_report.plot(summary, tmp_path / "study.png")
+    credit_report.plot(alone, tmp_path / "alone.png")
+    assert (tmp_path / "study.png").stat().st_size > 10_000 and (
+        tmp_path / "alone.png"
+    ).stat().st_size > 10_000
+
+
 def test_run_record_reads_the_rollout_reward_of_the_last_quarter_of_iterations(tmp_path):
     lines = [{"step": 0, "stage": "eval", credit_report.REWARD: 0.3}]
     lines += [{"step": s, "stage": "grpo", "reward/mean": 0.1 * s, "clipfrac": 0.0} for s in range(1, 9)]

@@ -228,8 +228,16 @@ def summarise(rows: Sequence[Mapping[str, Any]], ks: Sequence[int], arms: Sequen
         if "null" in per_arm:
             # The no-signal control: each arm against updates of its size that carry no signal, by seed.
             null_by_seed = {r["seed"]: r["final"]["reward"] for r in ok if r["arm"] == "null"}
+            null_train_by_seed = {r["seed"]: r.get("train_curve", []) for r in ok if r["arm"] == "null"}
             for arm, stats in per_arm.items():
                 if arm != "null":
+                    stats["train_minus_null_curve"] = _mean_curve(
+                        [
+                            _curve_minus(r.get("train_curve", []), null_train_by_seed[r["seed"]])
+                            for r in ok
+                            if r["arm"] == arm and r["seed"] in null_train_by_seed
+                        ]
+                    )
                     stats["minus_null"] = mean_ci(
                         [
                             r["final"]["reward"] - null_by_seed[r["seed"]]
@@ -372,7 +380,8 @@ def markdown(summary: Mapping[str, Any], plan: Mapping[str, Any], hparams: Mappi
 
 def plot(summary: Mapping[str, Any], path: Path) -> None:
     """study.png, one column per K: the held-out reward's gain over step 0 (top) and each arm's rollout
-    reward minus the scalar run's of the same seed (bottom), mean ± 95% CI per arm against iterations."""
+    reward minus the scalar run's of the same seed (bottom; the null run's where K has no scalar run),
+    mean ± 95% CI per arm against iterations."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
     from matplotlib.figure import Figure  # noqa: PLC0415
 
@@ -380,33 +389,42 @@ def plot(summary: Mapping[str, Any], path: Path) -> None:
     fig = Figure(figsize=(4.2 * len(ks), 6.8), dpi=120)
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, len(ks), squeeze=False)
-    panels = (
-        ("gain_curve", "held-out reward (ODE) - step 0"),
-        ("train_minus_scalar_curve", "rollout reward - scalar's (paired)"),
-    )
     arms = list(dict.fromkeys(arm for k in ks for arm in summary[k]))
     colour = {arm: f"C{i}" for i, arm in enumerate(arms)}  # an arm keeps its colour in every panel
-    for row, (key, ylabel) in enumerate(panels):
-        for ax, k in zip(axes[row], ks, strict=True):
+    for col, k in enumerate(ks):
+        panels = [("gain_curve", "held-out reward (ODE) - step 0"), _paired_panel(summary[k])]
+        for row, (key, ylabel) in enumerate(panels):
+            ax = axes[row][col]
             for arm, s in summary[k].items():
-                curve = s.get(key) or []
+                curve = (s.get(key) or []) if key else []
                 if not curve:
-                    continue  # an arm with no finished run, or scalar against itself
+                    continue  # an arm with no finished run, or the reference against itself
                 steps = np.array([c["step"] for c in curve])
                 mean = np.array([c["mean"] for c in curve])
                 half = np.array([c["ci95"] or 0.0 for c in curve])
                 ax.plot(steps, mean, label=f"{arm} (n={s['runs']})", lw=1.6, color=colour[arm])
                 ax.fill_between(steps, mean - half, mean + half, color=colour[arm], alpha=0.15)
-            if row == 1:
+            if key is None:
+                ax.text(0.5, 0.5, ylabel, ha="center", va="center", transform=ax.transAxes, fontsize=8)
+            elif row == 1:
                 ax.axhline(0.0, color="0.4", lw=0.8)
             ax.set_title(f"K = {k}")
             ax.set_xlabel("GRPO iteration")
-            ax.set_ylabel(ylabel)
+            ax.set_ylabel("rollout reward, paired" if key is None else ylabel)
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
+
+
+def _paired_panel(per_arm: Mapping[str, Any]) -> tuple[str | None, str]:
+    """(summary key, y label) of one K's lower panel: rollout reward against scalar's, or against the
+    no-signal control's where the study ran no scalar arm; (None, why) where it has neither."""
+    for key, reference in (("train_minus_scalar_curve", "scalar"), ("train_minus_null_curve", "null")):
+        if any(s.get(key) for s in per_arm.values()):
+            return key, f"rollout reward - {reference}'s (paired)"
+    return None, "no scalar or null run to pair with:\nno paired rollout curve"
 
 
 def write(out: Path, rows: list[dict[str, Any]], plan: Mapping[str, Any], hparams: Mapping[str, Any]) -> dict:
