@@ -61,7 +61,9 @@ class PreemptionGuard:
         self.received_at = time.monotonic()
         # A second SIGTERM stops at once (the OS default), whatever the main thread is doing.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        _log.warning("SIGTERM: finishing the current iteration, then saving a checkpoint and stopping")
+        # What is saved depends on the phase (a warm-start step, a GRPO iteration, nothing before the first
+        # iteration); the stop message names it.
+        _log.warning("SIGTERM: stopping after the current step or iteration, saving what it has done")
 
     @property
     def requested(self) -> bool:
