@@ -31,7 +31,9 @@ def study(tmp_path_factory):
         c.reward.overlap = False
         workdir = root / "runs" / f"k1_{arm}_s0"
         train.train(c, workdir)
-        rows.append({"k": 1, "arm": arm, "seed": 0, "status": "ok", "workdir": str(workdir)})
+        # The study writes run folders relative to itself; older studies' summaries hold absolute paths.
+        named = str(workdir) if arm == "scalar" else str(workdir.relative_to(root))
+        rows.append({"k": 1, "arm": arm, "seed": 0, "status": "ok", "workdir": named})
     rows.append({"k": 1, "arm": "placebo", "seed": 0, "status": "failed", "workdir": str(root / "x")})
     (root / "base").mkdir()
     (root / "base" / "k1").symlink_to(root / "runs" / "k1_scalar_s0")  # the runs share one warm start

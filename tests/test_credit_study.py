@@ -383,9 +383,10 @@ def test_a_tiny_study_runs_resumes_and_reports(tmp_path, monkeypatch):
         assert 0.0 <= row["final"]["region_success_rate"] <= 1.0
         assert 0.0 <= row["final"]["background_preservation"] <= 1.0
     placebo = next(r for r in doc["rows"] if r["arm"] == "placebo")
-    assert json.loads((Path(placebo["workdir"]) / "config.json").read_text())["rl"]["token_map"] == "shuffled"
+    assert placebo["workdir"] == "runs/k1_placebo_s0"  # relative: a moved study still names its runs
+    assert json.loads((out / placebo["workdir"] / "config.json").read_text())["rl"]["token_map"] == "shuffled"
     # Every run of the K started from the base's warm start (loaded, not trained again).
-    assert "loaded the cached parameters" in (Path(placebo["workdir"]) / "log.txt").read_text()
+    assert "loaded the cached parameters" in (out / placebo["workdir"] / "log.txt").read_text()
     assert (out / "study.md").exists() and (out / "study.png").exists()
     # A rerun skips every finished run and rewrites the report.
     lines.clear()
@@ -403,7 +404,7 @@ def test_a_tiny_study_runs_resumes_and_reports(tmp_path, monkeypatch):
     doc = json.loads((out / "summary.json").read_text())
     for row in doc["rows"]:
         assert row["status"] == "ok" and [s for s, _ in row["eval_curve"]] == [0, 1, 2, 3]
-        assert "resuming from step 2" in (Path(row["workdir"]) / "log.txt").read_text()
+        assert "resuming from step 2" in (out / row["workdir"] / "log.txt").read_text()
 
     # Stopped (SIGTERM, a time limit) before a new seed's runs start: the report keeps what finished and
     # lists the rest as not finished, so that credit_heldout can score it.

@@ -447,7 +447,9 @@ def result_of(run: Run) -> dict[str, Any]:
         "lr": run.lr,
         "clip": run.clip,
         "kl_beta": run.kl_beta,
-        "workdir": str(run.workdir),
+        # Relative to the study folder (runs/<name>, sweep/<name>), so that a moved or committed study
+        # still names its runs; credit_heldout resolves it against --study.
+        "workdir": str(run.workdir.relative_to(run.workdir.parents[1])),
     }
     done = _finished(run)
     if done is None:

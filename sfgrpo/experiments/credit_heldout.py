@@ -361,9 +361,11 @@ def run(args: argparse.Namespace, log: Any = print) -> int:
         jobs.append((bases[k], evaluation_command(args.study / "base" / f"k{k}", "base", bases[k], args)))
     out_dir = root / ("sweep" if args.sweep else f"step{steps}")
     for r in finished:
-        out = out_dir / Path(r["workdir"]).name
+        # Relative to the study folder; the join keeps an older study's absolute paths as they are.
+        workdir = args.study / r["workdir"]
+        out = out_dir / workdir.name
         r["heldout"] = out
-        jobs.append((out, evaluation_command(Path(r["workdir"]), steps, out, args)))
+        jobs.append((out, evaluation_command(workdir, steps, out, args)))
     failed = run_evaluations(
         jobs, args.jobs, args.examples * args.noise_seeds, log, args.study / credit.COMPILE_CACHE
     )
