@@ -188,13 +188,7 @@ def summarise(rows: Sequence[Mapping[str, Any]], ks: Sequence[int], arms: Sequen
             stats["train_late"] = mean_ci([r["train"].get("reward_late") for r in mine])
             if arm != "scalar":
                 stats["train_late_minus_scalar"] = _paired(mine, scalar_late_by_seed)
-                stats["train_minus_scalar_curve"] = _mean_curve(
-                    [
-                        _curve_minus(r.get("train_curve", []), scalar_train_by_seed[r["seed"]])
-                        for r in mine
-                        if r["seed"] in scalar_train_by_seed
-                    ]
-                )
+                stats["train_minus_scalar_curve"] = _paired_curve(mine, scalar_train_by_seed)
             # Each run against its own base: the seeds' held-out levels differ by more than training moves
             # them, and this is the one column that says whether an arm improved at all.
             stats["gain"] = mean_ci(
@@ -231,12 +225,8 @@ def summarise(rows: Sequence[Mapping[str, Any]], ks: Sequence[int], arms: Sequen
             null_train_by_seed = {r["seed"]: r.get("train_curve", []) for r in ok if r["arm"] == "null"}
             for arm, stats in per_arm.items():
                 if arm != "null":
-                    stats["train_minus_null_curve"] = _mean_curve(
-                        [
-                            _curve_minus(r.get("train_curve", []), null_train_by_seed[r["seed"]])
-                            for r in ok
-                            if r["arm"] == arm and r["seed"] in null_train_by_seed
-                        ]
+                    stats["train_minus_null_curve"] = _paired_curve(
+                        [r for r in ok if r["arm"] == arm], null_train_by_seed
                     )
                     stats["minus_null"] = mean_ci(
                         [
@@ -265,6 +255,20 @@ def _curve_minus(curve: Sequence[Sequence[float]], other: Sequence[Sequence[floa
     """[[step, value - other's value], ...] at the steps both curves hold."""
     at = {int(s): v for s, v in other}
     return [[int(s), v - at[int(s)]] for s, v in curve if int(s) in at]
+
+
+def _paired_curve(
+    rows: Sequence[Mapping[str, Any]], reference_by_seed: Mapping[int, Sequence[Sequence[float]]]
+) -> list[dict[str, float | None]]:
+    """Mean ± CI over seeds of each row's rollout-reward curve minus the reference arm's run of that seed;
+    rows whose seed the reference did not run are left out."""
+    return _mean_curve(
+        [
+            _curve_minus(r.get("train_curve", []), reference_by_seed[r["seed"]])
+            for r in rows
+            if r["seed"] in reference_by_seed
+        ]
+    )
 
 
 def _mean_curve(curves: Sequence[Sequence[Sequence[float]]]) -> list[dict[str, float | None]]:
