@@ -89,6 +89,7 @@ def test_summary_pairs_seeds_and_counts_iterations_to_the_scalar_final(tmp_path)
     assert len(doc["rows"]) == 7 and doc["rows"][0]["eval_curve"][1] == [5, 0.2]
     md = (tmp_path / "study.md").read_text()
     assert "| spatial | 0.525 ± " in md and "not reached [5–5] (1/2 reached)" in md
+    assert "`sampler.kind` not overridden" in md and "No `--set` overrides: every setting is " in md
     assert "| placebo | 0.200 | 0.100 | -0.100 |" in md
     assert (
         "Placebo check: spatial − placebo (paired, same seed) 0.400 held-out, 0.150 rollout reward over the "
@@ -111,9 +112,20 @@ def test_summary_sets_every_arm_against_the_no_signal_run_of_its_seed(tmp_path):
     assert summary["scalar"]["minus_null"]["n"] == 2
     assert summary["spatial"]["minus_null"] == {"mean": pytest.approx(0.2), "ci95": None, "n": 1}
     assert "minus_null" not in summary["null"]
-    plan = {"ks": [4], "arms": ["scalar", "spatial", "null"], "steps": 5, "eval_every": 5, "seeds": [0, 1]}
+    plan = {
+        "ks": [4],
+        "arms": ["scalar", "spatial", "null"],
+        "steps": 5,
+        "eval_every": 5,
+        "seeds": [0, 1],
+        "overrides": {"sampler.kind": "cps", "rl.inner_epochs": "2"},
+    }
     credit_report.write(tmp_path, rows, plan, {"chosen": {}})
     md = (tmp_path / "study.md").read_text()
+    # The study's --set flags are stated, and the rollout sampler is named from them.
+    assert "(training prompts, which runs of one seed share; `sampler.kind=cps`, set for this study)" in md
+    assert "SDE" not in md
+    assert "Set on every run (`--set`): `rl.inner_epochs=2`, `sampler.kind=cps`; the rest is " in md
     assert (
         "No-signal check: final held-out reward minus the `null` run's of the same seed: scalar 0.050 ± "
         in md

@@ -21,7 +21,7 @@ from sfgrpo.metrics import read_metrics
 REWARD = "eval/reward/mean"
 # The rollouts' own mean reward R^g per iteration. Runs of one seed draw the same prompts in the same order,
 # so the last quarter of iterations, paired by seed, compares arms on 5 times the held-out evaluation's
-# samples (32 rollouts x 5 iterations against 32 examples, at 20 iterations), from the SDE sampler.
+# samples (32 rollouts x 5 iterations against 32 examples, at 20 iterations), from the rollout sampler.
 TRAIN_REWARD = "reward/mean"
 # What a run's final evaluation reports, under the names summary.json uses.
 FINAL_KEYS = {
@@ -301,6 +301,22 @@ def _fmt_steps(stat: Mapping[str, Any] | None, total_runs: int) -> str:
 
 def markdown(summary: Mapping[str, Any], plan: Mapping[str, Any], hparams: Mapping[str, Any]) -> str:
     """study.md: the settings, one table per K, the placebo check and the hyperparameters used."""
+    overrides = dict(plan.get("overrides") or {})
+    sampler = overrides.get("sampler.kind")
+    # The study's own --set flags change every run, so the rollout sampler is named from them.
+    sampler_text = (
+        f"`sampler.kind={sampler}`, set for this study"
+        if sampler
+        else "the sampler of configs/default.py, `sampler.kind` not overridden"
+    )
+    rest = "configs/default.py's, but for each arm's credit and the hyperparameters below."
+    set_text = (
+        "Set on every run (`--set`): "
+        + ", ".join(f"`{key}={value}`" for key, value in sorted(overrides.items()))
+        + f"; the rest is {rest}"
+        if overrides
+        else f"No `--set` overrides: every setting is {rest}"
+    )
     lines = [
         "# Spatial credit study",
         "",
@@ -311,7 +327,7 @@ def markdown(summary: Mapping[str, Any], plan: Mapping[str, Any], hparams: Mappi
         " over seeds; 'vs scalar' is the paired (same seed) difference of final held-out rewards; "
         "'gain over base' is each run's final minus its own iteration-0 reward; "
         "'rollout reward, last quarter' is the training rollouts' mean R^g over the last quarter of "
-        "iterations (SDE sampler, training prompts, which runs of one seed share), and 'vs scalar' next "
+        f"iterations (training prompts, which runs of one seed share; {sampler_text}), and 'vs scalar' next "
         "to it its paired difference; "
         "'iterations to scalar's final' is the first evaluated iteration at which a run reaches the final"
         " reward of the scalar run of its seed (the held-out noise is drawn from the seed), median "
@@ -321,6 +337,8 @@ def markdown(summary: Mapping[str, Any], plan: Mapping[str, Any], hparams: Mappi
         "'region reward' and 'background reward' are the region rewards R_r the spatial arms' tokens are "
         "credited with, over edit regions and the background; success means a success score >= 0.8 C; "
         "preservation is the background score / C.",
+        "",
+        set_text,
         "",
         "Arms (identical but for credit): `scalar` = Flow-GRPO's global reward; `spatial` = token credit "
         "(lambda = 1); `mix` = lambda 0.5; `region` = region-level ratios; `placebo` = spatial credit with "
