@@ -189,11 +189,33 @@ def test_iterations_to_the_scalar_final_are_undefined_where_scalar_did_not_impro
     assert steps["median"] == 5.0 and steps["reached"] == 1
     assert (
         credit_report._fmt_steps(steps, 2)
-        == "5 [5–5] (1/1 reached; 1 seeds left out: scalar did not improve)"
+        == "5 [5–5] (1/1 reached; 1 seeds left out: scalar did not improve on its base)"
     )
     only_declining = credit_report.summarise(rows[:1] + rows[2:3], [2], ["scalar", "spatial"])["2"]
     text = credit_report._fmt_steps(only_declining["spatial"]["steps_to_scalar_final"], 1)
     assert text == "undefined: scalar did not improve on its base (1/1 seeds)"
+
+
+def test_a_seed_without_its_own_scalar_run_is_left_out_of_the_iterations_count(tmp_path):
+    # Seed 1's scalar run is missing. The scalar mean (0.5, seed 0's run alone) must not stand in for it:
+    # seed 1 starts above that level and would count as reaching it at iteration 0.
+    rows = [
+        _row(2, "scalar", 0, [0.1, 0.3, 0.5]),
+        _row(2, "spatial", 0, [0.1, 0.5, 0.6]),
+        _row(2, "spatial", 1, [0.6, 0.7, 0.8]),
+    ]
+    steps = credit_report.summarise(rows, [2], ["scalar", "spatial"])["2"]["spatial"]["steps_to_scalar_final"]
+    assert steps["thresholds"] == [0.5, None] and steps["per_seed"] == [5, None]
+    assert steps["no_scalar_run"] == 1 and steps["scalar_did_not_improve"] == 0
+    assert steps["median"] == 5.0 and steps["reached"] == 1
+    assert (
+        credit_report._fmt_steps(steps, 2)
+        == "5 [5–5] (1/1 reached; 1 seeds left out: no scalar run of that seed)"
+    )
+    alone = credit_report.summarise(rows[:1] + rows[2:], [2], ["scalar", "spatial"])["2"]["spatial"]
+    assert credit_report._fmt_steps(alone["steps_to_scalar_final"], 1) == (
+        "undefined: no scalar run of that seed (1/1 seeds)"
+    )
 
 
 def _args(tmp_path, *extra):

@@ -153,27 +153,29 @@ def summarise(rows: Sequence[Mapping[str, Any]], ks: Sequence[int], arms: Sequen
             for name in FINAL_KEYS:
                 stats[name] = mean_ci([r["final"][name] for r in mine])
             if scalar_final is not None:
-                # Each seed's threshold is the scalar run of that seed (the held-out noise is drawn from the
-                # seed, so levels differ between seeds by more than training moves them); the scalar mean
-                # stands in for a seed without a scalar run.
-                thresholds = [scalar_by_seed.get(r["seed"], scalar_final) for r in mine]
+                # Each seed's threshold is the scalar run of that seed: the held-out noise is drawn from the
+                # seed, so levels differ between seeds by more than training moves them, and no other seed's
+                # scalar run can stand in. A seed without one is left out and counted.
+                thresholds = [scalar_by_seed.get(r["seed"]) for r in mine]
+                no_scalar = [t is None for t in thresholds]
                 # A scalar run that ends at or below its own start sets a target every run meets before
                 # training (step 0): the count says nothing there, so such seeds are left out and counted.
-                scalar_start = mean_ci(list(scalar_start_by_seed.values()))["mean"]
-                undefined = [
-                    t <= scalar_start_by_seed.get(r["seed"], scalar_start)
+                declined = [
+                    t is not None and t <= scalar_start_by_seed[r["seed"]]
                     for r, t in zip(mine, thresholds, strict=True)
                 ]
+                skipped = [a or b for a, b in zip(no_scalar, declined, strict=True)]
                 reach = [
                     None if skip else steps_to_reach(r["eval_curve"], t)
-                    for r, t, skip in zip(mine, thresholds, undefined, strict=True)
+                    for r, t, skip in zip(mine, thresholds, skipped, strict=True)
                 ]
-                defined = [s for s, skip in zip(reach, undefined, strict=True) if not skip]
+                defined = [s for s, skip in zip(reach, skipped, strict=True) if not skip]
                 reached = [s for s in defined if s is not None]
                 stats["steps_to_scalar_final"] = {
                     "thresholds": thresholds,
                     "per_seed": reach,
-                    "scalar_did_not_improve": sum(undefined),
+                    "scalar_did_not_improve": sum(declined),
+                    "no_scalar_run": sum(no_scalar),
                     "median": median_steps(defined),
                     "range": [min(reached), max(reached)] if reached else None,
                     "reached": len(reached),
@@ -290,13 +292,18 @@ def _fmt(stat: Mapping[str, Any] | None, digits: int = 3) -> str:
 def _fmt_steps(stat: Mapping[str, Any] | None, total_runs: int) -> str:
     if not stat:
         return "–"
-    undefined = stat.get("scalar_did_not_improve", 0)
-    if undefined == total_runs:
-        return f"undefined: scalar did not improve on its base ({undefined}/{total_runs} seeds)"
+    left_out = [
+        (stat.get("scalar_did_not_improve", 0), "scalar did not improve on its base"),
+        (stat.get("no_scalar_run", 0), "no scalar run of that seed"),
+    ]
+    left_out = [(n, why) for n, why in left_out if n]
+    counted = total_runs - sum(n for n, _ in left_out)
+    if counted == 0:
+        return "undefined: " + "; ".join(f"{why} ({n}/{total_runs} seeds)" for n, why in left_out)
     median = "not reached" if stat["median"] is None else f"{stat['median']:g}"
     spread = "" if stat["range"] is None else f" [{stat['range'][0]}–{stat['range'][1]}]"
-    left_out = f"; {undefined} seeds left out: scalar did not improve" if undefined else ""
-    return f"{median}{spread} ({stat['reached']}/{total_runs - undefined} reached{left_out})"
+    notes = "".join(f"; {n} seeds left out: {why}" for n, why in left_out)
+    return f"{median}{spread} ({stat['reached']}/{counted} reached{notes})"
 
 
 def markdown(summary: Mapping[str, Any], plan: Mapping[str, Any], hparams: Mapping[str, Any]) -> str:
