@@ -196,7 +196,7 @@ def test_iterations_to_the_scalar_final_are_undefined_where_scalar_did_not_impro
     assert text == "undefined: scalar did not improve on its base (1/1 seeds)"
 
 
-def test_a_seed_without_its_own_scalar_run_is_left_out_of_the_iterations_count(tmp_path):
+def test_a_seed_without_its_own_scalar_run_is_left_out_of_the_iterations_count():
     # Seed 1's scalar run is missing. The scalar mean (0.5, seed 0's run alone) must not stand in for it:
     # seed 1 starts above that level and would count as reaching it at iteration 0.
     rows = [

@@ -132,8 +132,11 @@ def summarise(rows: Sequence[Mapping[str, Any]], ks: Sequence[int], arms: Sequen
     out: dict[str, Any] = {}
     for k in ks:
         ok = [r for r in rows if r["k"] == k and r.get("status") == "ok"]
-        scalar_final = mean_ci([r["final"]["reward"] for r in ok if r["arm"] == "scalar"])["mean"]
-        scalar_by_seed = {r["seed"]: r["final"]["reward"] for r in ok if r["arm"] == "scalar"}
+        scalar_by_seed = {
+            r["seed"]: r["final"]["reward"]
+            for r in ok
+            if r["arm"] == "scalar" and r["final"]["reward"] is not None
+        }
         scalar_start_by_seed = {r["seed"]: r["eval_curve"][0][1] for r in ok if r["arm"] == "scalar"}
         scalar_late_by_seed = {r["seed"]: r["train"].get("reward_late") for r in ok if r["arm"] == "scalar"}
         scalar_train_by_seed = {r["seed"]: r.get("train_curve", []) for r in ok if r["arm"] == "scalar"}
@@ -152,7 +155,7 @@ def summarise(rows: Sequence[Mapping[str, Any]], ks: Sequence[int], arms: Sequen
             }
             for name in FINAL_KEYS:
                 stats[name] = mean_ci([r["final"][name] for r in mine])
-            if scalar_final is not None:
+            if scalar_by_seed:
                 # Each seed's threshold is the scalar run of that seed: the held-out noise is drawn from the
                 # seed, so levels differ between seeds by more than training moves them, and no other seed's
                 # scalar run can stand in. A seed without one is left out and counted.
