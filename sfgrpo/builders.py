@@ -493,9 +493,9 @@ def grpo_settings(config: ml_collections.ConfigDict) -> GRPOSettings:
         batch_shards=batch_shards(config),
         score_scale=float(config.reward.scale),
         cfg_scale=float(s.cfg_scale),
-        shapes_reward=(
-            reward_config.shapes_reward_options(config.reward) if config.reward.kind == "shapes" else ()
-        ),
+        # The in-graph shapes reward's options; a run judged by another reward is still scored with them by
+        # the shapes protocol (sfgrpo.evaluate), so they are the config's whatever the reward kind.
+        shapes_reward=reward_config.shapes_reward_options(config.reward),
         token_map_shift=int(rl.group_size) if rl.get("token_map", "own") == "shuffled" else 0,
         reward_shift=int(rl.group_size) if rl.get("rewards_from", "own") == "other_group" else 0,
     )

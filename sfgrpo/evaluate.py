@@ -2,14 +2,15 @@
 
     python -m sfgrpo.evaluate --benchmark PATH --out DIR (--workdir RUN [--step N|base] | --model KLEIN_DIR
         [--lora FILE]) [--protocol shapes|regions|viescore|imgedit] [--judge-url URL --judge-model NAME]
-        [--seeds S] [--steps N] [--sampler ode|sde|cps [--eta E]]
+        [--seeds S] [--steps N] [--sampler ode|sde|cps [--eta E]] [--shapes-reward KEY=VALUE,...]
     python -m sfgrpo.evaluate compare DIR_A DIR_B [--out DIR]
 
 The benchmark (``sfgrpo.evaluation.benchmarks``: a record folder, a built TFDS dataset, a GEdit-Bench-style
 folder, an ImgEdit-style ``basic_edit.json``, or ``shapes:test[:N]``, a run's synthetic held-out split) is
 edited by the policy with ODE sampling, the noise of each (example, seed) fixed (``editing.example_noise``),
 and every edit is written as a PNG under ``DIR/images/``. ``--sampler sde|cps`` (tiny-model runs) edits with
-the run's rollout sampler instead, the images GRPO trained on. The protocol scores each edit:
+the run's rollout sampler instead, the images GRPO trained on; ``--shapes-reward`` scores them with the run's
+reward with some options changed (a fixed reward's view of the same edits). The protocol scores each edit:
   shapes    the run's own synthetic reward against the exact target (no judge);
   regions   SPEC section 5's region schema from a VLM judge: region success, background preservation;
   viescore  GEdit-Bench's semantic consistency x perceptual quality, overall sqrt(SC * PQ), 0..10;
@@ -138,9 +139,12 @@ def _make_editor(args: argparse.Namespace) -> Any:
                     eval_steps=args.steps,
                     sampler=args.sampler,
                     eta=args.eta,
+                    shapes_reward=args.shapes_reward,
                 )
             except (trained.TrainedRunError, checkpoint.CheckpointError):
                 raise
+            except editing.RewardOptionsError as err:
+                raise EvaluationError(f"--shapes-reward on {args.workdir!r}: {err}") from None
             except ValueError as err:  # a sampler, eta or step count the run's window cannot take
                 raise EvaluationError(f"--sampler {args.sampler} on {args.workdir!r}: {err}") from None
     if args.sampler != "ode":  # --eta without it is refused by _check_args
@@ -336,6 +340,17 @@ def _step(value: str) -> int | str:
     return step
 
 
+def _options(value: str) -> dict[str, str]:
+    """ "KEY=VALUE,KEY=VALUE" as a dict (values are checked by the reward's own validation)."""
+    pairs = [part.split("=", 1) for part in value.split(",") if part]
+    if not pairs or any(len(pair) != 2 or not pair[0] or not pair[1] for pair in pairs):
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE,KEY=VALUE, got {value!r}")
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) < len(keys):
+        raise argparse.ArgumentTypeError(f"a key given twice in {value!r}")
+    return dict(pairs)
+
+
 def _positive(value: str) -> int:
     try:
         n = int(value)
@@ -392,6 +407,12 @@ def _parser() -> argparse.ArgumentParser:
         "--dtype", choices=("float32", "bfloat16"), default="float32", help="klein parameter dtype"
     )
     p.add_argument("--batch-size", type=_positive, default=8, help="tiny-model runs: edits per compiled call")
+    p.add_argument(
+        "--shapes-reward",
+        type=_options,
+        help="tiny-model runs: score with the run's shapes reward with these options changed, as "
+        "KEY=VALUE,... (e.g. kept_saturation=0.25: rescore a run as a fixed reward would)",
+    )
     p.add_argument("--box-format", choices=("pixel", "unit", "qwen1000"), help="a record folder's box format")
     p.add_argument("--images", help="the folder an ImgEdit table's image paths are relative to")
     p.add_argument("--limit", type=_positive, help="evaluate the first N examples only")
@@ -449,6 +470,8 @@ def _check_args(args: argparse.Namespace) -> None:
         _fail(error)
     if args.sampler != "ode" and args.workdir is None:
         _fail(_SAMPLER_IS_FOR_TINY_RUNS.format(args.sampler))
+    if args.shapes_reward and (args.workdir is None or args.model is not None):
+        _fail("--shapes-reward is for the demo's tiny-model runs (--workdir), scored by the shapes reward")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         _fail(f"--out {args.out!r} exists and is not a directory")
 

@@ -121,6 +121,23 @@ def test_scores_base_and_finals_on_more_examples_and_pairs_the_arms(study):
     assert sde_gain["spatial"] == pytest.approx(_mean_reward(sde_root / "step2" / "k1_spatial_s0") - base_sde)
     assert "rollout sampler with sde window noise" in (sde_root / "step2" / "heldout.md").read_text()
 
+    # Another reward's view of the same ODE edits: its own folder, the same images, the options recorded.
+    options = "preserve_tol=0.01,preserve_floor=0"
+    argv = ["--study", str(study), "--examples", "11", "--shapes-reward", options]
+    strict_args = credit_heldout.parse_args(argv)
+    assert strict_args.shapes_reward == "preserve_floor=0,preserve_tol=0.01"  # sorted: one folder per reward
+    assert credit_heldout.run(strict_args, log=lines.append) == 0, lines
+    strict_root = study / "heldout" / "test11x1_reward-preserve_floor=0,preserve_tol=0.01"
+    for name, folder in folders.items():
+        strict_folder = strict_root / folder.relative_to(root)
+        policy = json.loads((strict_folder / "evaluation.json").read_text())["policy"]
+        assert policy["shapes_reward"]["preserve_tol"] == 0.01, name
+        rows = {r["key"]: r for r in aggregate.read_rows(strict_folder / "scores.jsonl")}
+        ode_rows = {r["key"]: r for r in aggregate.read_rows(folder / "scores.jsonl")}
+        for key, row in rows.items():
+            assert np.array_equal(_png(strict_folder / row["edit"]), _png(folder / ode_rows[key]["edit"]))
+    assert "preserve_floor=0,preserve_tol=0.01" in (strict_root / "step2" / "heldout.md").read_text()
+
 
 def test_bad_flags_and_folders_are_one_line_errors(tmp_path, capsys):
     assert credit_heldout.main(["--study", str(tmp_path)]) == 2
@@ -132,6 +149,9 @@ def test_bad_flags_and_folders_are_one_line_errors(tmp_path, capsys):
     assert credit_heldout.main(["--study", str(tmp_path), "--eta", "0.5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--eta 0.5" in err[0] and "--sampler" in err[0]
+    assert credit_heldout.main(["--study", str(tmp_path), "--shapes-reward", "kept"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--shapes-reward" in err[0] and "KEY=VALUE" in err[0]
 
 
 def test_summary_statistics_over_seeds():

@@ -56,8 +56,9 @@ def _png(path):
     return np.asarray(PIL.Image.open(path).convert("RGB"))
 
 
-def _recomputed_reward(run_dir, row, example):
-    """The shapes reward of the written edit PNG, judged as the trainer judges (autoencoder round trips)."""
+def _recomputed_reward(run_dir, row, example, **options):
+    """The shapes reward of the written edit PNG, judged as the trainer judges (autoencoder round trips),
+    with ``options`` of the shapes reward changed."""
     config = trained.read_config(run_dir)
     ae = PixelAutoencoder(pool=config.model.pixel_pool)
     grid = ae.grid(*example.source.shape[:2])
@@ -75,7 +76,7 @@ def _recomputed_reward(run_dir, row, example):
         jnp.asarray(example.boxes[None]),
         jnp.ones((1, k), bool),
         scale=SCORE_SCALE,
-        **dict(shapes_reward_options(config.reward)),
+        **{**dict(shapes_reward_options(config.reward)), **options},
     )
     return editing.shapes_row_scores(scores, np.ones((1, k), bool), SCORE_SCALE)[0]
 
@@ -225,6 +226,39 @@ def test_a_killed_evaluation_resumes_and_other_settings_are_refused(tiny_run, tm
     assert len(aggregate.read_rows(out / "scores.jsonl")) == 8
 
 
+def test_shapes_reward_options_rescore_the_same_edits(tiny_run, tmp_path, capsys):
+    """--shapes-reward scores the run's own edits with some reward options changed, and says so in the
+    evaluation's identity, so that a folder never mixes two rewards."""
+    from sfgrpo.evaluation import benchmarks
+
+    config = trained.read_config(tiny_run)
+    examples = {e.key: e for e in benchmarks.read_benchmark("shapes:test", run_config=config).examples}
+    common = ["--benchmark", "shapes:test", "--workdir", tiny_run, "--step", "base"]
+    plain, loose = tmp_path / "plain", tmp_path / "loose"
+    assert _cli([*common, "--out", plain], capsys)[0] == 0
+    override = {"preserve_floor": 0.9, "preserve_tol": 1.0, "kept_saturation": 0.25}
+    text = ",".join(f"{k}={v}" for k, v in override.items())
+    code, err = _cli([*common, "--out", loose, "--shapes-reward", text], capsys)
+    assert code == 0, err
+    plain_rows = {r["key"]: r for r in aggregate.read_rows(plain / "scores.jsonl")}
+    higher = 0
+    for row in aggregate.read_rows(loose / "scores.jsonl"):
+        row["_dir"] = loose
+        before = plain_rows[row["key"]]
+        assert np.array_equal(_png(loose / row["edit"]), _png(plain / before["edit"]))  # the same edits
+        again = _recomputed_reward(tiny_run, row, examples[row["key"]], **override)
+        for score in ("reward", "background_preservation"):
+            assert abs(again[score] - row["scores"][score]) < 1e-2
+        higher += row["scores"]["background_preservation"] > before["scores"]["background_preservation"]
+    assert higher > 0  # the looser preservation tolerance scored some of the same backgrounds higher
+    identity = json.loads((loose / "evaluation.json").read_text())
+    reward = identity["policy"]["shapes_reward"]
+    assert reward == dict(shapes_reward_options({**config.reward, **override}))
+    assert "shapes_reward" not in json.loads((plain / "evaluation.json").read_text())["policy"]
+    code, err = _cli([*common, "--out", loose], capsys)  # the same folder without the options
+    assert code == 2 and "differ in ['policy']" in err
+
+
 def test_bad_command_lines_exit_2_with_one_line(tiny_run, tmp_path, capsys):
     shapes = ["--benchmark", "shapes:test", "--out", tmp_path / "o"]
     run = [*shapes, "--workdir", tiny_run]
@@ -258,12 +292,17 @@ def test_bad_command_lines_exit_2_with_one_line(tiny_run, tmp_path, capsys):
         ([*shapes, "--model", tmp_path, "--sampler", "sde"], "tiny-model runs"),
         (["--benchmark", gedit, *on_gedit, "--protocol", "shapes"], "target and region masks"),
         (["--benchmark", long_bench, *on_gedit, "--protocol", "shapes"], "'long'"),
+        ([*run, "--shapes-reward", "colour=1"], "unknown options ['colour']"),
+        ([*run, "--shapes-reward", "kept_saturation=0.2,kept_floor=0.5"], "kept_floor: must be below"),
+        ([*shapes, "--model", tmp_path, "--shapes-reward", "kept_saturation=0.2"], "tiny-model runs"),
     ]
     for args, message in cases:
         code, err = _cli(args, capsys)
         assert code == 2, (args, err)
         last = err.strip().splitlines()[-1]
         assert last.startswith("sfgrpo.evaluate: ") and message in last, (args, err)
+    code, err = _cli([*run, "--shapes-reward", "kept_saturation"], capsys)  # argparse's own one line
+    assert code == 2 and "--shapes-reward: expected KEY=VALUE" in err.strip().splitlines()[-1]
 
 
 # --- judged protocols --------------------------------------------------------------------------------------

@@ -207,6 +207,51 @@ def test_local_noise_caps_naturalness():
     assert excess.shape == (b,) and np.all(excess > TIGHT["noise_tol"] / 2)
 
 
+def test_untouched_shapes_must_stay_as_they_are():
+    """The multi-edit variant's kept-shapes term, on K = 2 examples with a shape left alone and their pool-4
+    round trips: recolouring or removing the untouched shape is damage, though it is a few percent of the
+    background's pixels; without the term (as before 2026-12-07) both were scored 100% preserved."""
+    from sfgrpo.models.tiny import PixelAutoencoder  # noqa: PLC0415
+
+    config = load_config("default.py", "multi_k2")
+    options = dict(reward_config.shapes_reward_options(config.reward))
+    assert options["kept_saturation"] == 0.25 and options["shape_margin"] == 4
+    drawn = (generate(i, seed=0, config=builders.shapes_config(config)) for i in range(64))
+    recs = [rec for rec in drawn if len(rec.meta["shapes"]) > len(rec.regions)][:4]  # with a shape left
+    masks = np.stack([[r.mask for r in rec.regions] for rec in recs])
+    boxes = np.asarray([[r.box for r in rec.regions] for rec in recs], np.float32)
+    valid = np.ones(masks.shape[:2], bool)
+    sources = np.stack([r.source for r in recs])
+    targets = np.stack([r.target for r in recs])
+    saturated = sources.max(-1).astype(int) - sources.min(-1) > 64
+    kept = saturated & ~masks.any(axis=1)  # the untouched shape of each example
+    assert np.all(kept.sum(axis=(1, 2)) > 100)
+    ae = PixelAutoencoder(pool=4)
+
+    def round_trip(images):
+        return np.asarray(ae.decode(ae.encode(jnp.asarray(images)), (8, 8)))
+
+    source, target = round_trip(sources), round_trip(targets)
+    args = (source, target, masks, boxes, valid)
+
+    def scored(pixels, **over):
+        s = shapes_scores(jnp.asarray(round_trip(pixels)), *args, **{**options, **over})
+        return _mean(s.background), _mean(s.overall_preserve)
+
+    assert scored(targets) == (1.0, 1.0)
+    shifted = targets.astype(np.int16)
+    shifted[kept] += 6  # a slight shift of the kept shape's colour (0.024): still itself
+    assert scored(np.clip(shifted, 0, 255).astype(np.uint8)) == (1.0, 1.0)
+    recoloured, removed = targets.copy(), targets.copy()
+    recoloured[kept] = 255 - recoloured[kept]
+    for b in range(len(recs)):
+        removed[b][kept[b]] = np.median(sources[b][~saturated[b]], axis=0)
+    for damaged in (recoloured, removed):
+        background, overall = scored(damaged)
+        assert background == 0.0 and overall == 0.0
+        assert min(scored(damaged, kept_saturation=0.0)) > 0.9  # the old reward hardly sees it
+
+
 def test_bad_tolerances_are_refused():
     ex = _example()
     with pytest.raises(ValueError, match="preserve_floor"):
@@ -217,7 +262,14 @@ def test_bad_tolerances_are_refused():
         shapes_scores(jnp.asarray(ex[1] / 255.0), *ex, noise_floor=0.02, noise_tol=0.01)
     with pytest.raises(ValueError, match="noise_tol"):
         shapes_scores(jnp.asarray(ex[1] / 255.0), *ex, noise_tol=-0.01)
+    with pytest.raises(ValueError, match="kept_saturation"):
+        shapes_scores(jnp.asarray(ex[1] / 255.0), *ex, kept_saturation=-0.1)
+    with pytest.raises(ValueError, match="kept_floor"):
+        shapes_scores(jnp.asarray(ex[1] / 255.0), *ex, kept_saturation=0.25, kept_floor=0.2, kept_tol=0.1)
+    with pytest.raises(ValueError, match=r"config\.reward\.kept_floor"):
+        reward_config.shapes_reward_options({"kept_saturation": 0.25, "kept_floor": 0.2, "kept_tol": 0.1})
     with pytest.raises(ValueError, match=r"config\.reward\.noise_floor"):
         reward_config.shapes_reward_options({"noise_floor": 0.02, "noise_tol": 0.01})
-    # Configs and checkpoints written before the noise term existed keep it off.
+    # Configs and checkpoints written before the noise and kept-shapes terms existed keep them off.
     assert dict(reward_config.shapes_reward_options({}))["noise_tol"] == 0.0
+    assert dict(reward_config.shapes_reward_options({}))["kept_saturation"] == 0.0

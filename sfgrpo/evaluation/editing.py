@@ -22,7 +22,7 @@ import argparse
 import hashlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from sfgrpo.data.records import EditRecord, Region
 from sfgrpo.evaluation.benchmarks import Example
 from sfgrpo.models.tiny import images_to_uint8
 from sfgrpo.rewards.base import score_rewards
+from sfgrpo.rewards.reward_config import SHAPES_DEFAULTS, SHAPES_OPTIONS, shapes_reward_options
 from sfgrpo.rl.step import SUCCESS_SHARE
 from sfgrpo.sampling.rollout import draw_window_start
 
@@ -215,6 +216,10 @@ def batch_key(seed: int, examples: Sequence[Example]) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), int.from_bytes(digest, "little") & 0x7FFFFFFF)
 
 
+class RewardOptionsError(ValueError):
+    """Shapes-reward options that a run cannot be scored with (unknown or invalid)."""
+
+
 class RunEditor:
     """A tiny-model training run's policy (``step``: a checkpoint, None for the newest, 'base' for the model
     GRPO started from), editing ``batch_size`` examples per compiled call.
@@ -236,6 +241,7 @@ class RunEditor:
         eval_steps: int | None = None,
         sampler: str = "ode",
         eta: float | None = None,
+        shapes_reward: Mapping[str, str] | None = None,
     ) -> None:
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -260,6 +266,22 @@ class RunEditor:
             # The window's bounds are checked when the sampler is traced; check them before any edit.
             bounds = (s.window_lo, s.window_hi, s.num_steps, s.window_size)
             draw_window_start(jax.random.key(0), s.window, *bounds)
+        # Options of the shapes reward changed for scoring only (the policy is the run's): e.g. a term the
+        # run's reward did not have, to rescore its edits as a fixed reward would.
+        self.reward_override = None
+        if shapes_reward:
+            unknown = sorted(set(shapes_reward) - set(SHAPES_OPTIONS))
+            if unknown:
+                raise RewardOptionsError(f"unknown options {unknown}; known: {list(SHAPES_OPTIONS)}")
+            merged = {k: config.reward.get(k, SHAPES_DEFAULTS[k]) for k in SHAPES_OPTIONS}
+            merged |= dict(shapes_reward)
+            try:
+                self.reward_override = dict(shapes_reward_options(merged, where=""))
+            except ValueError as err:
+                raise RewardOptionsError(str(err)) from None
+            with config.unlocked():
+                for key, value in self.reward_override.items():
+                    config.reward[key] = value
         self.sampler = sampler
         self.config, self.step, self.batch_size = config, run.step, int(batch_size)
         self.workdir = Path(workdir).absolute()
@@ -274,7 +296,6 @@ class RunEditor:
         self.text_fields = model.text_fields
         self.latent = latent_shape(self.programs)
         self.scale = float(builders.grpo_settings(config).score_scale)
-        self.shapes_reward = config.reward.kind == "shapes"
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -284,6 +305,7 @@ class RunEditor:
             "step": "base" if self.step == 0 else self.step,
             "resolution": self.resolution,
             "sampler": self._sampler_fields(),
+            **({"shapes_reward": self.reward_override} if self.reward_override else {}),
         }
 
     def _sampler_fields(self) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """A larger held-out evaluation of a finished credit study: each K's base and every run's final step.
 
     python -m sfgrpo.experiments.credit_heldout --study DIR [--examples 512] [--noise-seeds 1] [--jobs J]
-        [--sweep] [--sampler ode|sde|cps [--eta E]]
+        [--sweep] [--sampler ode|sde|cps [--eta E]] [--shapes-reward KEY=VALUE,...]
 
 The study's own evaluations score 32 held-out examples (``data.shapes_eval``) during training: enough to draw
 curves, too few to tell a gain of 0.01-0.02 from noise. This scores the base of each K and every finished
@@ -21,6 +21,10 @@ With ``--sweep`` it scores the study's hyperparameter sweep instead (``DIR/sweep
 sweep run's final checkpoint, in ``DIR/heldout/test<N>x<S>/sweep/``, one row per setting (arm, lr, clip,
 β). The sweep chooses on its runs' 32-example evaluations; this says whether that choice survives more
 examples.
+
+With ``--shapes-reward`` every policy is scored by its run's shapes reward with those options changed
+(``sfgrpo.evaluate --shapes-reward``), in a folder of its own, ``..._reward-<KEY=VALUE,...>``: the same
+edits, judged as a fixed reward would judge them.
 """
 
 from __future__ import annotations
@@ -66,10 +70,21 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="evaluations run at once")
     p.add_argument("--batch-size", type=int, default=32, help="edits per compiled call")
     p.add_argument("--sweep", action="store_true", help="score the sweep's runs (DIR/sweep.json) instead")
+    p.add_argument(
+        "--shapes-reward",
+        default="",
+        help="score with the runs' shapes reward with these options changed: KEY=VALUE,... (sorted in the "
+        "folder name)",
+    )
     editing.add_sampler_arguments(p)
     args = p.parse_args(argv)
     if (error := editing.sampler_arguments_error(args.sampler, args.eta)) is not None:
         raise HeldoutError(error)
+    if args.shapes_reward:
+        pairs = [part.split("=", 1) for part in args.shapes_reward.split(",")]
+        if any(len(pair) != 2 or not pair[0] or not pair[1] for pair in pairs):
+            raise HeldoutError(f"--shapes-reward: expected KEY=VALUE,KEY=VALUE, got {args.shapes_reward!r}")
+        args.shapes_reward = ",".join(f"{k}={v}" for k, v in sorted(pairs))
     for name in ("examples", "noise_seeds", "jobs", "batch_size"):
         if getattr(args, name) < 1:
             raise HeldoutError(f"--{name.replace('_', '-')}: at least 1, got {getattr(args, name)}")
@@ -115,6 +130,7 @@ def evaluation_command(workdir: Path, step: int | str, out: Path, args: argparse
         "--workdir", str(workdir), "--step", str(step), "--out", str(out),
         "--seeds", str(args.noise_seeds), "--batch-size", str(args.batch_size), "--sampler", args.sampler,
         *(["--eta", repr(args.eta)] if args.eta is not None else []),
+        *(["--shapes-reward", args.shapes_reward] if args.shapes_reward else []),
     ]  # fmt: skip
 
 
@@ -127,10 +143,13 @@ def sampler_label(args: argparse.Namespace) -> str:
 
 
 def evaluations_root(args: argparse.Namespace) -> Path:
-    """DIR/heldout/test<N>x<S>[_<sampler>[_eta<E>]]: one folder per sampler, so they never mix."""
+    """DIR/heldout/test<N>x<S>[_<sampler>[_eta<E>]][_reward-<options>]: one folder per sampler and reward,
+    so they never mix."""
     name = f"test{args.examples}x{args.noise_seeds}"
     if args.sampler != "ode":
         name += f"_{args.sampler}" + ("" if args.eta is None else f"_eta{args.eta:g}")
+    if args.shapes_reward:
+        name += f"_reward-{args.shapes_reward}"
     return args.study / "heldout" / name
 
 
@@ -284,7 +303,8 @@ def markdown(
         f"Each K's base and every run's step {steps}, scored on `shapes:test:{args.examples}` by "
         f"`python -m sfgrpo.evaluate` ({sampler_label(args)}; every policy edits the same inputs from the "
         "same noise). "
-        f"Per run: the mean over its edits. {over_seeds} '± edits' is a 95% interval over the edits of an "
+        + (f"Scored by each run's shapes reward with `{args.shapes_reward}`. " if args.shapes_reward else "")
+        + f"Per run: the mean over its edits. {over_seeds} '± edits' is a 95% interval over the edits of an "
         "edit-by-edit difference: what the examples alone resolve; seed-to-seed spread comes on top.",
         "",
     ]

@@ -64,6 +64,11 @@ SHAPES_DEFAULTS: dict[str, float | int] = {
     # every run before 2026-12-05 had it.
     "noise_floor": 0.0,
     "noise_tol": 0.0,
+    # The untouched shapes' preservation (shapes_scores' kept_saturation, kept_floor, kept_tol); saturation
+    # 0 leaves it out, as every run before 2026-12-07 had it.
+    "kept_saturation": 0.0,
+    "kept_floor": 0.04,
+    "kept_tol": 0.12,
 }
 SHAPES_OPTIONS = tuple(SHAPES_DEFAULTS)
 
@@ -89,6 +94,11 @@ def shapes_reward_options(
         raise ValueError(
             f"{where}noise_floor: must be below {where}noise_tol ({values['noise_tol']}), "
             f"got {values['noise_floor']}"
+        )
+    if values["kept_saturation"] > 0 and not values["kept_floor"] < values["kept_tol"]:
+        raise ValueError(
+            f"{where}kept_floor: must be below {where}kept_tol ({values['kept_tol']}), "
+            f"got {values['kept_floor']}"
         )
     if not float(values["shape_margin"]).is_integer():
         raise ValueError(

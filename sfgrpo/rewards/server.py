@@ -123,14 +123,17 @@ def make_shapes_reward(
     shape_margin: str | int = SHAPES_DEFAULTS["shape_margin"],
     noise_floor: str | float = SHAPES_DEFAULTS["noise_floor"],
     noise_tol: str | float = SHAPES_DEFAULTS["noise_tol"],
+    kept_saturation: str | float = SHAPES_DEFAULTS["kept_saturation"],
+    kept_floor: str | float = SHAPES_DEFAULTS["kept_floor"],
+    kept_tol: str | float = SHAPES_DEFAULTS["kept_tol"],
 ) -> HostReward:
     """The shapes task's reward (``sfgrpo.rewards.synthetic.shapes_scores``, jitted) as a host reward.
 
     Needs each request's ``target`` and ``region_masks``. ``pool`` > 0 first round-trips source and
     target through ``PixelAutoencoder(pool=pool)``, as the trainer's in-graph reward does for the demo.
     The tolerances are ``config.reward``'s keys of the same names; the demo's are ``preserve_floor=0.012,
-    preserve_tol=0.04,tv_tol=0.1,shape_margin=4,noise_floor=0.002,noise_tol=0.011`` (the defaults are
-    shapes_scores' lenient ones, without the noise term).
+    preserve_tol=0.04,tv_tol=0.1,shape_margin=4,noise_floor=0.002,noise_tol=0.011,kept_saturation=0.25``
+    (the defaults are shapes_scores' lenient ones, without the noise and kept-shapes terms).
     """
     try:
         pool = int(pool)
@@ -147,6 +150,9 @@ def make_shapes_reward(
                 shape_margin=shape_margin,
                 noise_floor=noise_floor,
                 noise_tol=noise_tol,
+                kept_saturation=kept_saturation,
+                kept_floor=kept_floor,
+                kept_tol=kept_tol,
             ),
             where="option ",
         )

@@ -6,7 +6,11 @@ measurable counterpart. Errors are mean absolute differences of [0, 1] RGB value
   success_r      the edited shape's pixels (its mask) against the target;
   preserve_r     the pixels of the region's box outside the shape against the source;
   background     the pixels outside every box against the source (preservation errors below a small floor
-                 score full marks);
+                 score full marks); with ``kept_saturation`` > 0 also capped by ``kept`` below;
+  kept           the shapes the instruction leaves alone (saturated source pixels outside every edited
+                 shape, its box and margin) against the source: a few percent of the background's pixels,
+                 so recolouring or removing one hardly moves the background's mean error, yet a person
+                 sees a damaged image. It caps background and overall_preserve;
   naturalness    how close the edited image's total variation is to the target's (blur and noise both
                  move it away), with a tolerance band; with ``noise_tol`` > 0 also capped by its local
                  noise: neighbour differences beyond both the source's and the target's (a global total
@@ -43,6 +47,9 @@ def shapes_scores(
     shape_margin: int = 0,
     noise_floor: float = 0.0,
     noise_tol: float = 0.0,
+    kept_saturation: float = 0.0,
+    kept_floor: float = 0.04,
+    kept_tol: float = 0.12,
 ) -> RegionScores:
     """Scores of B edited images.
 
@@ -65,6 +72,14 @@ def shapes_scores(
       noise_floor, noise_tol: the excess gradient (``excess_gradient``: [0, 1] units per neighbour pair,
         both axes summed) that still scores full naturalness, and the one that scores 0; linear between.
         noise_tol 0 leaves the term out (naturalness is the total-variation term alone).
+      kept_saturation: the channel spread (max - min of RGB, [0, 1] units) above which a source pixel
+        belongs to a shape: the task's shapes are saturated colours (spread >= 0.5) on a grey background
+        (spread <= 0.05). Such pixels outside every edited shape's box and margin are the untouched
+        shapes; 0 leaves the term out (as every run before 2026-12-07 had it).
+      kept_floor, kept_tol: the mean absolute error against the source over the untouched shapes'
+        interiors (eroded by ``shape_margin``, which the round trip mixes with the background) that still
+        scores C, and the one that scores 0. Faithful interiors measure under 0.03, recoloured or removed
+        ones over 0.12 (docs/credit_study/kept_shapes).
 
     Returns:
       RegionScores on 0..scale; ``valid`` is False where the edited image is not finite.
@@ -77,6 +92,10 @@ def shapes_scores(
         raise ValueError(f"noise_tol must be >= 0 (0: no noise term), got {noise_tol}")
     if shape_margin < 0:
         raise ValueError(f"shape_margin must be >= 0 pixels, got {shape_margin}")
+    if kept_saturation < 0:
+        raise ValueError(f"kept_saturation must be >= 0 (0: no kept-shapes term), got {kept_saturation}")
+    if kept_saturation > 0 and not 0.0 <= kept_floor < kept_tol:
+        raise ValueError(f"need 0 <= kept_floor < kept_tol, got {kept_floor}, {kept_tol}")
     edited = edited.astype(jnp.float32)
     clipped = jnp.clip(edited, 0.0, 1.0)
     source, target = _unit(source), _unit(target)
@@ -102,6 +121,11 @@ def shapes_scores(
     shapes = jnp.any(masks, axis=1)
     overall_success = score(err_target, shapes, success_tol)
     overall_preserve = score(err_source, ~jnp.any(near, axis=1), preserve_tol, preserve_floor)
+    if kept_saturation > 0:
+        kept = score(err_source, untouched_shapes(source, box_px | near, kept_saturation, shape_margin),
+                     kept_tol, kept_floor)  # fmt: skip
+        background = jnp.minimum(background, kept)
+        overall_preserve = jnp.minimum(overall_preserve, kept)
 
     tv_edit = _total_variation(clipped)
     tv_target = _total_variation(target)
@@ -125,6 +149,20 @@ def shapes_scores(
         overall_preserve=overall_preserve,
         valid=valid,
     )
+
+
+def untouched_shapes(source: jax.Array, edited_area: jax.Array, saturation: float, margin: int) -> jax.Array:
+    """(B, H, W) bool interiors of the shapes the instruction leaves alone.
+
+    Args:
+      source: (B, H, W, 3) float [0, 1] source images.
+      edited_area: (B, R, H, W) bool, each edited region's box, shape and margin.
+      saturation: the RGB channel spread above which a pixel belongs to a shape.
+      margin: pixels eroded from each shape's outline (where a round trip mixes it with the background).
+    """
+    saturated = source.max(-1) - source.min(-1) > saturation
+    kept = saturated & ~jnp.any(edited_area, axis=1)
+    return ~_dilate(~kept, margin)
 
 
 def _unit(image: jax.Array) -> jax.Array:
