@@ -493,9 +493,9 @@ def grpo_settings(config: ml_collections.ConfigDict) -> GRPOSettings:
         batch_shards=batch_shards(config),
         score_scale=float(config.reward.scale),
         cfg_scale=float(s.cfg_scale),
-        # The in-graph shapes reward's options; a run judged by another reward is still scored with them by
-        # the shapes protocol (sfgrpo.evaluate), so they are the config's whatever the reward kind.
-        shapes_reward=reward_config.shapes_reward_options(config.reward),
+        shapes_reward=(
+            reward_config.shapes_reward_options(config.reward) if config.reward.kind == "shapes" else ()
+        ),
         token_map_shift=int(rl.group_size) if rl.get("token_map", "own") == "shuffled" else 0,
         reward_shift=int(rl.group_size) if rl.get("rewards_from", "own") == "other_group" else 0,
     )
@@ -755,13 +755,18 @@ def make_programs(
     optimizer: optax.GradientTransformation,
     condition: Conditioner,
     compute_dtypes: tuple[str, ...] | None = None,
+    shapes_reward: tuple[tuple[str, float | int], ...] | None = None,
 ) -> Programs:
     """The run's compiled programs for the config's settings, sampler and reward kind; ``compute_dtypes``
-    as from ``step.master_weights`` when the trainable params are float32 masters of a bf16 model."""
+    as from ``step.master_weights`` when the trainable params are float32 masters of a bf16 model;
+    ``shapes_reward`` replaces the settings' shapes-reward options (an evaluation's rescoring)."""
+    settings = grpo_settings(config)
+    if shapes_reward is not None:
+        settings = dataclasses.replace(settings, shapes_reward=shapes_reward)
     return Programs(
         graphdef,
         optimizer,
-        grpo_settings(config),
+        settings,
         condition,
         num_steps=config.sampler.num_steps,
         eval_steps=config.sampler.eval_steps,

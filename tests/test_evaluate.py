@@ -21,11 +21,11 @@ import PIL.Image
 import pytest
 from helpers import tiny_config
 
-from sfgrpo import evaluate, train, trained
+from sfgrpo import builders, evaluate, train, trained
 from sfgrpo.evaluation import aggregate, editing
 from sfgrpo.models.tiny import PixelAutoencoder
 from sfgrpo.rewards.base import SCORE_SCALE
-from sfgrpo.rewards.reward_config import shapes_reward_options
+from sfgrpo.rewards.reward_config import SHAPES_DEFAULTS, shapes_reward_options
 from sfgrpo.rewards.synthetic import shapes_scores
 
 
@@ -60,6 +60,8 @@ def _recomputed_reward(run_dir, row, example, **options):
     """The shapes reward of the written edit PNG, judged as the trainer judges (autoencoder round trips),
     with ``options`` of the shapes reward changed."""
     config = trained.read_config(run_dir)
+    # As the evaluation scores: the run's shapes options, or the reward's defaults for a host-reward run.
+    base = dict(builders.grpo_settings(config).shapes_reward) or dict(SHAPES_DEFAULTS)
     ae = PixelAutoencoder(pool=config.model.pixel_pool)
     grid = ae.grid(*example.source.shape[:2])
 
@@ -76,7 +78,7 @@ def _recomputed_reward(run_dir, row, example, **options):
         jnp.asarray(example.boxes[None]),
         jnp.ones((1, k), bool),
         scale=SCORE_SCALE,
-        **{**dict(shapes_reward_options(config.reward)), **options},
+        **{**base, **options},
     )
     return editing.shapes_row_scores(scores, np.ones((1, k), bool), SCORE_SCALE)[0]
 
@@ -236,7 +238,7 @@ def test_shapes_reward_options_rescore_the_same_edits(tiny_run, tmp_path, capsys
     common = ["--benchmark", "shapes:test", "--workdir", tiny_run, "--step", "base"]
     plain, loose = tmp_path / "plain", tmp_path / "loose"
     assert _cli([*common, "--out", plain], capsys)[0] == 0
-    override = {"preserve_floor": 0.9, "preserve_tol": 1.0, "kept_saturation": 0.25}
+    override = {"preserve_floor": 0.9, "preserve_tol": 1.0}
     text = ",".join(f"{k}={v}" for k, v in override.items())
     code, err = _cli([*common, "--out", loose, "--shapes-reward", text], capsys)
     assert code == 0, err
@@ -253,7 +255,8 @@ def test_shapes_reward_options_rescore_the_same_edits(tiny_run, tmp_path, capsys
     assert higher > 0  # the looser preservation tolerance scored some of the same backgrounds higher
     identity = json.loads((loose / "evaluation.json").read_text())
     reward = identity["policy"]["shapes_reward"]
-    assert reward == dict(shapes_reward_options({**config.reward, **override}))
+    assert config.reward.kind == "host"  # scored with the shapes reward's defaults, less the override
+    assert reward == dict(shapes_reward_options({**SHAPES_DEFAULTS, **override}))
     assert "shapes_reward" not in json.loads((plain / "evaluation.json").read_text())["policy"]
     code, err = _cli([*common, "--out", loose], capsys)  # the same folder without the options
     assert code == 2 and "differ in ['policy']" in err

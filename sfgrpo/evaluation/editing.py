@@ -273,15 +273,14 @@ class RunEditor:
             unknown = sorted(set(shapes_reward) - set(SHAPES_OPTIONS))
             if unknown:
                 raise RewardOptionsError(f"unknown options {unknown}; known: {list(SHAPES_OPTIONS)}")
-            merged = {k: config.reward.get(k, SHAPES_DEFAULTS[k]) for k in SHAPES_OPTIONS}
+            # What the plain evaluation scores with: the run's options, or shapes_scores' defaults for a run
+            # judged by another reward.
+            merged = dict(builders.grpo_settings(config).shapes_reward) or dict(SHAPES_DEFAULTS)
             merged |= dict(shapes_reward)
             try:
                 self.reward_override = dict(shapes_reward_options(merged, where=""))
             except ValueError as err:
                 raise RewardOptionsError(str(err)) from None
-            with config.unlocked():
-                for key, value in self.reward_override.items():
-                    config.reward[key] = value
         self.sampler = sampler
         self.config, self.step, self.batch_size = config, run.step, int(batch_size)
         self.workdir = Path(workdir).absolute()
@@ -292,7 +291,10 @@ class RunEditor:
             model = builders.build_model(config, self.mesh, builders.warmstart_seed(config))
             graphdef, self.params, self.frozen, dtypes = builders.split_for_grpo(run.policy, config)
             optimizer = builders.make_optimizer(config.rl.lr, config.rl.weight_decay, config.rl.max_grad_norm)
-            self.programs = builders.make_programs(config, graphdef, optimizer, model.condition, dtypes)
+            override = None if self.reward_override is None else tuple(self.reward_override.items())
+            self.programs = builders.make_programs(
+                config, graphdef, optimizer, model.condition, dtypes, shapes_reward=override
+            )
         self.text_fields = model.text_fields
         self.latent = latent_shape(self.programs)
         self.scale = float(builders.grpo_settings(config).score_scale)
