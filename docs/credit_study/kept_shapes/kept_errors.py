@@ -1,0 +1,75 @@
+"""The untouched shapes' interior error of every edit in a shapes evaluation, as the kept term measures it.
+
+    python docs/credit_study/kept_shapes/kept_errors.py RUN EVAL_DIR [EVAL_DIR ...]
+
+RUN is the training run whose config made the examples (its data settings and autoencoder pool); each
+EVAL_DIR is a ``python -m sfgrpo.evaluate --benchmark shapes:test:N`` folder of that task. Per edit whose
+example leaves a shape alone: the mean |edit - source| over the untouched shapes' interiors, the pixels
+``sfgrpo.rewards.synthetic.untouched_shapes`` selects (saturation 0.25, eroded by half the run's
+shape_margin, as ``shapes_scores`` does),
+against the autoencoder's round trip of the source, as the trainer's reward judges. Prints a histogram per
+folder; the choice of kept_floor and kept_tol sits in the gap between faithful and damaged shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from sfgrpo import builders, trained
+from sfgrpo.data import shapes
+from sfgrpo.models.tiny import PixelAutoencoder
+from sfgrpo.rewards.reward_config import shapes_reward_options
+from sfgrpo.rewards.synthetic import _box_pixels, _dilate, untouched_shapes
+
+SATURATION = 0.25
+BINS = (0.0, 0.02, 0.03, 0.04, 0.06, 0.08, 0.12, 0.2, 0.3, 0.5, 1.0)
+
+
+def kept_errors(run: Path, evaluation: Path) -> list[float]:
+    """Per edit with an untouched shape: its interiors' mean absolute error against the source, [0, 1]."""
+    config = trained.read_config(run)
+    task = builders.shapes_config(config)
+    margin = int(dict(shapes_reward_options(config.reward))["shape_margin"])
+    ae = PixelAutoencoder(pool=int(config.model.pixel_pool))
+    errors = []
+    for line in (evaluation / "scores.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        _, split, seed, index = row["key"].rsplit("-", 3)
+        rec = shapes.generate(int(index), split=split, seed=int(seed), config=task)
+        if len(rec.meta["shapes"]) == len(rec.regions):
+            continue  # every shape is edited
+        size = rec.source.shape[0]
+        source = ae.decode(ae.encode(jnp.asarray(rec.source[None])), ae.grid(size, size))
+        masks = jnp.asarray(np.stack([r.mask for r in rec.regions])[None])
+        boxes = jnp.asarray(np.asarray([r.box for r in rec.regions], np.float32)[None])
+        edited_area = _box_pixels(boxes, (size, size)) | _dilate(masks, margin)
+        kept = np.asarray(untouched_shapes(source, edited_area, SATURATION, (margin + 1) // 2))[0]
+        if not kept.any():
+            continue  # an untouched shape too small to keep an interior
+        edit = np.asarray(Image.open(evaluation / row["edit"]).convert("RGB"), np.float32) / 255.0
+        errors.append(float(np.abs(edit - np.asarray(source)[0]).mean(-1)[kept].mean()))
+    return errors
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) < 2:
+        sys.exit(__doc__)
+    run = Path(argv[0])
+    print("bins: " + " ".join(f"{b:g}" for b in BINS))
+    for folder in map(Path, argv[1:]):
+        errors = np.asarray(kept_errors(run, folder))
+        counts = np.histogram(errors, bins=BINS)[0]
+        print(
+            f"{folder.name}: {len(errors)} edits with an untouched shape; under 0.04: "
+            f"{np.mean(errors < 0.04):.2f}, over 0.12: {np.mean(errors > 0.12):.2f}; counts {counts.tolist()}"
+        )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
