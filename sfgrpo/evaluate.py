@@ -341,14 +341,12 @@ def _step(value: str) -> int | str:
 
 
 def _options(value: str) -> dict[str, str]:
-    """ "KEY=VALUE,KEY=VALUE" as a dict (values are checked by the reward's own validation)."""
-    pairs = [part.split("=", 1) for part in value.split(",") if part]
-    if not pairs or any(len(pair) != 2 or not pair[0] or not pair[1] for pair in pairs):
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE,KEY=VALUE, got {value!r}")
-    keys = [k for k, _ in pairs]
-    if len(set(keys)) < len(keys):
-        raise argparse.ArgumentTypeError(f"a key given twice in {value!r}")
-    return dict(pairs)
+    from sfgrpo.evaluation import editing  # noqa: PLC0415
+
+    try:
+        return editing.parse_options(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _positive(value: str) -> int:

@@ -67,6 +67,10 @@ INTRODUCED_WITH_NEUTRAL_VALUE: dict[str, Any] = {
     "train.eval_benchmark_judge_model": "",
     "train.eval_benchmark_box_format": "",
     "train.compilation_cache_dir": "",
+    # The shapes reward's untouched-shapes term is off (saturation 0) in runs from before it.
+    "reward.kept_saturation": 0.0,
+    "reward.kept_floor": 0.04,
+    "reward.kept_tol": 0.12,
 }
 GLOBAL_BATCH = "global batch (rl.batch_size x processes)"
 _MAX_SHOWN = 8

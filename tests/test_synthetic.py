@@ -115,20 +115,21 @@ def test_preservation_floor_and_naturalness_band():
 def _multi_edit_example(n=4, pool=2):
     """n 128 px four-edit examples, the multi-edit variant's task, with their pool-``pool`` round trips
     (what the trainer judges against): (source, target, masks, boxes, valid)."""
-    from sfgrpo.models.tiny import PixelAutoencoder  # noqa: PLC0415
-
     cfg = builders.shapes_config(MULTI)
     recs = [generate(i, seed=0, config=cfg) for i in range(n)]
     masks = np.stack([[r.mask for r in rec.regions] for rec in recs])
     boxes = np.asarray([[r.box for r in rec.regions] for rec in recs], np.float32)
-    ae = PixelAutoencoder(pool=pool)
-
-    def round_trip(images):
-        return np.asarray(ae.decode(ae.encode(jnp.asarray(images)), (8, 8)))
-
-    source = round_trip(np.stack([r.source for r in recs]))
-    target = round_trip(np.stack([r.target for r in recs]))
+    source = _round_trip(np.stack([r.source for r in recs]), pool)
+    target = _round_trip(np.stack([r.target for r in recs]), pool)
     return source, target, masks, boxes, np.ones(masks.shape[:2], bool)
+
+
+def _round_trip(images, pool):
+    """128 px images through the pool-``pool`` autoencoder (what the trainer judges against)."""
+    from sfgrpo.models.tiny import PixelAutoencoder  # noqa: PLC0415
+
+    ae = PixelAutoencoder(pool=pool)
+    return np.asarray(ae.decode(ae.encode(jnp.asarray(images)), (8, 8)))
 
 
 # The multi-edit variant's tolerances; its margin is the autoencoder's pool (4 there; 2 here, where a finer
@@ -211,8 +212,6 @@ def test_untouched_shapes_must_stay_as_they_are():
     """The multi-edit variant's kept-shapes term, on K = 2 examples with a shape left alone and their pool-4
     round trips: recolouring or removing the untouched shape is damage, though it is a few percent of the
     background's pixels; without the term (as before 2026-12-07) both were scored 100% preserved."""
-    from sfgrpo.models.tiny import PixelAutoencoder  # noqa: PLC0415
-
     config = load_config("default.py", "multi_k2")
     options = dict(reward_config.shapes_reward_options(config.reward))
     assert options["kept_saturation"] == 0.25 and options["shape_margin"] == 4
@@ -226,16 +225,10 @@ def test_untouched_shapes_must_stay_as_they_are():
     saturated = sources.max(-1).astype(int) - sources.min(-1) > 64
     kept = saturated & ~masks.any(axis=1)  # the untouched shape of each example
     assert np.all(kept.sum(axis=(1, 2)) > 100)
-    ae = PixelAutoencoder(pool=4)
-
-    def round_trip(images):
-        return np.asarray(ae.decode(ae.encode(jnp.asarray(images)), (8, 8)))
-
-    source, target = round_trip(sources), round_trip(targets)
-    args = (source, target, masks, boxes, valid)
+    args = (_round_trip(sources, 4), _round_trip(targets, 4), masks, boxes, valid)
 
     def scored(pixels, **over):
-        s = shapes_scores(jnp.asarray(round_trip(pixels)), *args, **{**options, **over})
+        s = shapes_scores(jnp.asarray(_round_trip(pixels, 4)), *args, **{**options, **over})
         return _mean(s.background), _mean(s.overall_preserve)
 
     assert scored(targets) == (1.0, 1.0)

@@ -220,6 +220,18 @@ class RewardOptionsError(ValueError):
     """Shapes-reward options that a run cannot be scored with (unknown or invalid)."""
 
 
+def parse_options(text: str) -> dict[str, str]:
+    """ "KEY=VALUE,KEY=VALUE" as a dict; ``ValueError`` for a malformed one or a key given twice (the values
+    are checked by whoever takes them)."""
+    pairs = [part.split("=", 1) for part in text.split(",") if part]
+    if not pairs or any(len(pair) != 2 or not pair[0] or not pair[1] for pair in pairs):
+        raise ValueError(f"expected KEY=VALUE,KEY=VALUE, got {text!r}")
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) < len(keys):
+        raise ValueError(f"a key given twice in {text!r}")
+    return dict(pairs)
+
+
 class RunEditor:
     """A tiny-model training run's policy (``step``: a checkpoint, None for the newest, 'base' for the model
     GRPO started from), editing ``batch_size`` examples per compiled call.

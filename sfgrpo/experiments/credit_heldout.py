@@ -81,10 +81,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if (error := editing.sampler_arguments_error(args.sampler, args.eta)) is not None:
         raise HeldoutError(error)
     if args.shapes_reward:
-        pairs = [part.split("=", 1) for part in args.shapes_reward.split(",")]
-        if any(len(pair) != 2 or not pair[0] or not pair[1] for pair in pairs):
-            raise HeldoutError(f"--shapes-reward: expected KEY=VALUE,KEY=VALUE, got {args.shapes_reward!r}")
-        args.shapes_reward = ",".join(f"{k}={v}" for k, v in sorted(pairs))
+        try:
+            options = editing.parse_options(args.shapes_reward)
+        except ValueError as err:
+            raise HeldoutError(f"--shapes-reward: {err}") from None
+        args.shapes_reward = ",".join(f"{k}={v}" for k, v in sorted(options.items()))
     for name in ("examples", "noise_seeds", "jobs", "batch_size"):
         if getattr(args, name) < 1:
             raise HeldoutError(f"--{name.replace('_', '-')}: at least 1, got {getattr(args, name)}")

@@ -78,9 +78,8 @@ def shapes_scores(
         shapes; 0 leaves the term out (as every run before 2026-12-07 had it).
       kept_floor, kept_tol: the mean absolute error against the source over the untouched shapes'
         interiors (eroded by half of ``shape_margin``, where the round trip mixes them with the background)
-        that still
-        scores C, and the one that scores 0. Faithful interiors measure under 0.03, recoloured or removed
-        ones over 0.12 (docs/credit_study/kept_shapes).
+        that still scores C, and the one that scores 0. Faithful interiors measure under 0.03, recoloured
+        or removed ones over 0.12 (docs/credit_study/kept_shapes).
 
     Returns:
       RegionScores on 0..scale; ``valid`` is False where the edited image is not finite.
@@ -125,7 +124,7 @@ def shapes_scores(
     if kept_saturation > 0:
         # Half the margin: the round trip's saturated pixels already end about half a pool inside the
         # outline; a full margin empties small triangles (7 of 252 untouched shapes at K = 2).
-        interiors = untouched_shapes(source, box_px | near, kept_saturation, (shape_margin + 1) // 2)
+        interiors = untouched_shapes(source, ~outside, kept_saturation, (shape_margin + 1) // 2)
         kept = score(err_source, interiors, kept_tol, kept_floor)
         background = jnp.minimum(background, kept)
         overall_preserve = jnp.minimum(overall_preserve, kept)
@@ -159,12 +158,12 @@ def untouched_shapes(source: jax.Array, edited_area: jax.Array, saturation: floa
 
     Args:
       source: (B, H, W, 3) float [0, 1] source images.
-      edited_area: (B, R, H, W) bool, each edited region's box, shape and margin.
+      edited_area: (B, H, W) bool, the edited regions' boxes, shapes and margins.
       saturation: the RGB channel spread above which a pixel belongs to a shape.
       margin: pixels eroded from each shape's outline (where a round trip mixes it with the background).
     """
     saturated = source.max(-1) - source.min(-1) > saturation
-    kept = saturated & ~jnp.any(edited_area, axis=1)
+    kept = saturated & ~edited_area
     return ~_dilate(~kept, margin)
 
 

@@ -48,7 +48,7 @@ def kept_errors(run: Path, evaluation: Path) -> list[float]:
         source = ae.decode(ae.encode(jnp.asarray(rec.source[None])), ae.grid(size, size))
         masks = jnp.asarray(np.stack([r.mask for r in rec.regions])[None])
         boxes = jnp.asarray(np.asarray([r.box for r in rec.regions], np.float32)[None])
-        edited_area = _box_pixels(boxes, (size, size)) | _dilate(masks, margin)
+        edited_area = jnp.any(_box_pixels(boxes, (size, size)) | _dilate(masks, margin), axis=1)
         kept = np.asarray(untouched_shapes(source, edited_area, SATURATION, (margin + 1) // 2))[0]
         if not kept.any():
             continue  # an untouched shape too small to keep an interior
