@@ -1,6 +1,6 @@
 """The untouched shapes' interior error of every edit in a shapes evaluation, as the kept term measures it.
 
-    python docs/credit_study/kept_shapes/kept_errors.py RUN EVAL_DIR [EVAL_DIR ...]
+    python docs/credit_study/kept_shapes/kept_errors.py [--by-example] RUN EVAL_DIR [EVAL_DIR ...]
 
 RUN is the training run whose config made the examples (its data settings and autoencoder pool); each
 EVAL_DIR is a ``python -m sfgrpo.evaluate --benchmark shapes:test:N`` folder of that task. Per edit whose
@@ -9,6 +9,9 @@ example leaves a shape alone: the mean |edit - source| over the untouched shapes
 shape_margin, as ``shapes_scores`` does),
 against the autoencoder's round trip of the source, as the trainer's reward judges. Prints a histogram per
 folder; the choice of kept_floor and kept_tol sits in the gap between faithful and damaged shapes.
+With ``--by-example`` (an evaluation with several noise seeds per example), it also prints how often an
+example's untouched shape is damaged (error > 0.12) under every seed, some, or none: whether the noise
+or the example decides it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,11 @@ BINS = (0.0, 0.02, 0.03, 0.04, 0.06, 0.08, 0.12, 0.2, 0.3, 0.5, 1.0)
 
 def kept_errors(run: Path, evaluation: Path) -> list[float]:
     """Per edit with an untouched shape: its interiors' mean absolute error against the source, [0, 1]."""
+    return [error for _, error in kept_errors_by_edit(run, evaluation)]
+
+
+def kept_errors_by_edit(run: Path, evaluation: Path) -> list[tuple[str, float]]:
+    """(example key, error) per edit with an untouched shape, as ``kept_errors``; a key repeats per seed."""
     config = trained.read_config(run)
     task = builders.shapes_config(config)
     margin = int(dict(shapes_reward_options(config.reward))["shape_margin"])
@@ -53,22 +61,40 @@ def kept_errors(run: Path, evaluation: Path) -> list[float]:
         if not kept.any():
             continue  # an untouched shape too small to keep an interior
         edit = np.asarray(Image.open(evaluation / row["edit"]).convert("RGB"), np.float32) / 255.0
-        errors.append(float(np.abs(edit - np.asarray(source)[0]).mean(-1)[kept].mean()))
+        errors.append((row["key"], float(np.abs(edit - np.asarray(source)[0]).mean(-1)[kept].mean())))
     return errors
 
 
+def damage_by_example(by_edit: list[tuple[str, float]]) -> dict[str, int]:
+    """Examples whose untouched shape is damaged (error > 0.12) under all their seeds, some, or none."""
+    damaged: dict[str, list[bool]] = {}
+    for key, error in by_edit:
+        damaged.setdefault(key, []).append(error > 0.12)
+    return {
+        "all": sum(all(d) for d in damaged.values()),
+        "some": sum(any(d) and not all(d) for d in damaged.values()),
+        "none": sum(not any(d) for d in damaged.values()),
+    }
+
+
 def main(argv: list[str]) -> None:
+    by_example = "--by-example" in argv
+    argv = [a for a in argv if a != "--by-example"]
     if len(argv) < 2:
         sys.exit(__doc__)
     run = Path(argv[0])
     print("bins: " + " ".join(f"{b:g}" for b in BINS))
     for folder in map(Path, argv[1:]):
-        errors = np.asarray(kept_errors(run, folder))
+        by_edit = kept_errors_by_edit(run, folder)
+        errors = np.asarray([error for _, error in by_edit])
         counts = np.histogram(errors, bins=BINS)[0]
         print(
             f"{folder.name}: {len(errors)} edits with an untouched shape; under 0.04: "
             f"{np.mean(errors < 0.04):.2f}, over 0.12: {np.mean(errors > 0.12):.2f}; counts {counts.tolist()}"
         )
+        if by_example:
+            split = damage_by_example(by_edit)
+            print(f"{folder.name}: examples damaged under all / some / none of their seeds: {split}")
 
 
 if __name__ == "__main__":
