@@ -34,34 +34,40 @@ SATURATION = 0.25
 BINS = (0.0, 0.02, 0.03, 0.04, 0.06, 0.08, 0.12, 0.2, 0.3, 0.5, 1.0)
 
 
-def kept_errors(run: Path, evaluation: Path) -> list[float]:
-    """Per edit with an untouched shape: its interiors' mean absolute error against the source, [0, 1]."""
-    return [error for _, error in kept_errors_by_edit(run, evaluation)]
-
-
 def kept_errors_by_edit(run: Path, evaluation: Path) -> list[tuple[str, float]]:
-    """(example key, error) per edit with an untouched shape, as ``kept_errors``; a key repeats per seed."""
+    """(example key, error) per edit with an untouched shape: its interiors' mean absolute error against the
+    source, [0, 1]; a key repeats once per noise seed."""
     config = trained.read_config(run)
     task = builders.shapes_config(config)
     margin = int(dict(shapes_reward_options(config.reward))["shape_margin"])
     ae = PixelAutoencoder(pool=int(config.model.pixel_pool))
-    errors = []
-    for line in (evaluation / "scores.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        _, split, seed, index = row["key"].rsplit("-", 3)
+
+    def interiors(key: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """The round-tripped source (H, W, 3) and its untouched shapes' interiors (H, W) bool, or None."""
+        _, split, seed, index = key.rsplit("-", 3)
         rec = shapes.generate(int(index), split=split, seed=int(seed), config=task)
         if len(rec.meta["shapes"]) == len(rec.regions):
-            continue  # every shape is edited
+            return None  # every shape is edited
         size = rec.source.shape[0]
         source = ae.decode(ae.encode(jnp.asarray(rec.source[None])), ae.grid(size, size))
         masks = jnp.asarray(np.stack([r.mask for r in rec.regions])[None])
         boxes = jnp.asarray(np.asarray([r.box for r in rec.regions], np.float32)[None])
         edited_area = jnp.any(_box_pixels(boxes, (size, size)) | _dilate(masks, margin), axis=1)
         kept = np.asarray(untouched_shapes(source, edited_area, SATURATION, (margin + 1) // 2))[0]
-        if not kept.any():
-            continue  # an untouched shape too small to keep an interior
+        # An untouched shape too small to keep an interior counts as none.
+        return (np.asarray(source)[0], kept) if kept.any() else None
+
+    by_key: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}  # one per example, not per noise seed
+    errors = []
+    for line in (evaluation / "scores.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["key"] not in by_key:
+            by_key[row["key"]] = interiors(row["key"])
+        if by_key[row["key"]] is None:
+            continue
+        source, kept = by_key[row["key"]]
         edit = np.asarray(Image.open(evaluation / row["edit"]).convert("RGB"), np.float32) / 255.0
-        errors.append((row["key"], float(np.abs(edit - np.asarray(source)[0]).mean(-1)[kept].mean())))
+        errors.append((row["key"], float(np.abs(edit - source).mean(-1)[kept].mean())))
     return errors
 
 
